@@ -1,0 +1,320 @@
+"""Configuration: one frozen dataclass tree, loaded and validated here and nowhere else.
+
+Components take keyword arguments from it and never read the environment or files themselves.
+Every problem is a :class:`ConfigError` whose one-line message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keeper.errors import ConfigError
+from keeper.quota import Quota, parse_quota
+
+DEFAULT_PATH = "config/keeper.toml"
+ENDPOINTS = ("code", "refresh", "userinfo", "auth")
+DEFAULT_QUOTAS: Mapping[str, str | None] = {
+    "code": "10000/minute",
+    "refresh": "50000/minute",
+    "userinfo": "50000/minute",
+    "auth": None,
+}
+LANGS = ("zh_CN", "zh_TW", "en")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One WeChat app. ``secret`` is ``None`` when its source is unset or unreadable; only a
+    code exchange needs it, and it says so then."""
+
+    appid: str
+    secret: str | None = field(repr=False)
+    secret_source: str
+    refresh_token_days: float
+    refresh_at_day: float
+    quotas: Mapping[str, Quota | None]
+
+    @property
+    def refresh_lifetime_s(self) -> float:
+        return self.refresh_token_days * 86400
+
+    @property
+    def refresh_at_s(self) -> float:
+        return self.refresh_at_day * 86400
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Durations are seconds (``*_s``)."""
+
+    database_url: str
+    api_base: str
+    avatar_dir: Path
+    avatar_hosts: tuple[str, ...]
+    sweep_interval_s: float
+    profile_interval_s: float
+    workers: int
+    userinfo_lang: str
+    access_margin_s: float
+    lease_s: float
+    connect_timeout_s: float
+    read_timeout_s: float
+    log_level: str
+    apps: tuple[AppConfig, ...]
+    source: str
+
+    def app(self, appid: str) -> AppConfig:
+        """The app called ``appid``; ``ConfigError`` if it is not configured."""
+        for app in self.apps:
+            if app.appid == appid:
+                return app
+        raise ConfigError(f"app {appid!r} is not configured (no [[apps]] entry)")
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log line: no secret, no password."""
+        return {
+            "config": self.source,
+            "database_url": redact_url(self.database_url),
+            "api_base": self.api_base,
+            "avatar_dir": str(self.avatar_dir),
+            "avatar_hosts": list(self.avatar_hosts),
+            "sweep_interval_s": self.sweep_interval_s,
+            "profile_interval_s": self.profile_interval_s,
+            "workers": self.workers,
+            "userinfo_lang": self.userinfo_lang,
+            "access_margin_s": self.access_margin_s,
+            "lease_s": self.lease_s,
+            "log_level": self.log_level,
+            "apps": [
+                {
+                    "appid": a.appid,
+                    "secret": a.secret_source + ("" if a.secret else " (unavailable)"),
+                    "refresh_token_days": a.refresh_token_days,
+                    "refresh_at_day": a.refresh_at_day,
+                    "quotas": {k: str(v) if v else None for k, v in a.quotas.items()},
+                }
+                for a in self.apps
+            ],
+        }
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host/db``: a database URL without its password."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Whole seconds or ``"90s"``, ``"15m"``, ``"24h"``, ``"29d"`` → seconds (>= 0)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected seconds or a duration like '15m', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{key}: expected seconds or a duration like '15m', got {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative, got {value!r}")
+    return seconds
+
+
+class _Table:
+    """A TOML table being read: typed getters that name the key, and a check for leftovers."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str) -> None:
+        self.data = dict(data)
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def pop(self, name: str, default: Any) -> Any:
+        return self.data.pop(name, default)
+
+    def string(self, name: str, default: str | None) -> str | None:
+        value = self.data.pop(name, default)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{self.key(name)}: expected a string, got {value!r}")
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{self.key(name)}: must not be empty")
+        return value
+
+    def number(self, name: str, default: float, *, positive: bool = True) -> float:
+        value = self.data.pop(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
+        if positive and value <= 0:
+            raise ConfigError(f"{self.key(name)}: must be positive, got {value!r}")
+        return float(value)
+
+    def duration(self, name: str, default: object) -> float:
+        return parse_duration(self.data.pop(name, default), self.key(name))
+
+    def finish(self) -> None:
+        if self.data:
+            names = ", ".join(self.key(k) for k in sorted(self.data))
+            raise ConfigError(f"unknown configuration key: {names}")
+
+
+def _quotas(data: object, key: str, defaults: Mapping[str, Quota | None]) -> dict[str, Quota | None]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{key}: expected a table of endpoint = \"COUNT/PERIOD\"")
+    quotas = dict(defaults)
+    for endpoint, value in data.items():
+        if endpoint not in ENDPOINTS:
+            raise ConfigError(f"unknown configuration key: {key}.{endpoint}")
+        if value in ("none", "", False):
+            quotas[endpoint] = None
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}.{endpoint}: expected \"COUNT/PERIOD\", got {value!r}")
+        try:
+            quotas[endpoint] = parse_quota(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}.{endpoint}: {e}") from None
+    return quotas
+
+
+def _read_secret(app: _Table, env: Mapping[str, str], base: Path) -> tuple[str | None, str]:
+    secret_env = app.string("secret_env", None)
+    secret_file = app.string("secret_file", None)
+    if secret_env and secret_file:
+        raise ConfigError(f"{app.key('secret_env')}: give secret_env or secret_file, not both")
+    if secret_env:
+        value = env.get(secret_env, "").strip()
+        return (value or None), f"env {secret_env}"
+    if secret_file:
+        path = Path(secret_file)
+        # A relative name is looked up among systemd's credentials first (LoadCredential=).
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        if not path.is_absolute() and creds and (Path(creds) / path).is_file():
+            path = Path(creds) / path
+        elif not path.is_absolute():
+            path = base / path
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            return None, f"file {path}"
+        return (value or None), f"file {path}"
+    return None, "none"
+
+
+def _app(raw: object, index: int, env: Mapping[str, str], base: Path,
+         quotas: Mapping[str, Quota | None]) -> AppConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"apps[{index}]: expected a table")
+    t = _Table(raw, f"apps[{index}].")
+    appid = t.string("appid", None)
+    if appid is None:
+        raise ConfigError(f"apps[{index}].appid: required")
+    if not _APPID_RE.match(appid):
+        raise ConfigError(f"apps[{index}].appid: {appid!r} is not an appid")
+    t.prefix = f"apps[{appid}]."
+    secret, source = _read_secret(t, env, base)
+    days = t.number("refresh_token_days", 30)
+    at_day = t.number("refresh_at_day", 29)
+    if at_day >= days:
+        raise ConfigError(
+            f"{t.key('refresh_at_day')}: must be less than refresh_token_days ({days:g}),"
+            f" got {at_day:g}"
+        )
+    app_quotas = _quotas(t.pop("quotas", {}), t.key("quotas"), quotas)
+    t.finish()
+    return AppConfig(appid, secret, source, days, at_day, app_quotas)
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and freeze the configuration.
+
+    ``path``: ``--config``, else ``$KEEPER_CONFIG``, else ``config/keeper.toml``.
+    ``KEEPER_DATABASE_URL`` and ``KEEPER_API_BASE`` override the file.
+    """
+    env = os.environ if env is None else env
+    source = path or env.get("KEEPER_CONFIG") or DEFAULT_PATH
+    try:
+        with open(source, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {source} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"configuration file {source} cannot be read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"configuration file {source} is not valid TOML: {e}") from None
+    return build_config(data, env=env, source=source)
+
+
+def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str) -> Config:
+    """Validate parsed TOML ``data`` into a :class:`Config`."""
+    t = _Table(data, "")
+    database_url = env.get("KEEPER_DATABASE_URL") or t.string(
+        "database_url", "sqlite:///var/keeper.db"
+    )
+    t.pop("database_url", None)
+    api_base = env.get("KEEPER_API_BASE") or t.string("api_base", "https://api.weixin.qq.com")
+    t.pop("api_base", None)
+    assert database_url is not None and api_base is not None
+    if not re.match(r"^https?://[^/\s]+", api_base):
+        raise ConfigError(f"api_base: expected an http(s) URL, got {api_base!r}")
+    avatar_dir = t.string("avatar_dir", "var/avatars")
+    hosts = t.pop("avatar_hosts", ["wx.qlogo.cn", "thirdwx.qlogo.cn"])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError(f"avatar_hosts: expected a list of host names, got {hosts!r}")
+    workers = t.pop("workers", 32)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024:
+        raise ConfigError(f"workers: expected a whole number from 1 to 1024, got {workers!r}")
+    lang = t.string("userinfo_lang", "zh_CN")
+    if lang not in LANGS:
+        raise ConfigError(f"userinfo_lang: expected one of {', '.join(LANGS)}, got {lang!r}")
+    level = (t.string("log_level", "info") or "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    sweep_interval = t.duration("sweep_interval", 60)
+    if sweep_interval < 1:
+        raise ConfigError(f"sweep_interval: must be at least 1 second, got {sweep_interval:g}")
+    lease = t.duration("lease", "5m")
+    read_timeout = t.duration("read_timeout", 10)
+    if lease < 2 * read_timeout + 30:
+        raise ConfigError(f"lease: must exceed two read timeouts plus 30 s, got {lease:g}")
+    quotas = _quotas(
+        t.pop("quotas", {}), "quotas",
+        {k: parse_quota(v) if v else None for k, v in DEFAULT_QUOTAS.items()},
+    )
+    raw_apps = t.pop("apps", [])
+    if not isinstance(raw_apps, list):
+        raise ConfigError("apps: expected [[apps]] tables")
+    base = Path(source).resolve().parent
+    apps = tuple(_app(raw, i, env, base, quotas) for i, raw in enumerate(raw_apps))
+    seen: set[str] = set()
+    for app in apps:
+        if app.appid in seen:
+            raise ConfigError(f"apps[{app.appid}]: configured twice")
+        seen.add(app.appid)
+    config = Config(
+        database_url=database_url,
+        api_base=api_base.rstrip("/"),
+        avatar_dir=Path(avatar_dir or "var/avatars"),
+        avatar_hosts=tuple(hosts),
+        sweep_interval_s=sweep_interval,
+        profile_interval_s=t.duration("profile_interval", 86400),
+        workers=workers,
+        userinfo_lang=lang or "zh_CN",
+        access_margin_s=t.duration("access_margin", "5m"),
+        lease_s=lease,
+        connect_timeout_s=max(0.001, t.duration("connect_timeout", 5)),
+        read_timeout_s=max(0.001, read_timeout),
+        log_level=level,
+        apps=apps,
+        source=source,
+    )
+    t.finish()
+    return config

@@ -1,0 +1,156 @@
+"""Engines and migrations: SQLite (the embedded default) and PostgreSQL.
+
+Every database failure leaves this layer as a :class:`StoreError` whose text holds neither
+SQL parameters (tokens) nor the database password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.engine import make_url
+
+from keeper.config import redact_url
+from keeper.errors import DatabaseUnavailable, SchemaOutdated, StoreError
+from keeper.log import scrub
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (``None`` for an in-memory database)."""
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets readers run beside the one writer; NORMAL is durable at every checkpoint and
+    # never corrupts; the busy timeout makes concurrent writers (a one-off sweep beside the
+    # service) wait for each other instead of failing.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str, *, pool_size: int = 8) -> Engine:
+    """An engine with the settings keeper relies on. SQLite's file is created mode 0600."""
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        raise StoreError(f"database_url {redact_url(url)!r} is not a database URL") from None
+    if is_sqlite(url):
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        engine = create_engine(
+            parsed,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            hide_parameters=True,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,  # survive a database restart without failing the next sweep
+        pool_recycle=1800,
+        hide_parameters=True,
+        connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
+    )
+
+
+def describe(error: BaseException) -> str:
+    """One line about a database error: the driver's first line, scrubbed."""
+    orig = getattr(error, "orig", None) or error
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return scrub(f"{type(orig).__name__}: {first}")[:300]
+
+
+@contextlib.contextmanager
+def translate(what: str) -> Iterator[None]:
+    """Turn SQLAlchemy errors raised inside into :class:`StoreError` (no chaining)."""
+    failure: StoreError | None = None
+    try:
+        yield
+    except (exc.OperationalError, exc.InterfaceError) as e:
+        failure = DatabaseUnavailable(f"{what}: database unavailable: {describe(e)}")
+    except exc.SQLAlchemyError as e:
+        failure = StoreError(f"{what}: {describe(e)}")
+    if failure is not None:
+        raise failure from None
+
+
+def _alembic_config(engine: Engine) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def head_revision(engine: Engine) -> str | None:
+    return ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with translate("reading the schema version"), engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str | None]:
+    """Apply every pending migration; (revision before, revision after)."""
+    before = current_revision(engine)
+    cfg = _alembic_config(engine)
+    with translate("migrating the schema"), engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return before, current_revision(engine)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
+    """Check the schema is current; upgrade it first when ``auto_upgrade`` (embedded SQLite).
+
+    Two processes starting at once on a fresh SQLite file take turns through a file lock.
+    """
+    if current_revision(engine) == head_revision(engine):
+        return
+    if not auto_upgrade:
+        raise SchemaOutdated(
+            "the database schema is not current: run `keeper db upgrade` first"
+        )
+    path = sqlite_path(str(engine.url))
+    with _file_lock(path) if path else contextlib.nullcontext():
+        if current_revision(engine) != head_revision(engine):
+            upgrade(engine)

@@ -1,0 +1,110 @@
+"""Plain records passed between the store, the policy and the WeChat client.
+
+No library imports: these are what the rest of keeper reasons about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+# Grant states. A grant stays "active" or "expiring" while keeper can keep it alive; "reauth"
+# means WeChat said it is dead and only a new login brings it back.
+ACTIVE = "active"
+EXPIRING = "expiring"  # refreshed on its refresh day, WeChat kept the same refresh token
+REAUTH = "reauth"
+
+# Re-authorization reasons (the contract's list).
+REFRESH_TOKEN_INVALID = "refresh_token_invalid"
+REFRESH_TOKEN_EXPIRED = "refresh_token_expired"
+AUTHORIZATION_REVOKED = "authorization_revoked"
+REFRESH_TOKEN_EXPIRING = "refresh_token_expiring"
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One user's grant to one app, as stored. Times are aware UTC datetimes."""
+
+    id: int
+    appid: str
+    openid: str
+    unionid: str | None
+    scope: str
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    access_expires_at: datetime
+    refresh_issued_at: datetime
+    state: str = ACTIVE
+    failures: int = 0  # transient failures in a row
+    retry_at: datetime | None = None  # not before this, after a transient failure
+    last_error: str | None = None  # errcode or failure kind of the last failure, never a secret
+    profile_at: datetime | None = None  # last profile read (answered, with or without a profile)
+    profile_stop: int | None = None  # errcode that ended profile reads for good (48001)
+    lease_id: str | None = None
+
+    @property
+    def wants_profile(self) -> bool:
+        return "snsapi_userinfo" in self.scope.split(",") and self.profile_stop is None
+
+
+@dataclass(frozen=True)
+class TokenAnswer:
+    """A successful answer of the code exchange or the refresh endpoint."""
+
+    access_token: str = field(repr=False)
+    expires_in_s: int
+    refresh_token: str = field(repr=False)
+    openid: str
+    scope: str
+    unionid: str | None = None
+    is_snapshotuser: bool = False
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What ``/sns/userinfo`` said of a user, or why it said nothing (``errcode``)."""
+
+    fetched_at: datetime
+    nickname: str | None = None
+    sex: str | None = None
+    province: str | None = None
+    city: str | None = None
+    country: str | None = None
+    headimgurl: str | None = None
+    privilege: tuple[str, ...] = ()
+    unionid: str | None = None
+    errcode: int | None = None  # 48001, 50001, 50002: no profile
+
+    @classmethod
+    def from_answer(cls, data: dict[str, Any], fetched_at: datetime) -> Profile:
+        """Tolerant of WeChat's quirks: missing fields, ``sex`` as a string or a number."""
+
+        def text(name: str) -> str | None:
+            value = data.get(name)
+            return None if value is None else str(value)
+
+        privilege = data.get("privilege") or []
+        if not isinstance(privilege, list):
+            privilege = [privilege]
+        return cls(
+            fetched_at=fetched_at,
+            nickname=text("nickname"),
+            sex=text("sex"),
+            province=text("province"),
+            city=text("city"),
+            country=text("country"),
+            headimgurl=text("headimgurl"),
+            privilege=tuple(str(p) for p in privilege),
+            unionid=(text("unionid") or "").strip() or None,
+        )
+
+
+@dataclass(frozen=True)
+class Reauth:
+    """A user who must log in again, and why."""
+
+    reason: str
+    errcode: int | None
+    since: datetime

@@ -1,0 +1,134 @@
+"""The tables. Alembic migrations (keeper/migrations) create them; this is what code queries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every database.
+
+    SQLite stores naive ISO strings, which sort chronologically only if every value is UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; keeper uses aware UTC times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+metadata = MetaData()
+
+grants = Table(
+    "grants",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("appid", String(64), nullable=False),
+    Column("openid", String(128), nullable=False),
+    Column("unionid", String(128)),
+    Column("scope", String(128), nullable=False),
+    Column("access_token", Text, nullable=False),
+    Column("refresh_token", Text, nullable=False),
+    Column("access_expires_at", UTCDateTime, nullable=False),
+    Column("refresh_issued_at", UTCDateTime, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("failures", Integer, nullable=False, default=0),
+    Column("retry_at", UTCDateTime),
+    Column("last_error", String(64)),
+    Column("profile_at", UTCDateTime),
+    Column("profile_stop", Integer),
+    # When each kind of work falls due (NULL: never). A lease pushes them to the lease's end,
+    # so the due queries skip leased grants and a crashed worker's grants come back by themselves.
+    Column("refresh_due_at", UTCDateTime),
+    Column("access_due_at", UTCDateTime),
+    Column("profile_due_at", UTCDateTime),
+    Column("lease_id", String(32)),
+    Column("lease_until", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("appid", "openid", name="uq_grants_appid_openid"),
+    Index("ix_grants_refresh_due_at", "refresh_due_at"),
+    Index("ix_grants_access_due_at", "access_due_at"),
+    Index("ix_grants_profile_due_at", "profile_due_at"),
+)
+
+profiles = Table(
+    "profiles",
+    metadata,
+    Column("grant_id", Integer, ForeignKey("grants.id", ondelete="CASCADE"), primary_key=True),
+    Column("nickname", Text),
+    Column("sex", String(16)),
+    Column("province", Text),
+    Column("city", Text),
+    Column("country", Text),
+    Column("headimgurl", Text),
+    Column("privilege", Text),  # JSON list
+    Column("unionid", String(128)),
+    Column("errcode", Integer),  # set when WeChat had no profile to give (48001, 50001, 50002)
+    Column("fetched_at", UTCDateTime, nullable=False),
+    Column("avatar_url", Text),
+    Column("avatar_sha256", String(64)),
+    Column("avatar_path", Text),
+    Column("avatar_size", Integer),
+    Column("avatar_type", String(32)),
+    Column("avatar_saved_at", UTCDateTime),
+)
+
+reauth = Table(
+    "reauth",
+    metadata,
+    Column("grant_id", Integer, ForeignKey("grants.id", ondelete="CASCADE"), primary_key=True),
+    Column("reason", String(32), nullable=False),
+    Column("errcode", Integer),
+    Column("since", UTCDateTime, nullable=False),
+)
+
+sweeps = Table(
+    "sweeps",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("summary", Text),  # JSON object
+    Index("ix_sweeps_finished_at", "finished_at"),
+)
+
+quota_state = Table(
+    "quota_state",
+    metadata,
+    Column("appid", String(64), primary_key=True),
+    Column("endpoint", String(16), primary_key=True),
+    Column("tat_us", BigInteger, nullable=False),  # GCRA theoretical arrival time, Unix µs
+)

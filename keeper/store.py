@@ -1,0 +1,447 @@
+"""The grant store (SQLAlchemy Core): what is due, leases, results, reports, quota state.
+
+One class, one engine. Every public method is a short transaction; none holds a lock across a
+WeChat call. Many processes share one database: work is claimed with a lease (a conditional
+``UPDATE``; ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and quotas are one compare-and-swap row.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, Row, bindparam, case, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from keeper.db import ensure_schema, is_sqlite, make_engine, translate
+from keeper.models import REAUTH, Grant, Profile, Reauth
+from keeper.policy import Schedule
+from keeper.schema import grants, profiles, quota_state, reauth, sweeps
+
+DUE_COLUMNS = (grants.c.refresh_due_at, grants.c.access_due_at, grants.c.profile_due_at)
+_MUTABLE = (
+    "unionid", "scope", "access_token", "refresh_token", "access_expires_at",
+    "refresh_issued_at", "state", "failures", "retry_at", "last_error", "profile_at",
+    "profile_stop",
+)
+
+_PROFILE_FIELDS = (
+    "nickname", "sex", "province", "city", "country", "headimgurl", "privilege", "unionid",
+)
+
+
+@dataclass(frozen=True)
+class GrantWrite:
+    """The new state of a leased grant, and what to record beside it."""
+
+    grant: Grant
+    schedule: Schedule
+    profile: Profile | None = None
+    reauth: Reauth | None = None
+    clear_reauth: bool = False
+
+
+def new_lease_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _grant(row: Row[Any] | Mapping[str, Any]) -> Grant:
+    m = row._mapping if isinstance(row, Row) else row
+    return Grant(
+        id=m["id"], appid=m["appid"], openid=m["openid"], unionid=m["unionid"],
+        scope=m["scope"], access_token=m["access_token"], refresh_token=m["refresh_token"],
+        access_expires_at=m["access_expires_at"], refresh_issued_at=m["refresh_issued_at"],
+        state=m["state"], failures=m["failures"], retry_at=m["retry_at"],
+        last_error=m["last_error"], profile_at=m["profile_at"], profile_stop=m["profile_stop"],
+        lease_id=m["lease_id"],
+    )
+
+
+def _schedule_values(s: Schedule) -> dict[str, datetime | None]:
+    return {
+        "refresh_due_at": s.refresh_due_at,
+        "access_due_at": s.access_due_at,
+        "profile_due_at": s.profile_due_at,
+    }
+
+
+def _profile_values(p: Profile) -> dict[str, Any]:
+    return {
+        "nickname": p.nickname, "sex": p.sex, "province": p.province, "city": p.city,
+        "country": p.country, "headimgurl": p.headimgurl,
+        "privilege": json.dumps(list(p.privilege), ensure_ascii=False),
+        "unionid": p.unionid, "errcode": p.errcode, "fetched_at": p.fetched_at,
+    }
+
+
+class Store:
+    """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
+
+    def __init__(self, url: str, *, pool_size: int = 8, auto_upgrade: bool | None = None) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url, pool_size=pool_size)
+        self.sqlite = is_sqlite(url)
+        self.auto_upgrade = self.sqlite if auto_upgrade is None else auto_upgrade
+
+    def open(self) -> Store:
+        """Check (or on SQLite, bring up to date) the schema; raises StoreError."""
+        ensure_schema(self.engine, auto_upgrade=self.auto_upgrade)
+        return self
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _insert(self, table: Any) -> Any:
+        return (sqlite.insert if self.sqlite else postgresql.insert)(table)
+
+    # -- grants in -------------------------------------------------------------------------
+
+    def upsert_grants(self, writes: Sequence[GrantWrite], now: datetime) -> int:
+        """Insert or replace grants by (appid, openid) — a login or an import.
+
+        A new grant for a user clears their re-authorization record and any lease (a sweep
+        working the old tokens then loses its write, so the new tokens win). The profile
+        schedule of an existing grant is kept: re-importing does not re-read every profile.
+        """
+        if not writes:
+            return 0
+        rows = []
+        for w in writes:
+            g = w.grant
+            rows.append({
+                "appid": g.appid, "openid": g.openid,
+                **{k: getattr(g, k) for k in _MUTABLE},
+                **_schedule_values(w.schedule),
+                "lease_id": None, "lease_until": None, "created_at": now, "updated_at": now,
+            })
+        stmt = self._insert(grants)
+        ex = stmt.excluded
+        keep = {"profile_at", "profile_stop"}
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["appid", "openid"],
+            set_={
+                **{k: ex[k] for k in _MUTABLE if k not in keep},
+                "profile_stop": func.coalesce(ex.profile_stop, grants.c.profile_stop),
+                "refresh_due_at": ex.refresh_due_at,
+                "access_due_at": ex.access_due_at,
+                "profile_due_at": func.coalesce(grants.c.profile_due_at, ex.profile_due_at),
+                "lease_id": None, "lease_until": None, "updated_at": now,
+            },
+        )
+        with translate("storing grants"), self.engine.begin() as conn:
+            conn.execute(stmt, rows)
+            by_app: dict[str, list[str]] = {}
+            for w in writes:
+                by_app.setdefault(w.grant.appid, []).append(w.grant.openid)
+            for appid, openids in by_app.items():
+                ids = select(grants.c.id).where(
+                    grants.c.appid == appid, grants.c.openid.in_(openids)
+                )
+                conn.execute(delete(reauth).where(reauth.c.grant_id.in_(ids)))
+        return len(rows)
+
+    # -- grants out ------------------------------------------------------------------------
+
+    def get_grant(self, appid: str, openid: str) -> Grant | None:
+        with translate("reading a grant"), self.engine.connect() as conn:
+            row = conn.execute(
+                select(grants).where(grants.c.appid == appid, grants.c.openid == openid)
+            ).first()
+        return _grant(row) if row else None
+
+    def _lease_values(self, lease_id: str, until: datetime) -> dict[str, Any]:
+        pushed = {
+            col.name: case((col.is_(None), None), (col > until, col), else_=until)
+            for col in DUE_COLUMNS
+        }
+        return {"lease_id": lease_id, "lease_until": until, **pushed}
+
+    def claim(
+        self, *, appids: Iterable[str], cutoff: datetime, limit: int, lease_id: str,
+        lease_until: datetime,
+    ) -> list[Grant]:
+        """Lease up to ``limit`` grants due at ``cutoff``, most urgent first.
+
+        Urgency: refresh tokens nearest their refresh day, then access tokens nearest expiry,
+        then profiles. Each due column has its own index, so every query is a range scan.
+        """
+        appids = list(appids)
+        claimed: list[Grant] = []
+        if not appids:
+            return claimed
+        with translate("claiming due grants"), self.engine.begin() as conn:
+            for col in DUE_COLUMNS:
+                need = limit - len(claimed)
+                if need <= 0:
+                    break
+                ids = conn.execute(
+                    select(grants.c.id)
+                    .where(col <= cutoff, grants.c.appid.in_(appids))
+                    .order_by(col)
+                    .limit(need)
+                    .with_for_update(skip_locked=True)
+                ).scalars().all()
+                if not ids:
+                    continue
+                # The due condition is checked again: on SQLite another process may have
+                # leased a row between the SELECT and this UPDATE.
+                rows = conn.execute(
+                    update(grants)
+                    .where(grants.c.id.in_(ids), col <= cutoff)
+                    .values(self._lease_values(lease_id, lease_until))
+                    .returning(*grants.c)
+                ).all()
+                order = {gid: i for i, gid in enumerate(ids)}
+                claimed.extend(_grant(r) for r in sorted(rows, key=lambda r: order[r.id]))
+        return claimed
+
+    def claim_one(
+        self, appid: str, openid: str, *, lease_id: str, lease_until: datetime, now: datetime
+    ) -> Grant | None:
+        """Lease one grant for a one-user command; ``None`` if another process holds it."""
+        with translate("leasing a grant"), self.engine.begin() as conn:
+            row = conn.execute(
+                update(grants)
+                .where(
+                    grants.c.appid == appid, grants.c.openid == openid,
+                    (grants.c.lease_id.is_(None)) | (grants.c.lease_until <= now),
+                )
+                .values(self._lease_values(lease_id, lease_until))
+                .returning(*grants.c)
+            ).first()
+        return _grant(row) if row else None
+
+    def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> int:
+        """Write results of leased work in one transaction and end the leases.
+
+        Only grants still held under ``lease_id`` are written; the number written is returned
+        (fewer than given means a lease was lost to an import or expired).
+        """
+        if not writes:
+            return 0
+        with translate("saving results"), self.engine.begin() as conn:
+            ids = [w.grant.id for w in writes]
+            owned = set(conn.execute(
+                select(grants.c.id)
+                .where(grants.c.id.in_(ids), grants.c.lease_id == lease_id)
+                .with_for_update()
+            ).scalars())
+            mine = [w for w in writes if w.grant.id in owned]
+            if not mine:
+                return 0
+            params = [
+                {
+                    "b_id": w.grant.id, "b_lease": lease_id,
+                    **{k: getattr(w.grant, k) for k in _MUTABLE},
+                    **_schedule_values(w.schedule),
+                }
+                for w in mine
+            ]
+            conn.execute(
+                update(grants)
+                .where(grants.c.id == bindparam("b_id"), grants.c.lease_id == bindparam("b_lease"))
+                .values(
+                    {k: bindparam(k) for k in (*_MUTABLE, *(c.name for c in DUE_COLUMNS))}
+                    | {"lease_id": None, "lease_until": None, "updated_at": now}
+                ),
+                params,
+            )
+            self._record(conn, mine)
+        return len(mine)
+
+    def _record(self, conn: Any, writes: Sequence[GrantWrite]) -> None:
+        profile_rows = [
+            {"grant_id": w.grant.id, **_profile_values(w.profile)} for w in writes if w.profile
+        ]
+        if profile_rows:
+            stmt = self._insert(profiles)
+            # A "no profile" answer (errcode) keeps the last profile that was read.
+            set_ = {
+                k: case((stmt.excluded.errcode.is_(None), stmt.excluded[k]), else_=profiles.c[k])
+                for k in _PROFILE_FIELDS
+            }
+            set_["errcode"] = stmt.excluded.errcode
+            set_["fetched_at"] = stmt.excluded.fetched_at
+            conn.execute(stmt.on_conflict_do_update(index_elements=["grant_id"], set_=set_),
+                         profile_rows)
+        cleared = [w.grant.id for w in writes if w.clear_reauth]
+        if cleared:
+            conn.execute(delete(reauth).where(reauth.c.grant_id.in_(cleared)))
+        records = [
+            {"grant_id": w.grant.id, "reason": w.reauth.reason, "errcode": w.reauth.errcode,
+             "since": w.reauth.since}
+            for w in writes if w.reauth
+        ]
+        if records:
+            stmt = self._insert(reauth)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["grant_id"],
+                    set_={"reason": stmt.excluded.reason, "errcode": stmt.excluded.errcode,
+                          "since": stmt.excluded.since},
+                ),
+                records,
+            )
+
+    def release(self, pairs: Sequence[tuple[Grant, Schedule]], lease_id: str) -> int:
+        """End leases on grants that were not worked, restoring their schedule."""
+        if not pairs:
+            return 0
+        with translate("releasing leases"), self.engine.begin() as conn:
+            result = conn.execute(
+                update(grants)
+                .where(grants.c.id == bindparam("b_id"), grants.c.lease_id == lease_id)
+                .values(
+                    {c.name: bindparam(c.name) for c in DUE_COLUMNS}
+                    | {"lease_id": None, "lease_until": None}
+                ),
+                [{"b_id": g.id, **_schedule_values(s)} for g, s in pairs],
+            )
+        return int(result.rowcount or 0)
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def iter_reauth(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every user who must re-authorize, oldest record first, read in batches."""
+        last = (None, 0)
+        while True:
+            q = (
+                select(grants.c.appid, grants.c.openid, grants.c.unionid, reauth.c.reason,
+                       reauth.c.errcode, reauth.c.since, reauth.c.grant_id)
+                .join(grants, grants.c.id == reauth.c.grant_id)
+                .order_by(reauth.c.grant_id)
+                .where(reauth.c.grant_id > last[1])
+                .limit(batch)
+            )
+            with translate("listing re-authorizations"), self.engine.connect() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(q)]
+            yield from rows
+            if len(rows) < batch:
+                return
+            last = (None, rows[-1]["grant_id"])
+
+    def profile(self, grant_id: int) -> dict[str, Any] | None:
+        with translate("reading a profile"), self.engine.connect() as conn:
+            row = conn.execute(select(profiles).where(profiles.c.grant_id == grant_id)).first()
+        if row is None:
+            return None
+        data = dict(row._mapping)
+        data["privilege"] = json.loads(data["privilege"] or "[]")
+        return data
+
+    def reauth_record(self, grant_id: int) -> Reauth | None:
+        with translate("reading a re-authorization"), self.engine.connect() as conn:
+            row = conn.execute(select(reauth).where(reauth.c.grant_id == grant_id)).first()
+        return Reauth(row.reason, row.errcode, row.since) if row else None
+
+    def status(self, now: datetime) -> dict[str, Any]:
+        """Counts for ``keeper status`` (each an indexed or single-pass query)."""
+        live = grants.c.state != REAUTH
+        with translate("reading status"), self.engine.connect() as conn:
+            counts = conn.execute(
+                select(
+                    func.count(),
+                    func.count().filter(live),
+                    func.count().filter(live, grants.c.access_expires_at <= now),
+                    func.count().filter(
+                        live, grants.c.refresh_due_at <= now + timedelta(hours=24)
+                    ),
+                    func.count().filter(live, grants.c.failures > 0),
+                )
+            ).one()
+            by_reason = dict(
+                conn.execute(select(reauth.c.reason, func.count()).group_by(reauth.c.reason)).all()
+            )
+            avatars = conn.execute(
+                select(func.count()).where(profiles.c.avatar_sha256.is_not(None))
+            ).scalar_one()
+        return {
+            "grants": counts[0],
+            "active": counts[1],
+            "reauth_required": sum(by_reason.values()),
+            "reauth_by_reason": by_reason,
+            "refresh_due_24h": counts[3],
+            "access_expired": counts[2],
+            "retrying": counts[4],
+            "avatars_saved": avatars,
+        }
+
+    # -- sweeps ----------------------------------------------------------------------------
+
+    def start_sweep(self, now: datetime, *, host: str, pid: int) -> int:
+        with translate("recording a sweep"), self.engine.begin() as conn:
+            return int(conn.execute(
+                insert(sweeps).values(started_at=now, host=host, pid=pid).returning(sweeps.c.id)
+            ).scalar_one())
+
+    def finish_sweep(self, sweep_id: int, now: datetime, summary: Mapping[str, Any]) -> None:
+        with translate("recording a sweep"), self.engine.begin() as conn:
+            conn.execute(
+                update(sweeps).where(sweeps.c.id == sweep_id)
+                .values(finished_at=now, summary=json.dumps(dict(summary)))
+            )
+
+    def last_sweep(self) -> dict[str, Any] | None:
+        with translate("reading the last sweep"), self.engine.connect() as conn:
+            row = conn.execute(
+                select(sweeps).where(sweeps.c.finished_at.is_not(None))
+                .order_by(sweeps.c.finished_at.desc()).limit(1)
+            ).first()
+        if row is None:
+            return None
+        return {
+            "started_at": row.started_at.isoformat(),
+            "finished_at": row.finished_at.isoformat(),
+            "host": row.host,
+            "pid": row.pid,
+            "summary": json.loads(row.summary or "{}"),
+        }
+
+    # -- quota -----------------------------------------------------------------------------
+
+    def quota_tat(self, appid: str, endpoint: str) -> int:
+        """The quota row's state (created at 0 on first use)."""
+        with translate("reading quota state"), self.engine.begin() as conn:
+            tat = conn.execute(
+                select(quota_state.c.tat_us).where(
+                    quota_state.c.appid == appid, quota_state.c.endpoint == endpoint
+                )
+            ).scalar()
+            if tat is None:
+                conn.execute(
+                    self._insert(quota_state)
+                    .values(appid=appid, endpoint=endpoint, tat_us=0)
+                    .on_conflict_do_nothing()
+                )
+                return 0
+        return int(tat)
+
+    def quota_swap(self, appid: str, endpoint: str, old_us: int, new_us: int) -> bool:
+        """Compare-and-swap the quota state; False if another taker got there first."""
+        with translate("taking quota"), self.engine.begin() as conn:
+            result = conn.execute(
+                update(quota_state)
+                .where(
+                    quota_state.c.appid == appid, quota_state.c.endpoint == endpoint,
+                    quota_state.c.tat_us == old_us,
+                )
+                .values(tat_us=new_us)
+            )
+        return bool(result.rowcount == 1)
+
+    def quota_hold(self, appid: str, endpoint: str, tat_us: int) -> None:
+        """Push the quota state to at least ``tat_us`` (a 45011 pause)."""
+        self.quota_tat(appid, endpoint)
+        with translate("pausing quota"), self.engine.begin() as conn:
+            conn.execute(
+                update(quota_state)
+                .where(
+                    quota_state.c.appid == appid, quota_state.c.endpoint == endpoint,
+                    quota_state.c.tat_us < tat_us,
+                )
+                .values(tat_us=tat_us)
+            )

@@ -1,0 +1,208 @@
+"""The WeChat OAuth2 client: four endpoints over ``requests``, every answer classified.
+
+Everything a caller sees is a :class:`TokenAnswer`, a dict, or an exception from
+:mod:`keeper.errors`. No ``requests`` exception escapes and none is chained (their text holds
+the URL, and the URL holds tokens): failures are raised after the ``except`` block has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from keeper import __version__
+from keeper.errors import (
+    ApiError,
+    AppConfigRejected,
+    BadCode,
+    NoProfile,
+    QuotaExceeded,
+    ReauthRequired,
+    StaleAccessToken,
+    TransientApiError,
+)
+from keeper.models import TokenAnswer
+from keeper.policy import reauth_reason
+
+PATHS = {
+    "code": "/sns/oauth2/access_token",
+    "refresh": "/sns/oauth2/refresh_token",
+    "auth": "/sns/auth",
+    "userinfo": "/sns/userinfo",
+}
+#: The largest answer read; WeChat's are under 2 KiB.
+MAX_BODY_BYTES = 256 * 1024
+_CHUNK = 16 * 1024
+
+
+def classify(endpoint: str, errcode: int, errmsg: str = "") -> ApiError:
+    """The exception for WeChat's ``errcode`` on ``endpoint`` (see the reference's table)."""
+    detail = errmsg[:120] or "error"
+    if errcode in (45009, 45011):
+        return QuotaExceeded(endpoint, errcode, detail)
+    if errcode in (40030, 42002, 42007):
+        return ReauthRequired(endpoint, errcode, detail, reason=reauth_reason(errcode))
+    if errcode in (40013, 40125, 40164) or (errcode == 40001 and endpoint == "code"):
+        return AppConfigRejected(endpoint, errcode, detail)
+    if endpoint == "code" and errcode in (40029, 40163, 42003):
+        return BadCode(endpoint, errcode, detail)
+    if errcode in (40014, 42001, 40001) and endpoint in ("auth", "userinfo"):
+        return StaleAccessToken(endpoint, errcode, detail)
+    if errcode == 40003 and endpoint in ("auth", "userinfo"):
+        # The access token is not this openid's: the stored grant is unusable.
+        return ReauthRequired(endpoint, errcode, detail, reason=reauth_reason(errcode))
+    if errcode in (48001, 50001, 50002):
+        return NoProfile(endpoint, errcode, detail)
+    if 41001 <= errcode <= 41009:
+        return TransientApiError(endpoint, errcode, f"missing parameter (a keeper bug): {detail}")
+    if errcode == -1:
+        return TransientApiError(endpoint, errcode, "system busy")
+    return TransientApiError(endpoint, errcode, f"unknown errcode: {detail}")
+
+
+class WeChatClient:
+    """Thread-safe: each worker thread gets its own pooled ``requests.Session``."""
+
+    def __init__(
+        self, *, api_base: str, connect_timeout_s: float, read_timeout_s: float,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.api_base = api_base.rstrip("/")
+        self.timeout = (connect_timeout_s, read_timeout_s)
+        self.max_body_bytes = max_body_bytes
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # One connection per thread is all a thread can use; keep it alive.
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = f"keeper/{__version__}"
+            session.trust_env = False  # no proxy or netrc surprises in a service
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        """Close every thread's session."""
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def call(self, endpoint: str, params: dict[str, str]) -> dict[str, Any]:
+        """GET one endpoint; the answer's JSON object on success (errcode absent or 0)."""
+        failure: str | None = None
+        status = 0
+        body = b""
+        content_type = ""
+        try:
+            with self._session().get(
+                self.api_base + PATHS[endpoint], params=params, timeout=self.timeout,
+                stream=True, allow_redirects=False,
+            ) as resp:
+                status = resp.status_code
+                content_type = resp.headers.get("Content-Type", "")
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in resp.iter_content(_CHUNK):
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        failure = f"answer larger than {self.max_body_bytes} bytes"
+                        break
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+        except requests.Timeout:
+            failure = "timeout"
+        except requests.ConnectionError:
+            failure = "connection failed"
+        except requests.RequestException as e:
+            failure = f"request failed ({type(e).__name__})"
+        if failure is not None:
+            raise TransientApiError(endpoint, None, failure)
+        return self._parse(endpoint, status, content_type, body, params)
+
+    def _parse(
+        self, endpoint: str, status: int, content_type: str, body: bytes, params: dict[str, str]
+    ) -> dict[str, Any]:
+        if status >= 500:
+            raise TransientApiError(endpoint, None, f"HTTP {status}")
+        if status != 200:
+            raise TransientApiError(endpoint, None, f"HTTP {status} (is api_base right?)")
+        text = body.decode("utf-8", "replace").strip()
+        if "html" in content_type.lower() or text.startswith("<"):
+            raise TransientApiError(endpoint, None, "answer is HTML, not JSON")
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise TransientApiError(endpoint, None, "answer is not a JSON object (truncated?)")
+        errcode = data.get("errcode", 0)
+        if not isinstance(errcode, int) or isinstance(errcode, bool):
+            try:
+                errcode = int(errcode)
+            except (TypeError, ValueError):
+                raise TransientApiError(endpoint, None, "answer has a malformed errcode") from None
+        if errcode != 0:
+            errmsg = str(data.get("errmsg", ""))
+            for value in params.values():  # WeChat may echo what it was sent
+                if len(value) >= 6:
+                    errmsg = errmsg.replace(value, "[redacted]")
+            raise classify(endpoint, errcode, errmsg)
+        return data
+
+    def _token_answer(self, endpoint: str, data: dict[str, Any]) -> TokenAnswer:
+        access, refresh, openid = (data.get(k) for k in ("access_token", "refresh_token", "openid"))
+        if not (isinstance(access, str) and isinstance(refresh, str) and isinstance(openid, str)):
+            raise TransientApiError(endpoint, None, "answer lacks a token or the openid")
+        if not (access and refresh and openid):
+            raise TransientApiError(endpoint, None, "answer has an empty token or openid")
+        try:
+            expires_in = int(data.get("expires_in", 7200))
+        except (TypeError, ValueError):
+            expires_in = 7200
+        unionid = data.get("unionid")
+        return TokenAnswer(
+            access_token=access,
+            expires_in_s=max(0, expires_in),
+            refresh_token=refresh,
+            openid=openid,
+            scope=str(data.get("scope") or ""),
+            unionid=str(unionid).strip() or None if unionid else None,
+            is_snapshotuser=bool(data.get("is_snapshotuser")),
+        )
+
+    def exchange_code(self, appid: str, secret: str, code: str) -> TokenAnswer:
+        """``/sns/oauth2/access_token``. Never retried by keeper: a code is single-use."""
+        data = self.call(
+            "code",
+            {"appid": appid, "secret": secret, "code": code, "grant_type": "authorization_code"},
+        )
+        return self._token_answer("code", data)
+
+    def refresh(self, appid: str, refresh_token: str) -> TokenAnswer:
+        """``/sns/oauth2/refresh_token``. The AppSecret is not needed and never sent."""
+        data = self.call(
+            "refresh",
+            {"appid": appid, "grant_type": "refresh_token", "refresh_token": refresh_token},
+        )
+        return self._token_answer("refresh", data)
+
+    def check(self, access_token: str, openid: str) -> None:
+        """``/sns/auth``: returns when the access token is valid, raises otherwise."""
+        self.call("auth", {"access_token": access_token, "openid": openid})
+
+    def userinfo(self, access_token: str, openid: str, lang: str) -> dict[str, Any]:
+        """``/sns/userinfo``: the profile answer as WeChat gave it."""
+        return self.call("userinfo", {"access_token": access_token, "openid": openid, "lang": lang})
