@@ -57,7 +57,7 @@ class AppConfig:
 class Config:
     """The whole configuration. Durations are seconds (``*_s``)."""
 
-    database_url: str
+    database_url: str = field(repr=False)  # may hold a password
     api_base: str
     avatar_dir: Path
     avatar_hosts: tuple[str, ...]
@@ -282,7 +282,7 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
     if sweep_interval < 1:
         raise ConfigError(f"sweep_interval: must be at least 1 second, got {sweep_interval:g}")
     lease = t.duration("lease", "5m")
-    read_timeout = t.duration("read_timeout", 10)
+    read_timeout = t.duration("read_timeout", 5)
     if lease < 2 * read_timeout + 30:
         raise ConfigError(f"lease: must exceed two read timeouts plus 30 s, got {lease:g}")
     quotas = _quotas(
@@ -310,7 +310,7 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         userinfo_lang=lang or "zh_CN",
         access_margin_s=t.duration("access_margin", "5m"),
         lease_s=lease,
-        connect_timeout_s=max(0.001, t.duration("connect_timeout", 5)),
+        connect_timeout_s=max(0.001, t.duration("connect_timeout", 3)),
         read_timeout_s=max(0.001, read_timeout),
         log_level=level,
         apps=apps,

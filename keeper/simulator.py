@@ -1,14 +1,14 @@
 """A WeChat OAuth2 simulator: a real loopback HTTP server imitating WeChat's four sns endpoints.
 
-Keeper's tests, ``keeper demo`` and ``keeper bench`` talk to it over real HTTP, exactly as they
-talk to ``api.weixin.qq.com``: every answer is HTTP 200 with a JSON body sent as ``text/plain``,
-errors are ``{"errcode": N, "errmsg": "..."}``, codes are single-use, refresh tokens die after
-``refresh_token_days``, quotas are per app in epoch-aligned windows, and avatar URLs stop working
-once the user changes avatar. ``/_sim/*`` is an admin API so a simulator running in another
-process (``keeper simulate``) can be set up and inspected.
+Keeper's tests, ``keeper demo`` and ``keeper bench`` talk to it over real HTTP as they talk to
+``api.weixin.qq.com``: every answer is HTTP 200 with a JSON body sent as charset-less
+``text/plain``, errors are ``{"errcode": N, "errmsg": "..."}``, codes are single-use, refresh
+tokens die after ``refresh_token_days``, quotas are per app in epoch-aligned windows, and an
+avatar URL stops working once its user changes avatar. ``/_sim/*`` is a JSON admin API, so a
+simulator in another process (``keeper simulate``) can be set up and inspected.
 
-All times are Unix seconds (floats) read from ``clock`` (``time.time`` unless a test passes
-another); all durations are in seconds unless their name says otherwise.
+Times are Unix seconds read from ``clock`` (``time.time`` unless a test passes another);
+durations are seconds unless their name says otherwise.
 """
 
 from __future__ import annotations
@@ -42,40 +42,22 @@ ENDPOINTS: tuple[str, ...] = ("code", "refresh", "auth", "userinfo")
 FAILURE_KINDS: frozenset[str] = frozenset({"-1", "502", "truncated", "timeout", "html"})
 GRANT_STATES: frozenset[str] = frozenset({"ok", "revoked", "invalid", "snapshot"})
 ACCESS_TOKEN_LIFETIME_S = 7200
-# Avatar sizes WeChat offers; 0 means the 640x640 original.
-AVATAR_SIZES: dict[int, int] = {0: 640, 46: 46, 64: 64, 96: 96, 132: 132}
-
+AVATAR_SIZES: dict[int, int] = {0: 640, 46: 46, 64: 64, 96: 96, 132: 132}  # 0 = the original
 _DAY_S = 86400.0
 _UNQUOTED_WINDOW_S = 60.0
 _UNKNOWN_APP = "-"
-_PATHS: dict[str, str] = {
-    "/sns/oauth2/access_token": "code",
-    "/sns/oauth2/refresh_token": "refresh",
-    "/sns/auth": "auth",
-    "/sns/userinfo": "userinfo",
-}
+_PATHS = {"/sns/oauth2/access_token": "code", "/sns/oauth2/refresh_token": "refresh",
+          "/sns/auth": "auth", "/sns/userinfo": "userinfo"}
 _ERRMSG: dict[int, str] = {
-    -1: "system error",
+    -1: "system error", 40002: "invalid grant_type", 40003: "invalid openid",
     40001: "invalid credential, access_token is invalid or not latest",
-    40002: "invalid grant_type",
-    40003: "invalid openid",
-    40013: "invalid appid",
-    40029: "invalid code",
-    40030: "invalid refresh_token",
-    40125: "invalid appsecret",
-    40163: "code been used",
-    41001: "access_token missing",
-    41002: "appid missing",
-    41003: "refresh_token missing",
-    41004: "appsecret missing",
-    41008: "missing code",
-    41009: "missing openid",
-    42001: "access_token expired",
-    42002: "refresh_token expired",
-    42003: "code expired",
+    40013: "invalid appid", 40029: "invalid code", 40030: "invalid refresh_token",
+    40125: "invalid appsecret", 40163: "code been used", 41001: "access_token missing",
+    41002: "appid missing", 41003: "refresh_token missing", 41004: "appsecret missing",
+    41008: "missing code", 41009: "missing openid", 42001: "access_token expired",
+    42002: "refresh_token expired", 42003: "code expired", 48001: "api unauthorized",
     42007: "the access_token and refresh_token are invalid, user need to reauthorize",
     45011: "api minute-quota reach limit mustslow down this moment",
-    48001: "api unauthorized",
 }
 _IMAGE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _QUOTA_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*$")
@@ -86,14 +68,10 @@ _UNIT_S: dict[str, float] = {
     **dict.fromkeys(("d", "day", "days"), 86400.0),
 }
 _HTML_404 = b"<html><head><title>404 Not Found</title></head><body>404 Not Found</body></html>\n"
-_HTML_502 = (
-    b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway"
-    b"</h1></center><hr><center>stgw</center></body></html>\n"
-)
-_HTML_PAGE = (
-    b"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>\xe5\xbe\xae\xe4\xbf\xa1</title>"
-    b"</head><body><p>The system is busy, please try again later.</p></body></html>\n"
-)
+_HTML_502 = (b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad "
+             b"Gateway</h1></center><hr><center>stgw</center></body></html>\n")
+_HTML_PAGE = (b"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>WeChat</title></head>"
+              b"<body><p>The system is busy, please try again later.</p></body></html>\n")
 
 
 @dataclass(frozen=True)
@@ -106,8 +84,7 @@ class SimQuota:
 
 # WeChat's documented per-app quotas; /sns/auth has none.
 DEFAULT_QUOTAS: dict[str, SimQuota] = {
-    "code": SimQuota(10000, 60.0),
-    "refresh": SimQuota(50000, 60.0),
+    "code": SimQuota(10000, 60.0), "refresh": SimQuota(50000, 60.0),
     "userinfo": SimQuota(50000, 60.0),
 }
 
@@ -121,15 +98,13 @@ def parse_quota(text: str) -> SimQuota:
     if match is None:
         raise ValueError(f"bad quota {text!r}: expected COUNT/PERIOD, e.g. 50000/minute")
     count_text, amount_text, unit = match.groups()
-    if not unit and amount_text:
-        unit = "s"
+    unit = unit or ("s" if amount_text else "")
     if unit not in _UNIT_S:
         raise ValueError(f"bad quota {text!r}: unknown unit {unit!r}")
-    count = int(count_text)
-    period_s = float(amount_text or 1) * _UNIT_S[unit]
-    if count <= 0 or period_s <= 0:
+    quota = SimQuota(int(count_text), float(amount_text or 1) * _UNIT_S[unit])
+    if quota.count <= 0 or quota.period_s <= 0:
         raise ValueError(f"bad quota {text!r}: count and period must be positive")
-    return SimQuota(count, period_s)
+    return quota
 
 
 @dataclass(slots=True, eq=False)
@@ -140,11 +115,11 @@ class _Grant:
     refresh_token: str
     access_expires_at: float
     refresh_issued_at: float
-    scope: str
-    unionid: str | None
-    state: str
-    profile: dict[str, object] | None
-    rotate: bool | None
+    scope: str = "snsapi_userinfo"
+    unionid: str | None = None
+    state: str = "ok"
+    profile: dict[str, object] | None = None
+    rotate: bool | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -172,7 +147,7 @@ class _Counter:
     errors: dict[str, int] = field(default_factory=dict)
     quota_rejected: int = 0
     secret_sent: int = 0
-    # array('d') holds 8 bytes per arrival, a list of floats ~4x that: a long bench stays small.
+    # 8 bytes per arrival (a list of floats costs ~4x that): a long bench stays small.
     arrivals: array[float] = field(default_factory=lambda: array("d"))
 
 
@@ -181,16 +156,21 @@ class _Reply:
     status: int
     content_type: str
     body: bytes
-    stall_s: float = 0.0  # replaces the latency: a simulated timeout
-    close: bool = False  # close the connection after (or, with no body, instead of) answering
+    stall_s: float = 0.0  # a simulated timeout: stall this long instead of the latency...
+    close: bool = False  # ...then close the connection (without answering when body is empty)
 
 
 def _error(errcode: int, errmsg: str | None = None) -> dict[str, object]:
     return {"errcode": errcode, "errmsg": errmsg or _ERRMSG.get(errcode, "simulated")}
 
 
+def _first_error(*checks: tuple[bool, int]) -> int:
+    """The errcode of the first failed check, in WeChat's order; 0 when all pass."""
+    return next((errcode for failed, errcode in checks if failed), 0)
+
+
 def _json_body(payload: Mapping[str, object]) -> bytes:
-    # WeChat sends raw UTF-8 under a charset-less text/plain: clients must decode it themselves.
+    # Raw UTF-8 under a charset-less text/plain, as WeChat sends: clients must decode it as UTF-8.
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -206,8 +186,8 @@ _NOT_FOUND = _Reply(404, "text/html", _HTML_404)
 
 
 def _token(prefix: str) -> str:
-    # Tokens come from `secrets`, not the seeded rng: a restarted simulator must never reissue
-    # a token some keeper database still holds.
+    # From `secrets`, not the seeded rng: a restarted simulator must never reissue a token that
+    # some keeper database still holds.
     return prefix + secrets.token_urlsafe(33)
 
 
@@ -217,33 +197,27 @@ def _default_image_key(openid: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def avatar_png(image_key: str, size_px: int) -> bytes:
-    """A valid ``size_px`` x ``size_px`` solid-colour PNG whose colour is derived from the key."""
+    """A valid ``size_px`` x ``size_px`` solid-colour RGB PNG, its colour derived from the key."""
     rgb = hashlib.blake2b(image_key.encode(), digest_size=3).digest()
-    raw = (b"\x00" + rgb * size_px) * size_px  # filter byte 0, then one RGB row
+    raw = (b"\x00" + rgb * size_px) * size_px  # each row: filter type 0, then its pixels
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+        crc = struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + tag + data + crc
 
-    header = struct.pack(">IIBBBBB", size_px, size_px, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
+    header = struct.pack(">IIBBBBB", size_px, size_px, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
 
 
 def _window_maxima(arrivals: Sequence[float], period_s: float) -> tuple[int, int]:
-    """(most arrivals in one epoch-aligned window, most in any half-open interval of period_s)."""
+    """(most arrivals in one epoch-aligned window, most in any half-open period_s interval)."""
     times = sorted(arrivals)
-    best_fixed = best_sliding = run = 0
+    best_fixed = best_sliding = run = low = 0
     window = None
-    low = 0
     for high, t in enumerate(times):
         index = int(t // period_s)
-        run = run + 1 if index == window else 1
-        window = index
+        run, window = (run + 1 if index == window else 1), index
         best_fixed = max(best_fixed, run)
         while t - times[low] >= period_s:
             low += 1
@@ -261,92 +235,81 @@ def _normalize_answer(answer: int | str) -> int | str:
     try:
         return int(answer)
     except ValueError:
-        kinds = ", ".join(sorted(FAILURE_KINDS))
-        raise ValueError(f"answer {answer!r} is neither an errcode nor one of {kinds}") from None
+        raise ValueError(f"answer {answer!r}: not an errcode nor one of {sorted(FAILURE_KINDS)}"
+                         ) from None
 
 
 def _check_rates(rates: Mapping[str, float]) -> dict[str, float]:
-    for kind, rate in rates.items():
-        if kind not in FAILURE_KINDS:
-            raise ValueError(f"unknown failure kind {kind!r}")
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"failure rate for {kind!r} must be within [0, 1]")
-    if sum(rates.values()) > 1.0 + 1e-9:
-        raise ValueError("failure rates add up to more than 1")
+    if any(kind not in FAILURE_KINDS for kind in rates):
+        raise ValueError(f"failure kinds are {sorted(FAILURE_KINDS)}, got {sorted(rates)}")
+    if any(not 0.0 <= rate <= 1.0 for rate in rates.values()) or sum(rates.values()) > 1.0:
+        raise ValueError("failure rates must be within [0, 1] and add up to at most 1")
     return {kind: float(rate) for kind, rate in rates.items() if rate > 0}
 
 
-def _check_quotas(quotas: Mapping[str, SimQuota | None]) -> None:
-    for endpoint in quotas:
-        if endpoint not in ENDPOINTS:
-            raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
+def _check_endpoint(endpoint: str) -> str:
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
+    return endpoint
+
+
+def _make_grant(*, state: str = "ok", access_expires_at: float, refresh_issued_at: float,
+                **fields: Any) -> _Grant:
+    if state not in GRANT_STATES:
+        raise ValueError(f"unknown grant state {state!r}; expected one of {sorted(GRANT_STATES)}")
+    return _Grant(state=state, access_expires_at=float(access_expires_at),
+                  refresh_issued_at=float(refresh_issued_at), **fields)
 
 
 class Simulator:
     """WeChat's OAuth2 endpoints on a loopback HTTP server, with knobs for every failure.
 
-    ``latency_s`` is slept before every API and avatar answer (never inside a lock);
-    ``refresh_token_days`` is the refresh-token lifetime in days; ``quotas`` maps an endpoint
-    ("code", "refresh", "userinfo", "auth") to a per-app quota (default: WeChat's documented
-    ones, none for auth); ``failure_rates`` maps a failure kind ("-1", "502", "truncated",
-    "timeout", "html") to the probability, per API request, of answering with it;
-    ``timeout_sleep_s`` is how long a "timeout" stalls before the connection is closed;
-    ``seed`` seeds the random failures; ``clock`` returns Unix seconds (tests pass a fake one).
+    ``latency_s``: slept before every API and avatar answer (outside any lock).
+    ``refresh_token_days``: refresh-token lifetime, in days. ``quotas``: per-app quota by
+    endpoint ("code", "refresh", "userinfo", "auth"); default WeChat's documented ones, none
+    for auth. ``failure_rates``: failure kind ("-1", "502", "truncated", "timeout", "html") ->
+    probability per API request. ``timeout_sleep_s``: how long a "timeout" stalls before the
+    connection is closed. ``seed``: seeds the random failures. ``clock``: returns Unix seconds.
     """
 
-    def __init__(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        latency_s: float = 0.0,
-        rotate_refresh_tokens: bool = False,
-        refresh_token_days: float = 30.0,
-        quotas: dict[str, SimQuota] | None = None,
-        failure_rates: dict[str, float] | None = None,
-        timeout_sleep_s: float = 5.0,
-        seed: int | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._host = host
-        self._port = port
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0,
+                 rotate_refresh_tokens: bool = False, refresh_token_days: float = 30.0,
+                 quotas: dict[str, SimQuota] | None = None,
+                 failure_rates: dict[str, float] | None = None, timeout_sleep_s: float = 5.0,
+                 seed: int | None = None, clock: Callable[[], float] = time.time) -> None:
+        self._address = (host, port)
         self._latency_s = latency_s
         self._rotate = rotate_refresh_tokens
         self._refresh_token_days = refresh_token_days
-        quotas = dict(DEFAULT_QUOTAS if quotas is None else quotas)
-        _check_quotas(quotas)
-        self._quotas: dict[str, SimQuota] = quotas
+        self._quotas = dict(DEFAULT_QUOTAS if quotas is None else quotas)
+        for endpoint in self._quotas:
+            _check_endpoint(endpoint)
         self._failure_rates = _check_rates(failure_rates or {})
         self._timeout_sleep_s = timeout_sleep_s
         self._rng = random.Random(seed)
         self._clock = clock
-        # One lock guards all state below; each request holds it for a few dict operations only.
+        # One lock guards the state below; a request holds it for a few dict operations only.
         self._lock = threading.Lock()
         self._apps: dict[str, str] = {}
         self._by_access: dict[str, _Grant] = {}
         self._by_refresh: dict[str, _Grant] = {}
         self._codes: dict[str, _Code] = {}
         self._image_key: dict[str, str] = {}  # openid -> current key, "" for no avatar
-        self._image_owner: dict[str, str] = {}  # key -> openid; stale once the openid moves on
+        self._image_owner: dict[str, str] = {}  # key -> openid; stale once that user moves on
         self._forced: dict[str, list[_Forced]] = {}
-        # Quota windows live apart from the stats so reset_stats() cannot lift a quota.
+        # Apart from the stats, so that reset_stats() cannot lift a quota.
         self._windows: dict[tuple[str, str], tuple[int, int]] = {}
         self._counters: dict[tuple[str, str], _Counter] = {}
-        self._refreshes_by_openid: dict[str, int] = {}
-        self._userinfo_by_openid: dict[str, int] = {}
-        self._avatars_served = 0
-        self._avatars_not_found = 0
+        self._by_openid: dict[str, dict[str, int]] = {"refresh": {}, "userinfo": {}}
+        self._avatars = {"served": 0, "not_found": 0}
         self._codes_issued = 0
         self._logic: dict[str, Callable[[dict[str, str], float], dict[str, object]]] = {
-            "code": self._exchange_code,
-            "refresh": self._refresh,
-            "auth": self._auth,
+            "code": self._exchange_code, "refresh": self._refresh, "auth": self._auth,
             "userinfo": self._userinfo,
         }
         self._lifecycle = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self._serving = False
         self._url = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -362,43 +325,35 @@ class Simulator:
         with self._lifecycle:
             if self._server is not None:
                 raise RuntimeError("the simulator is already started")
-            server = _Server((self._host, self._port), self)
-            bound_host, bound_port = server.socket.getsockname()[:2]
-            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-            self._url = f"http://{shown}:{bound_port}"
-            self._server = server
-            # Set before serving: stop() may only call shutdown() once serve_forever will run.
-            self._serving = True
-            return server
+            self._server = _Server(self._address, self)
+            host, port = self._server.socket.getsockname()[:2]
+            self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            return self._server
 
     def start(self) -> None:
         """Serve in a background daemon thread; returns once the socket is listening."""
         server = self._bind()
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05},
-            name="wechat-simulator", daemon=True,
-        )
+        # A short poll interval: stop() waits for the loop to notice, once per test.
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,),
+                                        name="wechat-simulator", daemon=True)
         self._thread.start()
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until stop() is called from another thread."""
         server = self._bind()
         try:
-            server.serve_forever(poll_interval=0.05)
+            server.serve_forever(0.05)
         finally:
             self.stop()
 
     def stop(self) -> None:
-        """Stop serving and close the socket; idempotent. In-flight stalls are abandoned."""
+        """Stop serving and close the socket; idempotent. Stalled answers are abandoned."""
         with self._lifecycle:
-            server, self._server = self._server, None
-            serving, self._serving = self._serving, False
-            thread, self._thread = self._thread, None
-        if server is None:
-            return
-        if serving:
+            server, self._server, thread, self._thread = self._server, None, self._thread, None
+        if server is not None:
+            # Every bound server is (about to be) serving, so shutdown() cannot wait forever.
             server.shutdown()
-        server.server_close()
+            server.server_close()
         if thread is not None:
             thread.join()
 
@@ -409,39 +364,26 @@ class Simulator:
         with self._lock:
             self._apps[appid] = secret
 
-    def add_grant(
-        self,
-        *,
-        appid: str,
-        openid: str,
-        access_token: str,
-        refresh_token: str,
-        access_expires_at: float,
-        refresh_issued_at: float,
-        scope: str = "snsapi_userinfo",
-        unionid: str | None = None,
-        state: str = "ok",
-        profile: dict[str, object] | None = None,
-        rotate: bool | None = None,
-    ) -> None:
+    def add_grant(self, *, appid: str, openid: str, access_token: str, refresh_token: str,
+                  access_expires_at: float, refresh_issued_at: float,
+                  scope: str = "snsapi_userinfo", unionid: str | None = None, state: str = "ok",
+                  profile: dict[str, object] | None = None, rotate: bool | None = None) -> None:
         """Make the simulator know a grant, as if the user had logged in earlier.
 
-        ``access_expires_at`` and ``refresh_issued_at`` are Unix seconds. ``state``: "ok";
-        "revoked" (42007 everywhere); "invalid" (refresh answers 40030); "snapshot" (userinfo
+        ``access_expires_at`` and ``refresh_issued_at`` are Unix seconds. ``state``: "ok",
+        "revoked" (42007 everywhere), "invalid" (refresh answers 40030) or "snapshot" (userinfo
         answers 48001). ``rotate`` overrides the simulator-wide ``rotate_refresh_tokens``.
         """
-        grant = _Grant(
-            appid, openid, access_token, refresh_token, float(access_expires_at),
-            float(refresh_issued_at), scope, unionid, state, profile, rotate,
-        )
-        if state not in GRANT_STATES:
-            raise ValueError(f"unknown grant state {state!r}; expected one of {GRANT_STATES}")
-        with self._lock:
-            self._store_grant(grant)
+        self.add_grants([{
+            "appid": appid, "openid": openid, "access_token": access_token,
+            "refresh_token": refresh_token, "access_expires_at": access_expires_at,
+            "refresh_issued_at": refresh_issued_at, "scope": scope, "unionid": unionid,
+            "state": state, "profile": profile, "rotate": rotate,
+        }])
 
     def add_grants(self, grants: Iterable[Mapping[str, Any]]) -> int:
-        """Add many grants given as add_grant keyword dicts (JSON-shaped); returns how many."""
-        built = [_grant_from_json(item) for item in grants]  # validate all before storing any
+        """Add grants given as add_grant keyword dicts (JSON-shaped); returns how many."""
+        built = [_make_grant(**item) for item in grants]  # all valid before any is stored
         with self._lock:
             for grant in built:
                 self._store_grant(grant)
@@ -452,135 +394,100 @@ class Simulator:
         self._by_refresh[grant.refresh_token] = grant
         if grant.openid not in self._image_key:
             key = _default_image_key(grant.openid)
-            self._image_key[grant.openid] = key
-            self._image_owner[key] = grant.openid
+            self._image_key[grant.openid], self._image_owner[key] = key, grant.openid
 
-    def issue_code(
-        self,
-        *,
-        appid: str,
-        openid: str,
-        scope: str = "snsapi_userinfo",
-        unionid: str | None = None,
-        snapshot: bool = False,
-        ttl_s: float = 300.0,
-    ) -> str:
-        """A fresh login code, as WeChat would pass to the app's callback; valid for ttl_s."""
+    def issue_code(self, *, appid: str, openid: str, scope: str = "snsapi_userinfo",
+                   unionid: str | None = None, snapshot: bool = False,
+                   ttl_s: float = 300.0) -> str:
+        """A fresh login code, as WeChat passes to the app's callback; usable for ttl_s."""
         code = secrets.token_hex(16)
         with self._lock:
-            self._codes[code] = _Code(
-                appid, openid, scope, unionid, snapshot, self._clock() + ttl_s
-            )
+            self._codes[code] = _Code(appid, openid, scope, unionid, snapshot,
+                                      self._clock() + ttl_s)
             self._codes_issued += 1
         return code
 
-    def force(
-        self, endpoint: str, answer: int | str, *, count: int = 1, openid: str | None = None
-    ) -> None:
+    def force(self, endpoint: str, answer: int | str, *, count: int = 1,
+              openid: str | None = None) -> None:
         """Answer the next ``count`` requests to ``endpoint`` with ``answer``.
 
-        ``answer`` is an errcode (``{"errcode": N, "errmsg": "simulated"}``) or a failure kind.
-        With ``openid``, only requests for that user match (for refresh: the token's owner;
-        for code: the code's user). Forced answers are used before random failures, in order.
+        ``answer`` is an errcode (sent as ``{"errcode": N, "errmsg": "simulated"}``) or a failure
+        kind. With ``openid``, only that user's requests match (refresh: the token's owner; code:
+        the code's user). Forced answers come before random failures, first queued first used.
         """
-        if endpoint not in ENDPOINTS:
-            raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
         if count < 1:
             raise ValueError("count must be at least 1")
         forced = _Forced(_normalize_answer(answer), count, openid)
         with self._lock:
-            self._forced.setdefault(endpoint, []).append(forced)
+            self._forced.setdefault(_check_endpoint(endpoint), []).append(forced)
 
     def set_avatar(self, openid: str, image_key: str | None) -> None:
-        """Change a user's avatar (None or "": no avatar). The old avatar URL starts to 404."""
-        key = image_key or ""
-        if key and not _IMAGE_KEY_RE.match(key):
-            raise ValueError(f"image_key {image_key!r} must be [A-Za-z0-9_-]+")
+        """Change a user's avatar (None or "": no avatar); the old avatar URL starts to 404."""
+        if image_key and not _IMAGE_KEY_RE.match(image_key):
+            raise ValueError(f"image_key {image_key!r} must match [A-Za-z0-9_-]+")
         with self._lock:
-            self._image_key[openid] = key
-            if key:
-                self._image_owner[key] = openid
+            self._image_key[openid] = image_key or ""
+            if image_key:
+                self._image_owner[image_key] = openid
 
-    def configure(
-        self,
-        *,
-        latency_s: float | None = None,
-        failure_rates: dict[str, float] | None = None,
-        rotate_refresh_tokens: bool | None = None,
-        quotas: Mapping[str, SimQuota | None] | None = None,
-        timeout_sleep_s: float | None = None,
-        refresh_token_days: float | None = None,
-    ) -> None:
-        """Change knobs while serving. ``quotas`` are merged (None removes an endpoint's quota);
-        ``failure_rates`` replace the old ones. Changing quotas restarts the quota windows."""
+    def configure(self, *, latency_s: float | None = None,
+                  failure_rates: dict[str, float] | None = None,
+                  rotate_refresh_tokens: bool | None = None,
+                  quotas: Mapping[str, SimQuota | None] | None = None) -> None:
+        """Change knobs while serving; None leaves one as it is. ``failure_rates`` replace the
+        old ones; ``quotas`` are merged (a None quota removes it) and restart the windows."""
         rates = None if failure_rates is None else _check_rates(failure_rates)
-        if quotas is not None:
-            _check_quotas(quotas)
+        for endpoint in quotas or {}:
+            _check_endpoint(endpoint)  # all checked before any is applied
         with self._lock:
-            if latency_s is not None:
-                self._latency_s = latency_s
-            if rates is not None:
-                self._failure_rates = rates
+            self._latency_s = self._latency_s if latency_s is None else latency_s
+            self._failure_rates = self._failure_rates if rates is None else rates
             if rotate_refresh_tokens is not None:
                 self._rotate = rotate_refresh_tokens
-            if timeout_sleep_s is not None:
-                self._timeout_sleep_s = timeout_sleep_s
-            if refresh_token_days is not None:
-                self._refresh_token_days = refresh_token_days
-            if quotas is not None:
-                merged = dict(self._quotas)
-                for endpoint, quota in quotas.items():
-                    if quota is None:
-                        merged.pop(endpoint, None)
-                    else:
-                        merged[endpoint] = quota
-                self._quotas = merged
+            for endpoint, quota in (quotas or {}).items():
+                self._quotas.pop(endpoint, None)
+                if quota is not None:
+                    self._quotas[endpoint] = quota
                 self._windows.clear()
 
     # -- stats -------------------------------------------------------------------------------
 
     def stats(self, *, detail: bool = False) -> dict[str, object]:
-        """What the simulator saw since start or reset_stats(); never contains token values.
+        """What the simulator saw since start or reset_stats(); never holds token values.
 
-        Window maxima are arrivals for one app, in the endpoint's quota period (60 s if none).
+        Window maxima count one app's arrivals within the endpoint's quota period (else 60 s).
+        Calls naming no known app (auth/userinfo with an unknown token) count under app "-".
         """
         with self._lock:
             # Copy under the lock, compute outside it: sorting arrivals must not stall requests.
-            rows = [
-                (appid, endpoint, c.calls, c.ok, dict(c.errors), c.quota_rejected,
-                 c.secret_sent, c.arrivals[:])
-                for (appid, endpoint), c in self._counters.items()
-            ]
+            rows = [(appid, endpoint, _Counter(c.calls, c.ok, dict(c.errors), c.quota_rejected,
+                                               c.secret_sent, c.arrivals[:]))
+                    for (appid, endpoint), c in sorted(self._counters.items())]
             quotas = dict(self._quotas)
             result: dict[str, object] = {
-                "avatars_served": self._avatars_served,
-                "avatars_not_found": self._avatars_not_found,
+                "avatars_served": self._avatars["served"],
+                "avatars_not_found": self._avatars["not_found"],
                 "codes_issued": self._codes_issued,
             }
             if detail:
-                result["refreshes_by_openid"] = dict(self._refreshes_by_openid)
-                result["userinfo_by_openid"] = dict(self._userinfo_by_openid)
+                result["refreshes_by_openid"] = dict(self._by_openid["refresh"])
+                result["userinfo_by_openid"] = dict(self._by_openid["userinfo"])
         totals = {endpoint: _Counter() for endpoint in ENDPOINTS}
         maxima = dict.fromkeys(ENDPOINTS, (0, 0))
         per_app: dict[str, dict[str, object]] = {}
-        for appid, endpoint, calls, ok, errors, rejected, secret_sent, arrivals in sorted(
-            rows, key=lambda row: (row[0], row[1])
-        ):
+        for appid, endpoint, counter in rows:
             quota = quotas.get(endpoint)
-            fixed, sliding = _window_maxima(
-                arrivals, quota.period_s if quota else _UNQUOTED_WINDOW_S
-            )
-            counter = _Counter(calls, ok, errors, rejected, secret_sent)
+            fixed, sliding = _window_maxima(counter.arrivals,
+                                            quota.period_s if quota else _UNQUOTED_WINDOW_S)
             per_app.setdefault(appid, {})[endpoint] = _figures(counter, quota, fixed, sliding)
             total = totals[endpoint]
-            total.calls += calls
-            total.ok += ok
-            total.quota_rejected += rejected
-            total.secret_sent += secret_sent
-            for key, n in errors.items():
+            total.calls += counter.calls
+            total.ok += counter.ok
+            total.quota_rejected += counter.quota_rejected
+            total.secret_sent += counter.secret_sent
+            for key, n in counter.errors.items():
                 total.errors[key] = total.errors.get(key, 0) + n
-            best = maxima[endpoint]
-            maxima[endpoint] = (max(best[0], fixed), max(best[1], sliding))
+            maxima[endpoint] = (max(maxima[endpoint][0], fixed), max(maxima[endpoint][1], sliding))
         result["endpoints"] = {
             endpoint: _figures(totals[endpoint], quotas.get(endpoint), *maxima[endpoint])
             for endpoint in ENDPOINTS
@@ -592,22 +499,21 @@ class Simulator:
         """Forget what was seen (counts, arrivals, per-openid figures); quotas keep counting."""
         with self._lock:
             self._counters.clear()
-            self._refreshes_by_openid.clear()
-            self._userinfo_by_openid.clear()
-            self._avatars_served = self._avatars_not_found = self._codes_issued = 0
+            for by_openid in self._by_openid.values():
+                by_openid.clear()
+            self._avatars = {"served": 0, "not_found": 0}
+            self._codes_issued = 0
 
     # -- request handling (called by _Handler) -----------------------------------------------
 
     def _handle(self, method: str, path: str, query: str, body: bytes) -> tuple[_Reply, float]:
-        """The reply and how long to sleep before sending it."""
+        """The reply, and how long to sleep before sending it."""
         if path.startswith("/_sim/"):
-            return self._admin(method, path, query, body), 0.0
+            return self._admin(method, path.removeprefix("/_sim/"), query, body), 0.0
         endpoint = _PATHS.get(path)
-        if method != "GET":
-            reply = _NOT_FOUND
-        elif endpoint is not None:
+        if method == "GET" and endpoint is not None:
             reply = self._api(endpoint, dict(parse_qsl(query, keep_blank_values=True)))
-        elif path.startswith("/mmopen/"):
+        elif method == "GET" and path.startswith("/mmopen/"):
             reply = self._avatar(path)
         else:
             reply = _NOT_FOUND
@@ -623,43 +529,46 @@ class Simulator:
             counter.calls += 1
             counter.arrivals.append(now)
             if endpoint == "refresh" and "secret" in params:
-                counter.secret_sent += 1
+                counter.secret_sent += 1  # WeChat's refresh takes no secret: sending it leaks it
             if self._over_quota(appid, endpoint, now):
                 counter.quota_rejected += 1
                 return _api_reply(_error(45011))
             failure = self._pick_failure(endpoint, openid)
-            payload: dict[str, object] | None = None
-            if failure is None or failure in ("truncated", "timeout"):
-                # The server did the work; a truncated or timed-out answer is lost on the way
-                # back (so a rotated refresh token, or a consumed code, is gone for the client).
+            if failure is None:
                 payload = self._logic[endpoint](params, now)
-            elif endpoint == "code":
-                # WeChat consumes a code even when it answers -1 or a gateway page: a retry
-                # gets 40163, which is why a code exchange must never be retried.
-                self._consume_code(params)
-            if failure is None and payload is not None:
-                errcode = payload.get("errcode", 0)
-                if errcode:
-                    key = str(errcode)
-                    counter.errors[key] = counter.errors.get(key, 0) + 1
-                else:
+                outcome = str(payload.get("errcode") or "")
+                if not outcome:
+                    by_openid = self._by_openid.get(endpoint)
+                    if by_openid is not None:
+                        user = str(payload["openid"])
+                        by_openid[user] = by_openid.get(user, 0) + 1
                     counter.ok += 1
-                    self._count_success(endpoint, payload)
+                else:
+                    counter.errors[outcome] = counter.errors.get(outcome, 0) + 1
                 return _api_reply(payload)
-            key = str(failure)
-            counter.errors[key] = counter.errors.get(key, 0) + 1
-            stall_s = self._timeout_sleep_s
-        return _failure_reply(failure, payload, stall_s)
+            counter.errors[str(failure)] = counter.errors.get(str(failure), 0) + 1
+            if failure in ("truncated", "timeout"):
+                # The server did the work and the answer got lost on the way back: a rotated
+                # refresh token or a consumed code is gone for the client, as with WeChat.
+                return _failure_reply(failure, self._logic[endpoint](params, now),
+                                      self._timeout_sleep_s)
+            if endpoint == "code" and isinstance(failure, str):
+                # WeChat consumes a code even when it answers -1 (a retry gets 40163): this is
+                # why a code exchange must never be retried.
+                code = self._codes.get(params.get("code", ""))
+                if code is not None and code.appid == params.get("appid"):
+                    code.used = True
+        return _failure_reply(failure, {}, 0.0)
 
     def _subject(self, endpoint: str, params: dict[str, str]) -> tuple[str, str | None]:
-        """(appid the call counts against, openid a forced answer may be aimed at)."""
+        """(the app the call counts against, the user a forced answer may be aimed at)."""
         if endpoint == "code":
             code = self._codes.get(params.get("code", ""))
             return params.get("appid") or _UNKNOWN_APP, code.openid if code else None
         if endpoint == "refresh":
             grant = self._by_refresh.get(params.get("refresh_token", ""))
             return params.get("appid") or _UNKNOWN_APP, grant.openid if grant else None
-        # auth and userinfo carry no appid: the token tells which app's quota they use.
+        # auth and userinfo carry no appid: the token tells whose quota they use.
         grant = self._by_access.get(params.get("access_token", ""))
         openid = params.get("openid") or (grant.openid if grant else None)
         return (grant.appid if grant else _UNKNOWN_APP), openid
@@ -691,47 +600,25 @@ class Simulator:
                 draw -= rate
         return None
 
-    def _count_success(self, endpoint: str, payload: dict[str, object]) -> None:
-        openid = str(payload.get("openid", ""))
-        if endpoint == "refresh":
-            self._refreshes_by_openid[openid] = self._refreshes_by_openid.get(openid, 0) + 1
-        elif endpoint == "userinfo":
-            self._userinfo_by_openid[openid] = self._userinfo_by_openid.get(openid, 0) + 1
-
-    def _consume_code(self, params: dict[str, str]) -> None:
-        code = self._codes.get(params.get("code", ""))
-        if code is not None and code.appid == params.get("appid"):
-            code.used = True
-
     def _exchange_code(self, params: dict[str, str], now: float) -> dict[str, object]:
-        appid = params.get("appid")
-        if not appid:
-            return _error(41002)
-        secret = self._apps.get(appid)
-        if secret is None:
-            return _error(40013)
-        if not params.get("secret"):
-            return _error(41004)
-        if params["secret"] != secret:
-            return _error(40125)
-        if not params.get("code"):
-            return _error(41008)
-        if params.get("grant_type") != "authorization_code":
-            return _error(40002)
-        code = self._codes.get(params["code"])
-        if code is None or code.appid != appid:
-            return _error(40029)
-        if code.used:
-            return _error(40163)
-        if now >= code.expires_at:
-            return _error(42003)
-        code.used = True
-        grant = _Grant(
-            appid, code.openid, _token("AT"), _token("RT"), now + ACCESS_TOKEN_LIFETIME_S, now,
-            code.scope, code.unionid, "snapshot" if code.snapshot else "ok", None, None,
+        appid, secret = params.get("appid", ""), self._apps.get(params.get("appid", ""))
+        code = self._codes.get(params.get("code") or "")
+        errcode = _first_error(
+            (not appid, 41002), (secret is None, 40013), (not params.get("secret"), 41004),
+            (params.get("secret") != secret, 40125), (not params.get("code"), 41008),
+            (params.get("grant_type") != "authorization_code", 40002),
+            (code is None or code.appid != appid, 40029),
+            (code is not None and code.used, 40163),
+            (code is not None and now >= code.expires_at, 42003),
         )
+        if errcode or code is None:
+            return _error(errcode)
+        code.used = True
+        grant = _Grant(appid, code.openid, _token("AT"), _token("RT"),
+                       now + ACCESS_TOKEN_LIFETIME_S, now, code.scope, code.unionid,
+                       "snapshot" if code.snapshot else "ok")
         self._store_grant(grant)
-        payload = self._token_payload(grant)
+        payload = _token_payload(grant)
         if grant.unionid:
             payload["unionid"] = grant.unionid
         if code.snapshot:
@@ -739,22 +626,19 @@ class Simulator:
         return payload
 
     def _refresh(self, params: dict[str, str], now: float) -> dict[str, object]:
-        appid = params.get("appid")
-        if not appid:
-            return _error(41002)
-        if appid not in self._apps:
-            return _error(40013)
-        if not params.get("refresh_token"):
-            return _error(41003)
-        if params.get("grant_type") != "refresh_token":
-            return _error(40002)
-        grant = self._by_refresh.get(params["refresh_token"])
-        if grant is None or grant.appid != appid or grant.state == "invalid":
-            return _error(40030)
-        if grant.state == "revoked":
-            return _error(42007)
-        if now >= grant.refresh_issued_at + self._refresh_token_days * _DAY_S:
-            return _error(42002)
+        appid = params.get("appid", "")
+        grant = self._by_refresh.get(params.get("refresh_token") or "")
+        errcode = _first_error(
+            (not appid, 41002), (appid not in self._apps, 40013),
+            (not params.get("refresh_token"), 41003),
+            (params.get("grant_type") != "refresh_token", 40002),
+            (grant is None or grant.appid != appid or grant.state == "invalid", 40030),
+            (grant is not None and grant.state == "revoked", 42007),
+            (grant is not None
+             and now >= grant.refresh_issued_at + self._refresh_token_days * _DAY_S, 42002),
+        )
+        if errcode or grant is None:
+            return _error(errcode)
         # WeChat's doc: an expired access token is replaced; a live one keeps its value and
         # only has its expiry pushed out.
         if now >= grant.access_expires_at:
@@ -763,72 +647,48 @@ class Simulator:
             grant.access_token = _token("AT")
             self._by_access[grant.access_token] = grant
         grant.access_expires_at = now + ACCESS_TOKEN_LIFETIME_S
-        if grant.rotate if grant.rotate is not None else self._rotate:
+        if self._rotate if grant.rotate is None else grant.rotate:
             if self._by_refresh.get(grant.refresh_token) is grant:
                 del self._by_refresh[grant.refresh_token]
-            grant.refresh_token = _token("RT")
-            grant.refresh_issued_at = now
+            grant.refresh_token, grant.refresh_issued_at = _token("RT"), now
             self._by_refresh[grant.refresh_token] = grant
-        return self._token_payload(grant)
+        return _token_payload(grant)
 
-    @staticmethod
-    def _token_payload(grant: _Grant) -> dict[str, object]:
-        return {
-            "access_token": grant.access_token,
-            "expires_in": ACCESS_TOKEN_LIFETIME_S,
-            "refresh_token": grant.refresh_token,
-            "openid": grant.openid,
-            "scope": grant.scope,
-        }
-
-    def _check_access(
-        self, params: dict[str, str], now: float
-    ) -> tuple[_Grant | None, dict[str, object]]:
-        """(grant, {}) when the access token may be used, else (None, error payload)."""
-        if not params.get("access_token"):
-            return None, _error(41001)
-        if not params.get("openid"):
-            return None, _error(41009)
-        grant = self._by_access.get(params["access_token"])
-        if grant is None:
-            return None, _error(40001)
-        if grant.openid != params["openid"]:
-            return None, _error(40003)
-        if grant.state == "revoked":
-            return None, _error(42007)
-        if now >= grant.access_expires_at:
-            return None, _error(42001)
-        return grant, {}
+    def _check_access(self, params: dict[str, str], now: float) -> tuple[_Grant | None, int]:
+        """(the grant, 0) when the access token may be used, else (None, errcode)."""
+        grant = self._by_access.get(params.get("access_token") or "")
+        errcode = _first_error(
+            (not params.get("access_token"), 41001), (not params.get("openid"), 41009),
+            (grant is None, 40001),
+            (grant is not None and grant.openid != params.get("openid"), 40003),
+            (grant is not None and grant.state == "revoked", 42007),
+            (grant is not None and now >= grant.access_expires_at, 42001),
+        )
+        return (None, errcode) if errcode else (grant, 0)
 
     def _auth(self, params: dict[str, str], now: float) -> dict[str, object]:
-        grant, error = self._check_access(params, now)
-        return _error(0, "ok") if grant is not None else error
+        errcode = self._check_access(params, now)[1]
+        return _error(errcode, "ok" if errcode == 0 else None)
 
     def _userinfo(self, params: dict[str, str], now: float) -> dict[str, object]:
-        grant, error = self._check_access(params, now)
+        grant, errcode = self._check_access(params, now)
         if grant is None:
-            return error
-        scopes = set(grant.scope.split(","))
+            return _error(errcode)
         # Website (QR) logins carry snsapi_login, which includes the profile.
-        if not scopes & {"snsapi_userinfo", "snsapi_login"} or grant.state == "snapshot":
+        scopes = set(grant.scope.split(","))
+        if grant.state == "snapshot" or not scopes & {"snsapi_userinfo", "snsapi_login"}:
             return _error(48001)
         key = self._image_key.get(grant.openid, "")
-        english = params.get("lang") == "en"
+        english = params.get("lang") == "en"  # zh_CN (the default) and zh_TW answer in Chinese
         payload: dict[str, object] = {
-            "openid": grant.openid,
-            "nickname": f"user-{grant.openid[-6:]}",
-            "sex": 1,
-            # zh_CN/zh_TW (the default) answer in Chinese, raw UTF-8 under text/plain.
+            "openid": grant.openid, "nickname": f"user-{grant.openid[-6:]}", "sex": 1,
             "province": "Guangdong" if english else "广东",
-            "city": "Shenzhen" if english else "深圳",
-            "country": "CN" if english else "中国",
-            "headimgurl": f"{self._url}/mmopen/{key}/132" if key else "",
-            "privilege": [],
+            "city": "Shenzhen" if english else "深圳", "country": "CN" if english else "中国",
+            "headimgurl": f"{self._url}/mmopen/{key}/132" if key else "", "privilege": [],
         }
         if grant.unionid:
             payload["unionid"] = grant.unionid
-        if grant.profile:
-            payload.update(grant.profile)
+        payload.update(grant.profile or {})
         return payload
 
     def _avatar(self, path: str) -> _Reply:
@@ -838,162 +698,85 @@ class Simulator:
         with self._lock:
             owner = self._image_owner.get(key)
             live = size in AVATAR_SIZES and owner is not None and self._image_key[owner] == key
-            if live:
-                self._avatars_served += 1
-            else:
-                self._avatars_not_found += 1
-        if not live:
-            return _NOT_FOUND
-        return _Reply(200, "image/png", avatar_png(key, AVATAR_SIZES[size]))
+            self._avatars["served" if live else "not_found"] += 1
+        return _Reply(200, "image/png", avatar_png(key, AVATAR_SIZES[size])) if live else _NOT_FOUND
 
-    def _admin(self, method: str, path: str, query: str, body: bytes) -> _Reply:
-        route = path.removeprefix("/_sim/")
-        if method == "GET" and route in ("health", "stats"):
-            if route == "health":
-                return _admin_reply({"ok": True})
+    def _admin(self, method: str, route: str, query: str, body: bytes) -> _Reply:
+        if method == "GET" and route == "health":
+            return _admin_reply({"ok": True})
+        if method == "GET" and route == "stats":
             detail = dict(parse_qsl(query)).get("detail", "") in ("1", "true", "yes")
             return _admin_reply(self.stats(detail=detail))
-        if method != "POST":
+        if method != "POST" or route not in _ADMIN_POSTS:
             return _admin_reply({"error": f"no {method} /_sim/{route}"}, 404)
         try:
             data = json.loads(body) if body.strip() else {}
             if not isinstance(data, dict):
                 raise TypeError("the body must be a JSON object")
-            return self._admin_post(route, data)
-        except (KeyError, TypeError, ValueError) as exc:
+            result = _ADMIN_POSTS[route](self, data)
+            return _admin_reply({"ok": True} if result is None else result)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             return _admin_reply({"error": f"{type(exc).__name__}: {exc}"}, 400)
 
-    def _admin_post(self, route: str, data: dict[str, Any]) -> _Reply:
-        if route == "apps":
-            self.add_app(_str(data, "appid"), _str(data, "secret"))
-        elif route == "grants":
-            grants = data["grants"]
-            if not isinstance(grants, list):
-                raise TypeError("grants must be a list")
-            return _admin_reply({"added": self.add_grants(grants)})
-        elif route == "codes":
-            code = self.issue_code(
-                appid=_str(data, "appid"), openid=_str(data, "openid"),
-                scope=_str(data, "scope", "snsapi_userinfo"), unionid=_opt_str(data, "unionid"),
-                snapshot=bool(data.get("snapshot", False)), ttl_s=_num(data, "ttl_s", 300.0),
-            )
-            return _admin_reply({"code": code})
-        elif route == "force":
-            answer = data["answer"]
-            if not isinstance(answer, int | str):
-                raise TypeError("answer must be an errcode or a failure kind")
-            self.force(
-                _str(data, "endpoint"), answer, count=int(_num(data, "count", 1)),
-                openid=_opt_str(data, "openid"),
-            )
-        elif route == "avatar":
-            self.set_avatar(_str(data, "openid"), _opt_str(data, "image_key"))
-        elif route == "config":
-            self._admin_config(data)
-        elif route == "reset-stats":
-            self.reset_stats()
-        else:
-            return _admin_reply({"error": f"no POST /_sim/{route}"}, 404)
-        return _admin_reply({"ok": True})
 
-    def _admin_config(self, data: dict[str, Any]) -> None:
-        quotas: dict[str, SimQuota | None] | None = None
-        if data.get("quotas") is not None:
-            quotas = {
-                endpoint: None if text is None else parse_quota(str(text))
-                for endpoint, text in dict(data["quotas"]).items()
-            }
-        rates = data.get("failure_rates")
-        rotate = data.get("rotate_refresh_tokens")
-        self.configure(
-            latency_s=_opt_num(data, "latency_s"),
-            failure_rates=None if rates is None else {str(k): float(v) for k, v in rates.items()},
-            rotate_refresh_tokens=None if rotate is None else bool(rotate),
-            quotas=quotas,
-            timeout_sleep_s=_opt_num(data, "timeout_sleep_s"),
-            refresh_token_days=_opt_num(data, "refresh_token_days"),
-        )
+def _token_payload(grant: _Grant) -> dict[str, object]:
+    return {"access_token": grant.access_token, "expires_in": ACCESS_TOKEN_LIFETIME_S,
+            "refresh_token": grant.refresh_token, "openid": grant.openid, "scope": grant.scope}
 
 
-def _figures(counter: _Counter, quota: SimQuota | None, fixed: int, sliding: int) -> dict[str, object]:
+def _figures(counter: _Counter, quota: SimQuota | None, fixed: int,
+             sliding: int) -> dict[str, object]:
     return {
-        "calls": counter.calls,
-        "ok": counter.ok,
-        "errors": dict(sorted(counter.errors.items())),
-        "quota_rejected": counter.quota_rejected,
-        "secret_sent": counter.secret_sent,
-        "quota": quota.count if quota else None,
-        "window_s": quota.period_s if quota else None,
-        "max_fixed_window": fixed,
-        "max_sliding_window": sliding,
+        "calls": counter.calls, "ok": counter.ok, "errors": dict(sorted(counter.errors.items())),
+        "quota_rejected": counter.quota_rejected, "secret_sent": counter.secret_sent,
+        "quota": quota.count if quota else None, "window_s": quota.period_s if quota else None,
+        "max_fixed_window": fixed, "max_sliding_window": sliding,
     }
 
 
-def _failure_reply(failure: int | str, payload: dict[str, object] | None, stall_s: float) -> _Reply:
+def _failure_reply(failure: int | str, payload: Mapping[str, object], stall_s: float) -> _Reply:
     if isinstance(failure, int):
         return _api_reply(_error(failure, "simulated"))
-    if failure == "-1":
-        return _api_reply(_error(-1))
-    if failure == "502":
-        return _Reply(502, "text/html", _HTML_502)
-    if failure == "html":
-        return _Reply(200, "text/html", _HTML_PAGE)
-    if failure == "timeout":
-        return _Reply(0, "", b"", stall_s=stall_s, close=True)
-    body = _json_body(payload or {})  # "truncated"
-    return _Reply(200, "text/plain", body[: len(body) // 2])
+    if failure == "truncated":
+        body = _json_body(payload)
+        return _Reply(200, "text/plain", body[: len(body) // 2])
+    return {
+        "-1": _api_reply(_error(-1)),
+        "502": _Reply(502, "text/html", _HTML_502),
+        "html": _Reply(200, "text/html", _HTML_PAGE),
+    }.get(failure) or _Reply(0, "", b"", stall_s=stall_s, close=True)  # "timeout"
 
 
-def _str(data: Mapping[str, Any], key: str, default: str | None = None) -> str:
-    value = data.get(key, default)
-    if not isinstance(value, str):
-        raise TypeError(f"{key} must be a string")
-    return value
+def _pick(data: Mapping[str, Any], *names: str) -> dict[str, Any]:
+    """The given fields of an admin request (JSON null = the default), as keyword arguments."""
+    return {name: data[name] for name in names if data.get(name) is not None}
 
 
-def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
-    value = data.get(key)
-    return None if value is None else _str(data, key)
+def _admin_config(sim: Simulator, data: dict[str, Any]) -> None:
+    quotas = data.get("quotas")
+    sim.configure(**_pick(data, "latency_s", "failure_rates", "rotate_refresh_tokens"),
+                  quotas=None if quotas is None else {
+                      endpoint: None if text is None else parse_quota(str(text))
+                      for endpoint, text in dict(quotas).items()})
 
 
-def _opt_num(data: Mapping[str, Any], key: str) -> float | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{key} must be a number")
-    return float(value)
-
-
-def _num(data: Mapping[str, Any], key: str, default: float | None = None) -> float:
-    value = _opt_num(data, key)
-    if value is None:
-        if default is None:
-            raise KeyError(key)
-        return default
-    return value
-
-
-def _grant_from_json(item: Mapping[str, Any]) -> _Grant:
-    state = _str(item, "state", "ok")
-    if state not in GRANT_STATES:
-        raise ValueError(f"unknown grant state {state!r}")
-    profile = item.get("profile")
-    if profile is not None and not isinstance(profile, dict):
-        raise TypeError("profile must be an object")
-    rotate = item.get("rotate")
-    return _Grant(
-        _str(item, "appid"), _str(item, "openid"), _str(item, "access_token"),
-        _str(item, "refresh_token"), _num(item, "access_expires_at"),
-        _num(item, "refresh_issued_at"), _str(item, "scope", "snsapi_userinfo"),
-        _opt_str(item, "unionid"), state, profile, None if rotate is None else bool(rotate),
-    )
+_ADMIN_POSTS: dict[str, Callable[[Simulator, dict[str, Any]], Mapping[str, object] | None]] = {
+    "apps": lambda sim, data: sim.add_app(str(data["appid"]), str(data["secret"])),
+    "grants": lambda sim, data: {"added": sim.add_grants(list(data["grants"]))},
+    "codes": lambda sim, data: {"code": sim.issue_code(**_pick(
+        data, "appid", "openid", "scope", "unionid", "snapshot", "ttl_s"))},
+    "force": lambda sim, data: sim.force(str(data["endpoint"]), data["answer"],
+                                         **_pick(data, "count", "openid")),
+    "avatar": lambda sim, data: sim.set_avatar(str(data["openid"]), data.get("image_key")),
+    "config": _admin_config,
+    "reset-stats": lambda sim, data: sim.reset_stats(),
+}
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stalled "timeout" answer must not keep the process alive
     allow_reuse_address = True
-    request_queue_size = 1024  # bench clients open dozens of connections at once
+    request_queue_size = 1024  # a bench opens dozens of connections at once
 
     def __init__(self, address: tuple[str, int], sim: Simulator) -> None:
         self.sim = sim
@@ -1002,25 +785,24 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn), slow where DNS is absent.
+        # HTTPServer.server_bind does a reverse DNS lookup, slow on machines without DNS.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            return  # the client gave up (e.g. after its own timeout): nothing to report
-        super().handle_error(request, client_address)
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # else the client gave up
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: a bench would otherwise spend itself on connects
+    protocol_version = "HTTP/1.1"  # keep-alive: a bench would otherwise spend itself connecting
     server_version = "WeChatSimulator/1.0"
     sys_version = ""
-    # Headers and body go out in two writes; without this, Nagle plus delayed ACK adds ~40 ms.
+    # Headers and body go out in two writes; with Nagle, delayed ACKs would add ~40 ms to each.
     disable_nagle_algorithm = True
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
+    def log_message(self, format: str, *args: Any) -> None:
         """Silent: a log line per request would cost more than answering it."""
 
     def do_GET(self) -> None:
@@ -1030,12 +812,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit():
             self.send_error(400, "bad Content-Length")
             return
-        body = self.rfile.read(length) if length > 0 else b""
+        body = self.rfile.read(int(length))
         url = urlsplit(self.path)
         try:
             reply, delay_s = self.server.sim._handle(method, url.path, url.query, body)
@@ -1050,63 +831,47 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
-        if reply.close:
-            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(reply.body)
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
-def _pairs(parser: argparse.ArgumentParser, option: str, values: Sequence[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for value in values:
-        name, sep, rest = value.partition("=")
-        if not sep or not name or not rest:
-            parser.error(f"{option} expects NAME=VALUE, got {value!r}")
-        pairs.append((name, rest))
-    return pairs
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``keeper simulate``: serve until SIGTERM/SIGINT, after printing ``{"url": ...}``."""
-    parser = argparse.ArgumentParser(
-        prog="keeper simulate", description="Run the WeChat OAuth2 simulator (a test tool)."
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address only")
+    """``keeper simulate``: print ``{"url": ...}`` on one line, serve until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog="keeper simulate",
+                                     description="Run the WeChat OAuth2 simulator (a test tool).")
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--rotate", action="store_true", help="issue a new refresh token each time")
+    parser.add_argument("--rotate", action="store_true", help="new refresh token on each refresh")
     parser.add_argument("--refresh-token-days", type=float, default=30.0)
     parser.add_argument("--quota", action="append", default=[], metavar="ENDPOINT=COUNT/PERIOD")
-    parser.add_argument("--fail", action="append", default=[], metavar="KIND=RATE")
+    parser.add_argument("--fail", action="append", default=[], metavar="KIND=RATE",
+                        help="KIND: -1 (write --fail=-1=RATE), 502, truncated, timeout, html")
     parser.add_argument("--app", action="append", default=[], metavar="APPID=SECRET")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     if not _is_loopback(args.host):
-        parser.error(f"--host {args.host!r} is not a loopback address: the simulator is a test tool")
+        parser.error(f"--host {args.host} is not a loopback address: the simulator is a test tool")
     try:
-        quotas = dict(DEFAULT_QUOTAS)
-        for endpoint, text in _pairs(parser, "--quota", args.quota):
-            if endpoint not in ENDPOINTS:
-                raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
-            quotas[endpoint] = parse_quota(text)
-        rates = {kind: float(rate) for kind, rate in _pairs(parser, "--fail", args.fail)}
-        sim = Simulator(
-            host=args.host, port=args.port, latency_s=args.latency_ms / 1000.0,
-            rotate_refresh_tokens=args.rotate, refresh_token_days=args.refresh_token_days,
-            quotas=quotas, failure_rates=rates, seed=args.seed,
-        )
+        pairs = {option: [_pair(value) for value in getattr(args, option)]
+                 for option in ("quota", "fail", "app")}
+        quotas = {**DEFAULT_QUOTAS, **{_check_endpoint(endpoint): parse_quota(text)
+                                       for endpoint, text in pairs["quota"]}}
+        sim = Simulator(host=args.host, port=args.port, latency_s=args.latency_ms / 1000.0,
+                        rotate_refresh_tokens=args.rotate,
+                        refresh_token_days=args.refresh_token_days, quotas=quotas,
+                        failure_rates={kind: float(rate) for kind, rate in pairs["fail"]},
+                        seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
-    for appid, secret in _pairs(parser, "--app", args.app):
+    for appid, secret in pairs["app"]:
         sim.add_app(appid, secret)
 
     stop = threading.Event()
@@ -1124,6 +889,13 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _pair(value: str) -> tuple[str, str]:
+    name, _, rest = value.partition("=")
+    if not name or not rest:
+        raise ValueError(f"expected NAME=VALUE, got {value!r}")
+    return name, rest
 
 
 if __name__ == "__main__":

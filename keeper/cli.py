@@ -1,0 +1,467 @@
+"""The ``keeper`` command line (see CONTRACT.md): exit 0 ok, 1 run failure, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import IO, Any
+
+import structlog
+
+from keeper import __version__, db
+from keeper.config import Config, load_config
+from keeper.errors import (
+    AppConfigRejected,
+    BadCode,
+    ConfigError,
+    DatabaseUnavailable,
+    KeeperError,
+    QuotaExceeded,
+    StaleAccessToken,
+    StoreError,
+    TransientApiError,
+    UsageError,
+)
+from keeper.importer import parse_lines
+from keeper.limiter import QuotaWait
+from keeper.log import configure
+from keeper.models import ACTIVE, REAUTH, Grant
+from keeper.policy import schedule
+from keeper.runtime import Runtime
+from keeper.store import GrantWrite, Store, new_lease_id
+from keeper.sweep import utcnow
+from keeper.worker import lifetime
+
+log = structlog.get_logger("keeper.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+IMPORT_BATCH = 1000
+
+
+class Failed(KeeperError):
+    """A command failed for a reason of the run (exit 1)."""
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _json(obj: Any) -> None:
+    _out(json.dumps(obj, default=str, ensure_ascii=False))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from keeper.scheduler import Service
+
+    rt = Runtime.build(config)
+    log.info("keeper.started", version=__version__, **config.redacted())
+    service = Service(sweeper=rt.sweeper(), interval_s=config.sweep_interval_s, stop=rt.stop)
+    service.install_signals()
+    try:
+        return service.run()
+    finally:
+        log.info("keeper.stopping", step="database")
+        rt.close()
+        log.info("keeper.stopped")
+
+
+def cmd_sweep(config: Config, args: argparse.Namespace) -> int:
+    rt = Runtime.build(config)
+    sweeper = rt.sweeper()
+    if sys.stderr.isatty() and not args.json:
+        sweeper.progress = _progress_bar()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
+    try:
+        summary = sweeper.run_once()
+    finally:
+        sweeper.close()
+        rt.close()
+    if sweeper.progress is not None:
+        sys.stderr.write("\n")
+    if args.json:
+        _json(summary)
+    else:
+        _out(
+            f"refreshed {summary['refresh_tokens_refreshed']} refresh tokens and "
+            f"{summary['access_tokens_refreshed']} access tokens, read "
+            f"{summary['profiles_fetched']} profiles, recorded {summary['reauth_recorded']} "
+            f"re-authorizations, {summary['transient_failures']} transient failures, "
+            f"in {summary['seconds']} s"
+        )
+    return EXIT_OK
+
+
+def _progress_bar() -> Callable[[int, int], None]:
+    last = [0.0]
+
+    def show(done: int, in_flight: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.2:
+            last[0] = now
+            sys.stderr.write(f"\rsweeping: {done} grants done, {in_flight} in flight   ")
+            sys.stderr.flush()
+
+    return show
+
+
+def cmd_grant(config: Config, args: argparse.Namespace) -> int:
+    app = config.app(args.app)
+    if not app.secret:
+        raise ConfigError(
+            f"app {app.appid} has no AppSecret ({app.secret_source}): set secret_env or "
+            "secret_file"
+        )
+    rt = Runtime.build(config)
+    try:
+        rt.gate.acquire(app.appid, "code", max_wait_s=30)
+        try:
+            answer = rt.client.exchange_code(app.appid, app.secret, args.code)
+        except QuotaExceeded as e:
+            rt.gate.pause(app.appid, "code", e.errcode or 45011, utcnow())
+            raise Failed(f"WeChat's code quota is used up: {e}") from None
+        except BadCode as e:
+            raise UsageError(f"the code was refused ({e}): the user must log in again") from None
+        except AppConfigRejected as e:
+            raise ConfigError(f"WeChat refused app {app.appid} ({e}): check its AppSecret, "
+                              "appid and IP whitelist") from None
+        except TransientApiError as e:
+            # Never retried: a code is single-use, and a retry would answer 40163.
+            raise Failed(f"WeChat could not exchange the code ({e}); ask the user to log in "
+                         "again") from None
+        now = utcnow()
+        grant = Grant(
+            id=0, appid=app.appid, openid=answer.openid, unionid=answer.unionid,
+            scope=answer.scope, access_token=answer.access_token,
+            refresh_token=answer.refresh_token,
+            access_expires_at=now + timedelta(seconds=answer.expires_in_s),
+            refresh_issued_at=now, state=ACTIVE,
+            profile_stop=48001 if answer.is_snapshotuser else None,
+        )
+        rt.store.upsert_grants([GrantWrite(grant, schedule(grant, lifetime(app, config)))], now)
+    finally:
+        rt.close()
+    log.info("grant.stored", appid=app.appid, openid=answer.openid,
+             snapshot=answer.is_snapshotuser)
+    if args.json:
+        _json({"appid": app.appid, "openid": answer.openid, "unionid": answer.unionid,
+               "scope": answer.scope, "is_snapshotuser": answer.is_snapshotuser})
+    else:
+        _out(answer.openid)
+    return EXIT_OK
+
+
+def _read_lines(source: str) -> Iterator[str]:
+    if source == "-":
+        yield from sys.stdin
+        return
+    try:
+        with open(source, encoding="utf-8", errors="replace") as f:
+            yield from f
+    except OSError as e:
+        raise UsageError(f"cannot read {source}: {e.strerror}") from None
+
+
+def cmd_import(config: Config, args: argparse.Namespace) -> int:
+    appids = [a.appid for a in config.apps]
+    clocks = {a.appid: lifetime(a, config) for a in config.apps}
+    store = Store(config.database_url, pool_size=1).open()
+    imported = bad = 0
+    unknown: set[str] = set()
+    batch: dict[tuple[str, str], GrantWrite] = {}
+
+    def flush() -> None:
+        nonlocal imported
+        if batch:
+            imported += store.upsert_grants(list(batch.values()), utcnow())
+            batch.clear()
+
+    try:
+        for parsed in parse_lines(_read_lines(args.file), appids=appids):
+            if parsed.grant is None:
+                bad += 1
+                log.error("import.bad_line", line=parsed.line, error=parsed.error)
+                continue
+            unknown.update(parsed.unknown_keys)
+            g = parsed.grant
+            # The same user twice in one file: the later line wins.
+            batch[(g.appid, g.openid)] = GrantWrite(g, schedule(g, clocks[g.appid]))
+            if len(batch) >= IMPORT_BATCH:
+                flush()
+        flush()
+    finally:
+        store.close()
+    if unknown:
+        log.warning("import.unknown_keys", keys=sorted(unknown))
+    log.info("import.finished", imported=imported, bad_lines=bad)
+    if args.json:
+        _json({"imported": imported, "bad_lines": bad})
+    else:
+        _out(f"imported {imported} grants; {bad} bad lines")
+    return EXIT_USAGE if bad else EXIT_OK
+
+
+def _grant_or_fail(store: Store, appid: str, openid: str) -> Grant:
+    grant = store.get_grant(appid, openid)
+    if grant is None:
+        raise Failed(f"no grant for openid {openid} of app {appid}: the user must log in")
+    return grant
+
+
+def _reauth_failure(store: Store, grant: Grant) -> Failed:
+    record = store.reauth_record(grant.id)
+    reason = record.reason if record else "other"
+    errcode = record.errcode if record else None
+    return Failed(f"user {grant.openid} must re-authorize: {reason} (errcode {errcode})")
+
+
+def cmd_token(config: Config, args: argparse.Namespace) -> int:
+    app = config.app(args.app)
+    rt = Runtime.build(config)
+    try:
+        token = _valid_token(rt, app.appid, args.openid)
+    finally:
+        rt.close()
+    sys.stdout.write(token + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _valid_token(rt: Runtime, appid: str, openid: str) -> str:
+    store, config = rt.store, rt.config
+    deadline = time.monotonic() + 2 * config.read_timeout_s + 5
+    while True:
+        grant = _grant_or_fail(store, appid, openid)
+        if grant.state == REAUTH:
+            raise _reauth_failure(store, grant)
+        now = utcnow()
+        if grant.access_expires_at > now + timedelta(seconds=config.access_margin_s) and not (
+            grant.retry_at and grant.last_error in ("40014", "42001", "40001")
+        ):
+            return grant.access_token
+        lease_id = new_lease_id()
+        leased = store.claim_one(
+            appid, openid, lease_id=lease_id,
+            lease_until=now + timedelta(seconds=config.lease_s), now=now,
+        )
+        if leased is not None:
+            break
+        # A sweep holds this grant right now; its refresh will be done in a moment.
+        if time.monotonic() > deadline:
+            raise Failed(f"grant {openid} stayed busy in another keeper process; try again")
+        time.sleep(0.2)
+    result = rt.worker.work(leased, profile_reads=False, force_refresh=True)
+    if result.write is None or result.counts["transient_failures"]:
+        store.release([(leased, schedule(leased, rt.worker.clocks[appid]))], lease_id)
+        detail = leased.last_error if result.write is None else result.write.grant.last_error
+        raise Failed(f"WeChat could not refresh the access token now ({detail}); try again")
+    store.apply([result.write], lease_id, utcnow())
+    if result.write.grant.state == REAUTH:
+        raise _reauth_failure(store, result.write.grant)
+    return result.write.grant.access_token
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    app = config.app(args.app)
+    rt = Runtime.build(config)
+    try:
+        grant = _grant_or_fail(rt.store, app.appid, args.openid)
+        rt.gate.acquire(app.appid, "auth", max_wait_s=30)
+        valid, errcode, detail = True, 0, "ok"
+        try:
+            rt.client.check(grant.access_token, grant.openid)
+        except (StaleAccessToken, KeeperError) as e:
+            if isinstance(e, TransientApiError):
+                raise Failed(f"WeChat could not be asked: {e}") from None
+            valid, errcode, detail = False, getattr(e, "errcode", None), str(e)
+    finally:
+        rt.close()
+    if args.json:
+        _json({"appid": app.appid, "openid": args.openid, "valid": valid, "errcode": errcode,
+               "access_expires_at": _iso(grant.access_expires_at)})
+    else:
+        _out("valid" if valid else f"not valid: {detail}")
+    return EXIT_OK if valid else EXIT_FAILED
+
+
+def cmd_profile(config: Config, args: argparse.Namespace) -> int:
+    store = Store(config.database_url, pool_size=1).open()
+    try:
+        grant = _grant_or_fail(store, args.app, args.openid)
+        profile = store.profile(grant.id) or {}
+        record = store.reauth_record(grant.id)
+    finally:
+        store.close()
+    data: dict[str, Any] = {
+        "appid": grant.appid, "openid": grant.openid, "unionid": grant.unionid,
+        "scope": grant.scope, "state": grant.state,
+        "access_expires_at": _iso(grant.access_expires_at),
+        "refresh_issued_at": _iso(grant.refresh_issued_at),
+        "reauth": None if record is None else {
+            "reason": record.reason, "errcode": record.errcode, "since": _iso(record.since)},
+        "profile_stop": grant.profile_stop,
+    }
+    for key in ("nickname", "sex", "province", "city", "country", "headimgurl", "privilege",
+                "errcode", "fetched_at", "avatar_url", "avatar_sha256", "avatar_path",
+                "avatar_size", "avatar_type", "avatar_saved_at"):
+        value = profile.get(key)
+        data["profile_errcode" if key == "errcode" else key] = (
+            _iso(value) if isinstance(value, datetime) else value
+        )
+    if args.json:
+        _json(data)
+    else:
+        for key, value in data.items():
+            _out(f"{key:18} {value if value is not None else '-'}")
+    return EXIT_OK
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    store = Store(config.database_url, pool_size=1).open()
+    try:
+        data = store.status(utcnow())
+        data["last_sweep"] = store.last_sweep()
+    finally:
+        store.close()
+    if args.json:
+        _json(data)
+        return EXIT_OK
+    for key in ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
+                "retrying", "avatars_saved"):
+        _out(f"{key:18} {data[key]}")
+    for reason, n in sorted(data["reauth_by_reason"].items()):
+        _out(f"  {reason:16} {n}")
+    last = data["last_sweep"]
+    if last is None:
+        _out("last sweep         never")
+    else:
+        s = last["summary"]
+        _out(f"last sweep         {last['finished_at']} ({s.get('seconds')} s): "
+             + ", ".join(f"{k}={s.get(k, 0)}" for k in (
+                 "refresh_tokens_refreshed", "access_tokens_refreshed", "reauth_recorded",
+                 "profiles_fetched", "transient_failures")))
+    return EXIT_OK
+
+
+def cmd_reauth(config: Config, args: argparse.Namespace) -> int:
+    store = Store(config.database_url, pool_size=1).open()
+    try:
+        for row in store.iter_reauth():
+            row.pop("grant_id")
+            row["since"] = _iso(row["since"])
+            if args.json:
+                _json(row)
+            else:
+                _out(f"{row['appid']}  {row['openid']}  {row['reason']}  "
+                     f"errcode={row['errcode']}  since={row['since']}")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def cmd_db(config: Config, args: argparse.Namespace) -> int:
+    engine = db.make_engine(config.database_url, pool_size=1)
+    try:
+        before, after = db.upgrade(engine)
+    finally:
+        engine.dispose()
+    log.info("db.upgraded", before=before, after=after)
+    _out(f"schema at revision {after} (was {before or 'empty'})")
+    return EXIT_OK
+
+
+# -- entry point --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keeper", description="Keeps WeChat OAuth2 grants alive.")
+    p.add_argument("--config", help="configuration file (default: $KEEPER_CONFIG, then "
+                   "config/keeper.toml)")
+    p.add_argument("--version", action="version", version=f"keeper {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[Config, argparse.Namespace], int], help_: str,
+                *, json_flag: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    command("run", cmd_run, "the long-running service: a sweep every sweep_interval")
+    command("sweep", cmd_sweep, "one sweep now, then exit", json_flag=True)
+    sp = command("grant", cmd_grant, "exchange a login code and store the grant",
+                 json_flag=True)
+    sp.add_argument("--app", required=True, metavar="APPID")
+    sp.add_argument("code", metavar="CODE")
+    sp = command("import", cmd_import, "upsert grants from JSON lines", json_flag=True)
+    sp.add_argument("file", nargs="?", default="-", metavar="FILE|-")
+    for name, fn, help_ in (
+        ("token", cmd_token, "print a valid access token, refreshing it first if needed"),
+        ("check", cmd_check, "ask WeChat whether the stored access token is valid"),
+        ("profile", cmd_profile, "the stored profile of one user"),
+    ):
+        sp = command(name, fn, help_, json_flag=name != "token")
+        sp.add_argument("--app", required=True, metavar="APPID")
+        sp.add_argument("openid", metavar="OPENID")
+    command("status", cmd_status, "counts and the last sweep", json_flag=True)
+    command("reauth", cmd_reauth, "users who must re-authorize", json_flag=True)
+    sp = command("db", cmd_db, "database schema")
+    sp.add_argument("action", choices=["upgrade"])
+    sub.add_parser("simulate", help="run the WeChat simulator on loopback", add_help=False)
+    sub.add_parser("bench", help="benchmark a sweep against the simulator", add_help=False)
+    sub.add_parser("demo", help="the demo that `make demo` runs", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Tools with their own arguments.
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] in ("simulate", "bench", "demo"):
+        rest = argv[first + 1:]
+        if argv[first] == "simulate":
+            from keeper import simulator
+
+            return simulator.main(rest)
+        if argv[first] == "bench":
+            from keeper import bench
+
+            return bench.main(rest)
+        from keeper import demo
+
+        return demo.main(rest)
+    args = _parser().parse_args(argv)
+    configure("info")
+    try:
+        config = load_config(args.config)
+        configure(config.log_level)
+        return int(args.fn(config, args))
+    except (ConfigError, UsageError) as e:
+        log.error("command.refused", command=args.command, error=str(e))
+        return EXIT_USAGE
+    except DatabaseUnavailable as e:
+        log.error("database.unavailable", command=args.command, error=str(e))
+        return EXIT_FAILED
+    except (Failed, StoreError, QuotaWait, KeeperError) as e:
+        log.error("command.failed", command=args.command, error=str(e))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+_ = replace  # re-exported for tests that build grants

@@ -1,0 +1,49 @@
+"""Builds keeper's parts from a :class:`Config`: one place that wires them together."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from keeper.config import Config
+from keeper.limiter import QuotaGate
+from keeper.log import register_secret
+from keeper.store import Store
+from keeper.sweep import Sweeper, utcnow
+from keeper.wechat import WeChatClient
+from keeper.worker import Worker
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store
+    client: WeChatClient
+    gate: QuotaGate
+    worker: Worker
+    stop: threading.Event
+
+    @classmethod
+    def build(cls, config: Config, *, open_store: bool = True) -> Runtime:
+        for app in config.apps:
+            register_secret(app.secret)
+        stop = threading.Event()
+        store = Store(config.database_url, pool_size=4)
+        if open_store:
+            store.open()
+        client = WeChatClient(
+            api_base=config.api_base, connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+        )
+        gate = QuotaGate(
+            store=store, apps={a.appid: a for a in config.apps}, stop=stop, batch=config.workers
+        )
+        worker = Worker(config=config, client=client, gate=gate, stop=stop, clock=utcnow)
+        return cls(config, store, client, gate, worker, stop)
+
+    def sweeper(self) -> Sweeper:
+        return Sweeper(config=self.config, store=self.store, worker=self.worker, stop=self.stop)
+
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()

@@ -1,0 +1,179 @@
+"""Shared fixtures: databases (SQLite and PostgreSQL), the simulator, the keeper program."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from keeper.simulator import Simulator
+from keeper.store import Store
+
+PG_URL = os.environ.get("KEEPER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+IN_CI = bool(os.environ.get("CI"))
+APPID = "wx00000000000000a1"
+SECRET = "sim-app-secret-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pg_error() -> str | None:
+    try:
+        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+    except Exception as e:  # any failure means: not reachable here
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+_PG_STATE: dict[str, str | None] = {}
+
+
+def require_postgres() -> None:
+    """Skip with a visible reason when PostgreSQL is unreachable; fail when CI is set."""
+    if "error" not in _PG_STATE:
+        _PG_STATE["error"] = _pg_error()
+    error = _PG_STATE["error"]
+    if error:
+        message = f"PostgreSQL at {PG_URL} is not reachable: {error}"
+        if IN_CI:
+            pytest.fail(message + " (required when CI is set)")
+        pytest.skip(message)
+
+
+def reset_postgres() -> None:
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each supported kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'keeper.db'}"
+    require_postgres()
+    reset_postgres()
+    return PG_URL
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store(db_url, auto_upgrade=True).open()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    s = Simulator(timeout_sleep_s=1.0, seed=7)
+    s.add_app(APPID, SECRET)
+    s.start()
+    yield s
+    s.stop()
+
+
+# -- running the real program -----------------------------------------------------------------
+
+
+@dataclass
+class Outputs:
+    """Everything every keeper process printed during the test session (for the leak test)."""
+
+    texts: list[str] = field(default_factory=list)
+
+
+OUTPUTS = Outputs()
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    def logs(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.err.splitlines() if line.startswith("{")]
+
+    def events(self) -> list[str]:
+        return [e["event"] for e in self.logs()]
+
+
+@dataclass
+class Keeper:
+    """Runs ``keeper`` as a subprocess with a config file written for the test."""
+
+    workdir: Path
+    config: Path
+    env: dict[str, str]
+
+    def write_config(self, body: str) -> None:
+        self.config.write_text(body)
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "keeper", "--config", str(self.config), *args]
+
+    def run(self, *args: str, stdin: str | None = None, timeout: float = 60) -> Ran:
+        proc = subprocess.run(
+            self.argv(*args), input=stdin, capture_output=True, text=True, cwd=self.workdir,
+            env=self.env, timeout=timeout, check=False,
+        )
+        OUTPUTS.texts.extend([proc.stdout, proc.stderr])
+        return Ran(proc.returncode, proc.stdout, proc.stderr)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=self.workdir, env=self.env,
+        )
+
+
+def config_text(*, db_url: str, api_base: str, extra: str = "", app_extra: str = "") -> str:
+    return f"""
+database_url = "{db_url}"
+api_base = "{api_base}"
+avatar_hosts = ["127.0.0.1"]
+workers = 8
+sweep_interval = 1
+connect_timeout = 1
+read_timeout = 0.5
+lease = "2m"
+log_level = "debug"
+{extra}
+
+[[apps]]
+appid = "{APPID}"
+secret_env = "KEEPER_TEST_SECRET"
+{app_extra}
+"""
+
+
+@pytest.fixture
+def keeper(tmp_path: Path, sim: Simulator) -> Keeper:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")}
+    env["KEEPER_TEST_SECRET"] = SECRET
+    env["PYTHONPATH"] = str(ROOT)
+    k = Keeper(tmp_path, tmp_path / "keeper.toml", env)
+    k.write_config(config_text(db_url=f"sqlite:///{tmp_path / 'keeper.db'}", api_base=sim.url))
+    return k
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll a condition that another process makes true (bounded; not a sleep-to-wait)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)

@@ -1,0 +1,122 @@
+"""Configuration: defaults from the contract, one clear line naming the key for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from keeper.config import build_config, load_config, parse_duration
+from keeper.errors import ConfigError
+from keeper.quota import Quota
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build(data: dict[str, object], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return build_config(data, env=env or {}, source="test.toml")
+
+
+def test_the_shipped_file_is_valid_and_holds_the_contract_defaults() -> None:
+    c = load_config(str(ROOT / "config" / "keeper.toml"), env={})
+    assert c.database_url == "sqlite:///var/keeper.db"
+    assert c.api_base == "https://api.weixin.qq.com"
+    assert c.avatar_hosts == ("wx.qlogo.cn", "thirdwx.qlogo.cn")
+    assert (c.sweep_interval_s, c.profile_interval_s, c.workers) == (60, 86400, 32)
+    assert c.userinfo_lang == "zh_CN"
+
+
+def test_an_empty_file_means_the_defaults() -> None:
+    c = build({})
+    assert c.workers == 32 and c.apps == () and str(c.avatar_dir) == "var/avatars"
+
+
+def test_apps_get_default_quotas_and_refresh_days() -> None:
+    c = build({"apps": [{"appid": "wx1", "secret_env": "S"}]}, {"S": "secret-value"})
+    app = c.app("wx1")
+    assert app.secret == "secret-value" and app.secret_source == "env S"
+    assert (app.refresh_token_days, app.refresh_at_day) == (30, 29)
+    assert app.quotas["code"] == Quota(10000, 60)
+    assert app.quotas["refresh"] == Quota(50000, 60)
+    assert app.quotas["userinfo"] == Quota(50000, 60)
+    assert app.quotas["auth"] is None
+
+
+def test_quotas_are_configurable_globally_and_per_app() -> None:
+    c = build({"quotas": {"refresh": "20/2 seconds", "auth": "100/minute"},
+               "apps": [{"appid": "wx1"}, {"appid": "wx2", "quotas": {"refresh": "none"}}]})
+    assert c.app("wx1").quotas["refresh"] == Quota(20, 2)
+    assert c.app("wx1").quotas["auth"] == Quota(100, 60)
+    assert c.app("wx2").quotas["refresh"] is None
+
+
+def test_durations_take_seconds_and_suffixes() -> None:
+    assert parse_duration(90, "k") == 90
+    assert parse_duration("15m", "k") == 900
+    assert parse_duration("24h", "k") == 86400
+    assert parse_duration("29d", "k") == 29 * 86400
+    assert build({"profile_interval": 0}).profile_interval_s == 0
+
+
+def test_environment_overrides_the_file() -> None:
+    c = build({"database_url": "sqlite:///a.db", "api_base": "http://x"},
+              {"KEEPER_DATABASE_URL": "sqlite:///b.db", "KEEPER_API_BASE": "http://127.0.0.1:9"})
+    assert c.database_url == "sqlite:///b.db" and c.api_base == "http://127.0.0.1:9"
+
+
+def test_a_secret_file_is_read_and_a_relative_one_from_systemd_credentials(tmp_path: Path) -> None:
+    (tmp_path / "wx1.secret").write_text("from-credentials\n")
+    c = build({"apps": [{"appid": "wx1", "secret_file": "wx1.secret"}]},
+              {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert c.app("wx1").secret == "from-credentials"
+
+
+def test_a_missing_secret_is_not_fatal_until_a_code_exchange_needs_it() -> None:
+    c = build({"apps": [{"appid": "wx1", "secret_env": "MISSING"}]})
+    assert c.app("wx1").secret is None
+    assert "unavailable" in c.redacted()["apps"][0]["secret"]
+
+
+def test_redacted_config_hides_passwords_and_secrets() -> None:
+    c = build({"database_url": "postgresql+psycopg://keeper:hunter22@db/keeper",
+               "apps": [{"appid": "wx1", "secret_env": "S"}]}, {"S": "topsecretvalue"})
+    text = repr(c.redacted()) + repr(c)
+    assert "hunter22" not in text and "topsecretvalue" not in text
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"wrokers": 3}, "wrokers"),
+    ({"workers": "many"}, "workers"),
+    ({"workers": 0}, "workers"),
+    ({"sweep_interval": "soon"}, "sweep_interval"),
+    ({"profile_interval": -5}, "profile_interval"),
+    ({"userinfo_lang": "fr"}, "userinfo_lang"),
+    ({"avatar_hosts": "wx.qlogo.cn"}, "avatar_hosts"),
+    ({"quotas": {"refresh": "lots"}}, "quotas.refresh"),
+    ({"quotas": {"sms": "1/minute"}}, "quotas.sms"),
+    ({"api_base": "ftp://x"}, "api_base"),
+    ({"apps": [{"secret_env": "S"}]}, "apps[0].appid"),
+    ({"apps": [{"appid": "wx1", "secret": "inline"}]}, "apps[wx1].secret"),
+    ({"apps": [{"appid": "wx1", "refresh_at_day": 30}]}, "apps[wx1].refresh_at_day"),
+    ({"apps": [{"appid": "wx1"}, {"appid": "wx1"}]}, "apps[wx1]"),
+    ({"log_level": "loud"}, "log_level"),
+])
+def test_bad_values_are_refused_naming_the_key(data: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build(data)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_or_broken_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.toml"), env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("workers = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(str(bad), env={})
+
+
+def test_the_config_path_comes_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text("workers = 3\n")
+    assert load_config(None, env={"KEEPER_CONFIG": str(path)}).workers == 3

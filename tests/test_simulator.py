@@ -1,0 +1,594 @@
+"""The WeChat simulator, spoken to over real loopback HTTP as keeper speaks to WeChat."""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from keeper.simulator import SimQuota, Simulator, main, parse_quota
+
+APPID, SECRET = "wx-app-1", "app-secret-1"
+OTHER_APPID, OTHER_SECRET = "wx-app-2", "app-secret-2"
+T0 = 1_700_000_000.0  # a multiple of 2 s, so "3/2 seconds" windows start exactly here
+DAY_S = 86400.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    """The simulator's clock, ticked by hand: no test waits for real time to pass."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_sim(clock: Clock) -> Iterator[Callable[..., Simulator]]:
+    started: list[Simulator] = []
+
+    def make(**options: Any) -> Simulator:
+        options = {"clock": clock, "timeout_sleep_s": 0.3, "seed": 7, **options}
+        sim = Simulator(**options)
+        sim.add_app(APPID, SECRET)
+        sim.add_app(OTHER_APPID, OTHER_SECRET)
+        sim.start()
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def sim(make_sim: Callable[..., Simulator]) -> Simulator:
+    return make_sim()
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        yield session
+
+
+def call(http: requests.Session, sim: Simulator, path: str, **params: str) -> dict[str, Any]:
+    response = http.get(sim.url + path, params=params, timeout=5)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/plain"
+    # WeChat sends UTF-8 under a charset-less text/plain: decode it explicitly, as keeper must.
+    answer: dict[str, Any] = json.loads(response.content.decode("utf-8"))
+    return answer
+
+
+def exchange(http: requests.Session, sim: Simulator, code: str, /,
+             **overrides: str) -> dict[str, Any]:
+    params = {"appid": APPID, "secret": SECRET, "code": code,
+              "grant_type": "authorization_code", **overrides}
+    return call(http, sim, "/sns/oauth2/access_token", **{k: v for k, v in params.items() if v})
+
+
+def refresh(http: requests.Session, sim: Simulator, token: str, **extra: str) -> dict[str, Any]:
+    params = {"appid": APPID, "grant_type": "refresh_token", "refresh_token": token, **extra}
+    return call(http, sim, "/sns/oauth2/refresh_token", **params)
+
+
+def auth(http: requests.Session, sim: Simulator, token: str, openid: str) -> dict[str, Any]:
+    return call(http, sim, "/sns/auth", access_token=token, openid=openid)
+
+
+def userinfo(http: requests.Session, sim: Simulator, token: str, openid: str,
+             **extra: str) -> dict[str, Any]:
+    return call(http, sim, "/sns/userinfo", access_token=token, openid=openid, **extra)
+
+
+def add_grant(sim: Simulator, openid: str = "o-user-0001", *, access_in_s: float = 3600.0,
+              refresh_age_s: float = DAY_S, **fields: Any) -> tuple[str, str]:
+    """A grant whose access token lives access_in_s more seconds; returns (access, refresh)."""
+    access, refresh_token = f"AT-{openid}", f"RT-{openid}"
+    sim.add_grant(**{"appid": APPID, "openid": openid, "access_token": access,
+                     "refresh_token": refresh_token, "access_expires_at": T0 + access_in_s,
+                     "refresh_issued_at": T0 - refresh_age_s, **fields})
+    return access, refresh_token
+
+
+def errcode(answer: dict[str, Any]) -> int:
+    return int(answer.get("errcode", 0))
+
+
+# -- code exchange ----------------------------------------------------------------------------
+
+
+def test_a_code_becomes_a_grant_the_simulator_then_honours(
+        sim: Simulator, http: requests.Session) -> None:
+    code = sim.issue_code(appid=APPID, openid="o-new", unionid="u-new")
+    answer = exchange(http, sim, code)
+    assert answer["expires_in"] == 7200
+    assert (answer["openid"], answer["scope"], answer["unionid"]) == (
+        "o-new", "snsapi_userinfo", "u-new")
+    assert "is_snapshotuser" not in answer
+    assert auth(http, sim, answer["access_token"], "o-new") == {"errcode": 0, "errmsg": "ok"}
+    assert refresh(http, sim, answer["refresh_token"])["access_token"] == answer["access_token"]
+    assert sim.stats()["codes_issued"] == 1
+
+
+def test_a_code_is_single_use(sim: Simulator, http: requests.Session) -> None:
+    code = sim.issue_code(appid=APPID, openid="o-1")
+    assert "access_token" in exchange(http, sim, code)
+    assert errcode(exchange(http, sim, code)) == 40163
+
+
+def test_a_code_whose_answer_was_lost_is_still_consumed(
+        sim: Simulator, http: requests.Session) -> None:
+    code = sim.issue_code(appid=APPID, openid="o-1")
+    sim.force("code", -1)
+    assert errcode(exchange(http, sim, code)) == -1
+    assert errcode(exchange(http, sim, code)) == 40163  # why keeper never retries an exchange
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"code": "no-such-code"}, 40029),
+    ({"appid": "wx-unknown"}, 40013),
+    ({"secret": "wrong"}, 40125),
+    ({"appid": ""}, 41002),
+    ({"secret": ""}, 41004),
+    ({"code": ""}, 41008),
+    ({"grant_type": "client_credential"}, 40002),
+])
+def test_code_exchange_errors(sim: Simulator, http: requests.Session,
+                              overrides: dict[str, str], expected: int) -> None:
+    code = sim.issue_code(appid=APPID, openid="o-1")
+    assert errcode(exchange(http, sim, code, **overrides)) == expected
+
+
+def test_a_code_issued_to_another_app_is_invalid(sim: Simulator, http: requests.Session) -> None:
+    code = sim.issue_code(appid=OTHER_APPID, openid="o-1")
+    assert errcode(exchange(http, sim, code)) == 40029
+
+
+def test_a_code_expires_after_its_ttl(sim: Simulator, http: requests.Session,
+                                      clock: Clock) -> None:
+    code = sim.issue_code(appid=APPID, openid="o-1", ttl_s=300)
+    clock.tick(300)
+    assert errcode(exchange(http, sim, code)) == 42003
+
+
+def test_a_snapshot_user_is_marked_and_refused_userinfo(
+        sim: Simulator, http: requests.Session) -> None:
+    answer = exchange(http, sim, sim.issue_code(appid=APPID, openid="o-snap", snapshot=True))
+    assert answer["is_snapshotuser"] == 1
+    assert errcode(userinfo(http, sim, answer["access_token"], "o-snap")) == 48001
+
+
+# -- refresh ----------------------------------------------------------------------------------
+
+
+def test_refreshing_a_live_access_token_keeps_it_and_pushes_its_expiry(
+        sim: Simulator, http: requests.Session, clock: Clock) -> None:
+    access, refresh_token = add_grant(sim, access_in_s=600)
+    answer = refresh(http, sim, refresh_token)
+    assert (answer["access_token"], answer["refresh_token"]) == (access, refresh_token)
+    assert (answer["expires_in"], answer["openid"], answer["scope"]) == (
+        7200, "o-user-0001", "snsapi_userinfo")
+    clock.tick(7199)  # long past the old expiry (600 s)
+    assert errcode(auth(http, sim, access, "o-user-0001")) == 0
+    clock.tick(1)
+    assert errcode(auth(http, sim, access, "o-user-0001")) == 42001
+
+
+def test_refreshing_an_expired_access_token_issues_a_new_one(
+        sim: Simulator, http: requests.Session) -> None:
+    old_access, refresh_token = add_grant(sim, access_in_s=0)
+    assert errcode(auth(http, sim, old_access, "o-user-0001")) == 42001
+    answer = refresh(http, sim, refresh_token)
+    assert answer["access_token"] != old_access
+    assert answer["refresh_token"] == refresh_token  # no rotation by default
+    assert errcode(auth(http, sim, answer["access_token"], "o-user-0001")) == 0
+    assert errcode(auth(http, sim, old_access, "o-user-0001")) == 40001
+
+
+def test_rotation_mode_replaces_the_refresh_token_and_kills_the_old_one(
+        make_sim: Callable[..., Simulator], http: requests.Session, clock: Clock) -> None:
+    sim = make_sim(rotate_refresh_tokens=True)
+    _, old = add_grant(sim, refresh_age_s=29 * DAY_S)
+    new = refresh(http, sim, old)["refresh_token"]
+    assert new != old
+    assert errcode(refresh(http, sim, old)) == 40030
+    clock.tick(20 * DAY_S)  # a rotated token starts a new 30 days
+    assert refresh(http, sim, new)["refresh_token"] not in (old, new)
+
+
+def test_rotation_can_be_chosen_per_grant(sim: Simulator, http: requests.Session) -> None:
+    _, rotating = add_grant(sim, "o-rot", rotate=True)
+    _, fixed = add_grant(sim, "o-fixed")
+    assert refresh(http, sim, rotating)["refresh_token"] != rotating
+    assert refresh(http, sim, fixed)["refresh_token"] == fixed
+
+
+def test_a_refresh_token_dies_after_its_lifetime(
+        make_sim: Callable[..., Simulator], http: requests.Session, clock: Clock) -> None:
+    sim = make_sim()
+    _, refresh_token = add_grant(sim, refresh_age_s=30 * DAY_S - 1)
+    assert "access_token" in refresh(http, sim, refresh_token)  # refreshing does not renew it
+    clock.tick(1)
+    assert errcode(refresh(http, sim, refresh_token)) == 42002
+    mobile = make_sim(refresh_token_days=180)
+    _, long_lived = add_grant(mobile, refresh_age_s=179 * DAY_S)
+    assert "access_token" in refresh(http, mobile, long_lived)
+
+
+def test_a_revoked_grant_answers_42007_everywhere(sim: Simulator, http: requests.Session) -> None:
+    access, refresh_token = add_grant(sim, state="revoked")
+    assert errcode(refresh(http, sim, refresh_token)) == 42007
+    assert errcode(auth(http, sim, access, "o-user-0001")) == 42007
+    assert errcode(userinfo(http, sim, access, "o-user-0001")) == 42007
+
+
+def test_unknown_foreign_or_invalidated_refresh_tokens_answer_40030(
+        sim: Simulator, http: requests.Session) -> None:
+    _, invalid = add_grant(sim, "o-invalid", state="invalid")
+    _, foreign = add_grant(sim, "o-foreign", appid=OTHER_APPID)
+    assert errcode(refresh(http, sim, "RT-nobody")) == 40030
+    assert errcode(refresh(http, sim, invalid)) == 40030
+    assert errcode(refresh(http, sim, foreign)) == 40030
+    assert errcode(call(http, sim, "/sns/oauth2/refresh_token", appid="wx-unknown",
+                        grant_type="refresh_token", refresh_token=foreign)) == 40013
+
+
+def test_a_secret_sent_to_refresh_is_answered_but_counted(
+        sim: Simulator, http: requests.Session) -> None:
+    _, refresh_token = add_grant(sim)
+    assert "access_token" in refresh(http, sim, refresh_token, secret=SECRET)
+    figures = sim.stats()["endpoints"]["refresh"]  # type: ignore[index]
+    assert (figures["ok"], figures["secret_sent"]) == (1, 1)
+
+
+# -- auth and userinfo ------------------------------------------------------------------------
+
+
+def test_auth_checks_token_openid_and_expiry(sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim)
+    expired, _ = add_grant(sim, "o-expired", access_in_s=0)
+    assert auth(http, sim, access, "o-user-0001") == {"errcode": 0, "errmsg": "ok"}
+    assert errcode(auth(http, sim, access, "o-someone-else")) == 40003
+    assert errcode(auth(http, sim, "AT-nobody", "o-user-0001")) == 40001
+    assert errcode(auth(http, sim, expired, "o-expired")) == 42001
+    assert errcode(call(http, sim, "/sns/auth", access_token=access)) == 41009
+
+
+def test_userinfo_merges_the_grant_profile_over_defaults(
+        sim: Simulator, http: requests.Session) -> None:
+    profile = {"nickname": "小明", "sex": "2"}
+    access, _ = add_grant(sim, "o-user-4242", unionid="u-42", profile=profile)
+    answer = userinfo(http, sim, access, "o-user-4242")
+    assert answer["nickname"] == "小明"
+    assert answer["sex"] == "2"  # WeChat has sent sex as a string
+    assert (answer["openid"], answer["unionid"], answer["privilege"]) == ("o-user-4242", "u-42", [])
+    assert answer["city"] == "深圳"
+    assert answer["headimgurl"].startswith(f"{sim.url}/mmopen/")
+    assert answer["headimgurl"].endswith("/132")
+    english = userinfo(http, sim, access, "o-user-4242", lang="en")
+    assert english["city"] == "Shenzhen"
+    plain, _ = add_grant(sim, "o-plain-777777")
+    assert userinfo(http, sim, plain, "o-plain-777777")["nickname"] == "user-777777"
+    assert sim.stats(detail=True)["userinfo_by_openid"] == {"o-user-4242": 2, "o-plain-777777": 1}
+
+
+def test_userinfo_is_refused_for_snsapi_base(sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim, scope="snsapi_base")
+    snapshot, _ = add_grant(sim, "o-snap", state="snapshot")
+    assert errcode(userinfo(http, sim, access, "o-user-0001")) == 48001
+    assert errcode(userinfo(http, sim, snapshot, "o-snap")) == 48001
+    assert errcode(auth(http, sim, access, "o-user-0001")) == 0
+
+
+# -- avatars ----------------------------------------------------------------------------------
+
+
+def png_size(body: bytes) -> tuple[int, int]:
+    """Check the PNG is well formed (signature, chunk CRCs, pixel data) and give its size."""
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    tags: list[bytes] = []
+    chunks: dict[bytes, bytes] = {}
+    offset = 8
+    while offset < len(body):
+        (length,) = struct.unpack(">I", body[offset:offset + 4])
+        tag, data = body[offset + 4:offset + 8], body[offset + 8:offset + 8 + length]
+        (crc,) = struct.unpack(">I", body[offset + 8 + length:offset + 12 + length])
+        assert crc == zlib.crc32(tag + data)
+        tags.append(tag)
+        chunks[tag] = data
+        offset += 12 + length
+    assert tags == [b"IHDR", b"IDAT", b"IEND"]
+    width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
+    assert len(zlib.decompress(chunks[b"IDAT"])) == height * (1 + 3 * width)
+    return width, height
+
+
+def test_the_avatar_url_serves_a_valid_png(sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim)
+    url = userinfo(http, sim, access, "o-user-0001")["headimgurl"]
+    response = http.get(url, timeout=5)
+    assert response.headers["Content-Type"] == "image/png"
+    assert png_size(response.content) == (132, 132)
+    assert png_size(http.get(url[:-3] + "0", timeout=5).content) == (640, 640)
+    assert png_size(http.get(url[:-3] + "46", timeout=5).content) == (46, 46)
+    assert http.get(url[:-3] + "100", timeout=5).status_code == 404
+    assert sim.stats()["avatars_served"] == 3
+
+
+def test_a_changed_avatar_kills_the_old_url(sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim)
+    old_url = userinfo(http, sim, access, "o-user-0001")["headimgurl"]
+    old_png = http.get(old_url, timeout=5).content
+    sim.set_avatar("o-user-0001", "new-face")
+    new_url = userinfo(http, sim, access, "o-user-0001")["headimgurl"]
+    assert new_url == f"{sim.url}/mmopen/new-face/132"
+    assert http.get(old_url, timeout=5).status_code == 404
+    assert http.get(new_url, timeout=5).content != old_png  # another colour
+    sim.set_avatar("o-user-0001", None)
+    assert userinfo(http, sim, access, "o-user-0001")["headimgurl"] == ""
+    assert http.get(new_url, timeout=5).status_code == 404
+
+
+# -- quotas -----------------------------------------------------------------------------------
+
+
+def test_a_quota_answers_45011_within_its_fixed_window(
+        make_sim: Callable[..., Simulator], http: requests.Session, clock: Clock) -> None:
+    sim = make_sim(quotas={"refresh": parse_quota("3/2 seconds")})
+    _, refresh_token = add_grant(sim)
+    _, other = add_grant(sim, "o-other", appid=OTHER_APPID)
+    # Three calls at the end of one window, four at the start of the next.
+    outcomes = []
+    for at in (1.0, 1.5, 1.9, 2.0, 2.1, 2.2, 2.3):
+        clock.now = T0 + at
+        outcomes.append(errcode(refresh(http, sim, refresh_token)))
+    assert outcomes == [0, 0, 0, 0, 0, 0, 45011]
+    answer = call(http, sim, "/sns/oauth2/refresh_token", appid=OTHER_APPID,
+                  grant_type="refresh_token", refresh_token=other)
+    assert "access_token" in answer  # the quota is per app
+    clock.now = T0 + 4.0
+    assert errcode(refresh(http, sim, refresh_token)) == 0
+
+    figures = sim.stats()["per_app"][APPID]["refresh"]  # type: ignore[index]
+    assert figures == {
+        "calls": 8, "ok": 7, "errors": {}, "quota_rejected": 1, "secret_sent": 0,
+        "quota": 3, "window_s": 2.0,
+        # Arrivals, rejected ones included: 4 in [T0+2, T0+4); 7 in [T0+1, T0+3).
+        "max_fixed_window": 4, "max_sliding_window": 7,
+    }
+    totals = sim.stats()["endpoints"]["refresh"]  # type: ignore[index]
+    assert (totals["calls"], totals["max_sliding_window"]) == (9, 7)
+
+
+def test_endpoints_without_a_quota_measure_windows_of_60_s(
+        sim: Simulator, http: requests.Session, clock: Clock) -> None:
+    access, _ = add_grant(sim)
+    for _ in range(3):
+        auth(http, sim, access, "o-user-0001")
+        clock.tick(30)
+    figures = sim.stats()["endpoints"]["auth"]  # type: ignore[index]
+    assert (figures["quota"], figures["window_s"], figures["max_sliding_window"]) == (None, None, 2)
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [45009, 45011, 40164, 40014, 50001, 50002, 41001])
+def test_any_errcode_can_be_forced(sim: Simulator, http: requests.Session, code: int) -> None:
+    _, refresh_token = add_grant(sim)
+    sim.force("refresh", code)
+    assert refresh(http, sim, refresh_token) == {"errcode": code, "errmsg": "simulated"}
+    assert "access_token" in refresh(http, sim, refresh_token)
+
+
+def test_forced_failure_kinds(sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim)
+    url = f"{sim.url}/sns/auth?access_token={access}&openid=o-user-0001"
+    for kind in ("-1", "502", "truncated", "html"):
+        sim.force("auth", kind)
+    assert http.get(url, timeout=5).json() == {"errcode": -1, "errmsg": "system error"}
+    gateway = http.get(url, timeout=5)
+    assert (gateway.status_code, gateway.headers["Content-Type"]) == (502, "text/html")
+    truncated = http.get(url, timeout=5)
+    assert (truncated.status_code, truncated.headers["Content-Type"]) == (200, "text/plain")
+    assert '{"errcode":0,"errmsg":"ok"}'.startswith(truncated.text)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(truncated.text)
+    page = http.get(url, timeout=5)
+    assert (page.status_code, page.headers["Content-Type"]) == (200, "text/html")
+    assert page.text.startswith("<!DOCTYPE html>")
+    assert http.get(url, timeout=5).json()["errcode"] == 0
+    errors = sim.stats()["endpoints"]["auth"]["errors"]  # type: ignore[index]
+    assert errors == {"-1": 1, "502": 1, "truncated": 1, "html": 1}
+
+
+def test_a_forced_timeout_stalls_then_closes(sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim)
+    sim.force("userinfo", "timeout")
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        userinfo_url = f"{sim.url}/sns/userinfo"
+        http.get(userinfo_url, params={"access_token": access, "openid": "o-user-0001"},
+                 timeout=0.1)
+    assert userinfo(http, sim, access, "o-user-0001")["openid"] == "o-user-0001"
+
+
+def test_forced_answers_can_target_one_user_and_repeat(
+        sim: Simulator, http: requests.Session) -> None:
+    _, mine = add_grant(sim, "o-mine")
+    _, theirs = add_grant(sim, "o-theirs")
+    sim.force("refresh", 45009, count=2, openid="o-mine")
+    assert errcode(refresh(http, sim, theirs)) == 0
+    assert [errcode(refresh(http, sim, mine)) for _ in range(3)] == [45009, 45009, 0]
+    with pytest.raises(ValueError, match="endpoint"):
+        sim.force("token", -1)
+    with pytest.raises(ValueError, match="errcode"):
+        sim.force("refresh", "slow")
+
+
+def test_random_failures_follow_their_rates(make_sim: Callable[..., Simulator],
+                                            http: requests.Session) -> None:
+    always = make_sim(failure_rates={"-1": 1.0})
+    access, _ = add_grant(always)
+    assert errcode(auth(http, always, access, "o-user-0001")) == -1
+    sometimes = make_sim(failure_rates={"html": 0.5})
+    add_grant(sometimes)
+    kinds = [http.get(f"{sometimes.url}/sns/auth", timeout=5,
+                      params={"access_token": access, "openid": "o-user-0001"}
+                      ).headers["Content-Type"] for _ in range(40)]
+    assert 5 < kinds.count("text/html") < 35
+    with pytest.raises(ValueError):
+        Simulator(failure_rates={"-1": 0.7, "502": 0.7})
+
+
+# -- stats, latency, routing ------------------------------------------------------------------
+
+
+def test_stats_add_up_and_never_hold_tokens(sim: Simulator, http: requests.Session) -> None:
+    access, refresh_token = add_grant(sim)
+    refresh(http, sim, refresh_token)
+    refresh(http, sim, refresh_token)
+    refresh(http, sim, "RT-nobody")
+    auth(http, sim, access, "o-user-0001")
+    stats = sim.stats(detail=True)
+    endpoints: dict[str, dict[str, Any]] = stats["endpoints"]  # type: ignore[assignment]
+    assert set(endpoints) == {"code", "refresh", "auth", "userinfo"}
+    for figures in endpoints.values():
+        assert figures["calls"] == (figures["ok"] + sum(figures["errors"].values())
+                                    + figures["quota_rejected"])
+    assert endpoints["refresh"]["errors"] == {"40030": 1}
+    assert stats["refreshes_by_openid"] == {"o-user-0001": 2}
+    assert access not in json.dumps(stats) and refresh_token not in json.dumps(stats)
+    sim.reset_stats()
+    assert sim.stats()["endpoints"]["refresh"]["calls"] == 0  # type: ignore[index]
+
+
+def test_latency_is_added_to_each_answer(make_sim: Callable[..., Simulator],
+                                         http: requests.Session) -> None:
+    sim = make_sim(latency_s=0.05)
+    started = time.monotonic()
+    auth(http, sim, "AT-nobody", "o-1")
+    assert time.monotonic() - started >= 0.05
+
+
+def test_unknown_paths_get_a_404_page(sim: Simulator, http: requests.Session) -> None:
+    for path in ("/", "/cgi-bin/token", "/mmopen/nobody/132", "/_sim/nothing"):
+        assert http.get(sim.url + path, timeout=5).status_code == 404
+    assert http.get(sim.url + "/", timeout=5).headers["Content-Type"] == "text/html"
+
+
+@pytest.mark.parametrize(("text", "quota"), [
+    ("50000/minute", SimQuota(50000, 60.0)),
+    ("20/2 seconds", SimQuota(20, 2.0)),
+    ("100/second", SimQuota(100, 1.0)),
+    ("5/hour", SimQuota(5, 3600.0)),
+    ("7/30", SimQuota(7, 30.0)),
+])
+def test_parse_quota(text: str, quota: SimQuota) -> None:
+    assert parse_quota(text) == quota
+
+
+@pytest.mark.parametrize("text", ["", "5", "5/fortnight", "0/minute", "x/minute", "5/0 s"])
+def test_parse_quota_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_quota(text)
+
+
+# -- admin API and the command ----------------------------------------------------------------
+
+
+def test_the_admin_api_drives_a_simulator(make_sim: Callable[..., Simulator],
+                                          http: requests.Session) -> None:
+    sim = make_sim()
+    admin = f"{sim.url}/_sim"
+    assert http.get(f"{admin}/health", timeout=5).json() == {"ok": True}
+    assert http.post(f"{admin}/apps", json={"appid": "wx-remote", "secret": "s"},
+                     timeout=5).json() == {"ok": True}
+    now = T0
+    grants = [{"appid": "wx-remote", "openid": f"o-{i}", "access_token": f"AT-{i}",
+               "refresh_token": f"RT-{i}", "access_expires_at": now + 3600,
+               "refresh_issued_at": now - DAY_S, "unionid": None} for i in range(50_000)]
+    started = time.monotonic()
+    added = http.post(f"{admin}/grants", json={"grants": grants}, timeout=30)
+    assert added.json() == {"added": 50_000}
+    assert time.monotonic() - started < 3.0
+
+    def remote_refresh(i: int) -> dict[str, Any]:
+        return call(http, sim, "/sns/oauth2/refresh_token", appid="wx-remote",
+                    grant_type="refresh_token", refresh_token=f"RT-{i}")
+
+    assert remote_refresh(49_999)["openid"] == "o-49999"
+    code = http.post(f"{admin}/codes", json={"appid": "wx-remote", "openid": "o-x"},
+                     timeout=5).json()["code"]
+    answer = exchange(http, sim, code, appid="wx-remote", secret="s")
+    assert answer["openid"] == "o-x"
+    http.post(f"{admin}/force", json={"endpoint": "refresh", "answer": 45011}, timeout=5)
+    assert errcode(remote_refresh(1)) == 45011
+    http.post(f"{admin}/avatar", json={"openid": "o-x", "image_key": None}, timeout=5)
+    assert userinfo(http, sim, answer["access_token"], "o-x")["headimgurl"] == ""
+    config = {"quotas": {"refresh": "2/minute"}, "latency_s": 0, "rotate_refresh_tokens": True}
+    assert http.post(f"{admin}/config", json=config, timeout=5).json() == {"ok": True}
+    assert remote_refresh(2)["refresh_token"] != "RT-2"
+    remote_refresh(3)
+    assert errcode(remote_refresh(4)) == 45011
+    stats = http.get(f"{admin}/stats", params={"detail": "1"}, timeout=5).json()
+    assert stats["per_app"]["wx-remote"]["refresh"]["quota"] == 2
+    assert stats["refreshes_by_openid"]["o-2"] == 1
+    http.post(f"{admin}/reset-stats", timeout=5)
+    assert http.get(f"{admin}/stats", timeout=5).json()["per_app"] == {}
+    bad = http.post(f"{admin}/force", json={"endpoint": "nope", "answer": 1}, timeout=5)
+    assert bad.status_code == 400
+    assert http.post(f"{admin}/grants", data=b"{not json", timeout=5).status_code == 400
+
+
+def test_the_simulate_command_prints_its_url_and_stops_on_sigterm() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keeper.simulator", "--app", "wx-cli=s3cret",
+         "--quota", "refresh=20/2 seconds", "--fail=-1=0", "--latency-ms", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = json.loads(process.stdout.readline())["url"]
+        assert url.startswith("http://127.0.0.1:")
+        stats = requests.get(f"{url}/_sim/stats", timeout=5).json()
+        assert (stats["endpoints"]["refresh"]["quota"],
+                stats["endpoints"]["refresh"]["window_s"]) == (20, 2.0)
+        answer = requests.get(f"{url}/sns/oauth2/refresh_token", timeout=5, params={
+            "appid": "wx-cli", "grant_type": "refresh_token", "refresh_token": "RT-x"})
+        assert answer.json()["errcode"] == 40030
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("argv", [["--host", "0.0.0.0"],  # noqa: S104 (must be refused)
+                                  ["--host", "192.168.1.2"], ["--host", "example.com"],
+                                  ["--quota", "refresh=lots"], ["--quota", "token=5/s"],
+                                  ["--fail", "slow=0.1"], ["--app", "no-secret"]])
+def test_the_simulate_command_refuses_bad_options(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2

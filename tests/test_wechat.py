@@ -1,0 +1,174 @@
+"""The WeChat client over real loopback HTTP: every answer classified, no secret in errors."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from keeper.errors import (
+    ApiError,
+    AppConfigRejected,
+    BadCode,
+    NoProfile,
+    QuotaExceeded,
+    ReauthRequired,
+    StaleAccessToken,
+    TransientApiError,
+)
+from keeper.simulator import Simulator
+from keeper.wechat import WeChatClient, classify
+from tests.conftest import APPID, SECRET
+
+RT, AT = "refresh-SECRET-token-1", "access-SECRET-token-1"
+
+
+@pytest.fixture
+def client(sim: Simulator) -> Iterator[WeChatClient]:
+    now = time.time()
+    sim.add_grant(appid=APPID, openid="o1", access_token=AT, refresh_token=RT,
+                  access_expires_at=now + 3600, refresh_issued_at=now - 86400, unionid="u1")
+    c = WeChatClient(api_base=sim.url, connect_timeout_s=1, read_timeout_s=0.3)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize(("endpoint", "errcode", "kind"), [
+    ("refresh", -1, TransientApiError), ("refresh", 45009, QuotaExceeded),
+    ("refresh", 45011, QuotaExceeded), ("refresh", 40030, ReauthRequired),
+    ("refresh", 42002, ReauthRequired), ("refresh", 42007, ReauthRequired),
+    ("code", 40013, AppConfigRejected), ("refresh", 40125, AppConfigRejected),
+    ("code", 40164, AppConfigRejected), ("code", 40001, AppConfigRejected),
+    ("code", 40029, BadCode), ("code", 40163, BadCode), ("code", 42003, BadCode),
+    ("userinfo", 40014, StaleAccessToken), ("userinfo", 42001, StaleAccessToken),
+    ("userinfo", 40001, StaleAccessToken), ("auth", 42001, StaleAccessToken),
+    ("userinfo", 48001, NoProfile), ("userinfo", 50001, NoProfile),
+    ("userinfo", 50002, NoProfile), ("refresh", 41002, TransientApiError),
+    ("refresh", 99999, TransientApiError), ("userinfo", 40003, ReauthRequired),
+])
+def test_every_errcode_has_its_class(endpoint: str, errcode: int, kind: type) -> None:
+    error = classify(endpoint, errcode, "msg")
+    assert type(error) is kind and error.errcode == errcode
+
+
+def test_quota_errors_are_transient_and_reauth_ones_are_not() -> None:
+    assert isinstance(classify("refresh", 45011), TransientApiError)
+    assert not isinstance(classify("refresh", 40030), TransientApiError)
+    assert classify("refresh", 42002).reason == "refresh_token_expired"  # type: ignore[attr-defined]
+
+
+def test_refresh_over_http_returns_the_tokens(client: WeChatClient) -> None:
+    answer = client.refresh(APPID, RT)
+    assert answer.refresh_token == RT and answer.access_token == AT
+    assert answer.openid == "o1" and answer.expires_in_s == 7200
+
+
+def test_refresh_never_sends_the_secret(client: WeChatClient, sim: Simulator) -> None:
+    client.refresh(APPID, RT)
+    assert sim.stats()["endpoints"]["refresh"]["secret_sent"] == 0  # type: ignore[index]
+
+
+def test_code_exchange_and_its_refusals(client: WeChatClient, sim: Simulator) -> None:
+    code = sim.issue_code(appid=APPID, openid="o9", unionid="u9")
+    answer = client.exchange_code(APPID, SECRET, code)
+    assert answer.openid == "o9" and answer.unionid == "u9"
+    with pytest.raises(BadCode) as used:
+        client.exchange_code(APPID, SECRET, code)
+    assert used.value.errcode == 40163
+    with pytest.raises(AppConfigRejected):
+        client.exchange_code(APPID, "wrong-secret", sim.issue_code(appid=APPID, openid="o8"))
+
+
+def test_userinfo_and_auth(client: WeChatClient) -> None:
+    profile = client.userinfo(AT, "o1", "zh_CN")
+    assert profile["openid"] == "o1" and "headimgurl" in profile
+    client.check(AT, "o1")
+    with pytest.raises(StaleAccessToken):
+        client.check("not-a-token", "o1")
+
+
+@pytest.mark.parametrize(("answer", "detail"), [
+    ("502", "HTTP 502"), ("html", "HTML"), ("truncated", "not a JSON object"),
+    ("timeout", "timeout"), (-1, "busy"),
+])
+def test_garbled_answers_are_transient(client: WeChatClient, sim: Simulator, answer: object,
+                                       detail: str) -> None:
+    sim.force("refresh", answer)  # type: ignore[arg-type]
+    with pytest.raises(TransientApiError, match=detail) as e:
+        client.refresh(APPID, RT)
+    assert RT not in str(e.value) and e.value.__cause__ is None
+
+
+def test_network_errors_carry_no_url_and_no_token() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    c = WeChatClient(api_base=f"http://127.0.0.1:{port}", connect_timeout_s=0.5,
+                     read_timeout_s=0.5)
+    with pytest.raises(TransientApiError) as e:
+        c.refresh(APPID, RT)
+    text = f"{e.value!r} {e.value} {e.value.__context__!r}"
+    assert RT not in text and "refresh_token=" not in text
+    assert e.value.__context__ is None and e.value.__cause__ is None
+
+
+class _Huge(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        try:
+            for _ in range(2000):
+                self.wfile.write(b"x" * 1024)
+        except OSError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_bodies_are_read_with_a_size_cap() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Huge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        c = WeChatClient(api_base=f"http://127.0.0.1:{server.server_address[1]}",
+                         connect_timeout_s=1, read_timeout_s=2, max_body_bytes=64 * 1024)
+        with pytest.raises(TransientApiError, match="larger than"):
+            c.refresh(APPID, RT)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """A WeChat that repeats the request's query (tokens included) in its errmsg."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        body = ('{"errcode": 40030, "errmsg": "invalid refresh_token ' + self.path.split("?")[1]
+                + '"}').encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_errmsg_echoing_a_token_is_scrubbed() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        c = WeChatClient(api_base=f"http://127.0.0.1:{server.server_address[1]}",
+                         connect_timeout_s=1, read_timeout_s=2)
+        with pytest.raises(ReauthRequired) as e:
+            c.refresh(APPID, RT)
+        assert RT not in str(e.value) and "invalid refresh_token" in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
