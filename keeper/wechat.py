@@ -37,6 +37,7 @@ PATHS = {
 #: The largest answer read; WeChat's are under 2 KiB.
 MAX_BODY_BYTES = 256 * 1024
 _CHUNK = 16 * 1024
+_SECRET_PARAMS = ("secret", "code", "refresh_token", "access_token")
 
 
 def classify(endpoint: str, errcode: int, errmsg: str = "") -> ApiError:
@@ -156,9 +157,9 @@ class WeChatClient:
                 raise TransientApiError(endpoint, None, "answer has a malformed errcode") from None
         if errcode != 0:
             errmsg = str(data.get("errmsg", ""))
-            for value in params.values():  # WeChat may echo what it was sent
-                if len(value) >= 6:
-                    errmsg = errmsg.replace(value, "[redacted]")
+            for key in _SECRET_PARAMS:  # WeChat may echo what it was sent
+                if params.get(key):
+                    errmsg = errmsg.replace(params[key], "[redacted]")
             raise classify(endpoint, errcode, errmsg)
         return data
 

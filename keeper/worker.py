@@ -91,6 +91,7 @@ class Worker:
             counts["refresh_tokens_renewed"] += 1
         if result.reauth is not None:
             counts["refresh_tokens_expiring"] += 1
+            counts["reauth_recorded"] += 1
             log.info("reauth.recorded", appid=g.appid, openid=g.openid,
                      reason=result.reauth.reason, errcode=None)
         return result.grant, result.reauth, result.clear_reauth
