@@ -140,6 +140,7 @@ class Sweeper:
         last_flush = last_progress = time.monotonic()
         stop_seen: float | None = None
         page = 2 * self.config.workers
+        refill = max(1, self.config.workers // 2)
 
         def flush() -> None:
             nonlocal writes, releases
@@ -158,7 +159,8 @@ class Sweeper:
                 if self.stop.is_set() and stop_seen is None:
                     stop_seen = time.monotonic()
                     log.info("sweep.stopping", in_flight=in_flight)
-                if stop_seen is None and not exhausted and in_flight < self.config.workers:
+                # Keep up to two pages' worth queued, so workers never wait for a claim.
+                if stop_seen is None and not exhausted and page - in_flight >= refill:
                     batch = self.store.claim(
                         appids=sorted(apps - rejected - deferred), cutoff=cutoff, limit=page - in_flight,
                         lease_id=lease_id,

@@ -1,0 +1,183 @@
+"""``keeper bench``: a sweep against the simulator in its own process, measured.
+
+Two runs: one where the quota does not bind (throughput: bounded by WeChat's latency and the
+keeper), one where it binds (the simulator's busiest window must stay within the quota, and
+the quota should be nearly used up). Prints the figures, as text and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import requests
+import structlog
+
+from keeper.config import build_config
+from keeper.log import configure
+from keeper.models import Grant
+from keeper.policy import schedule
+from keeper.runtime import Runtime
+from keeper.store import GrantWrite, Store
+from keeper.worker import lifetime
+
+APPID = "wxbench0000000001"
+SECRET = "bench-secret-not-used"
+log = structlog.get_logger(__name__)
+
+
+class Sim:
+    """The simulator as a child process, driven through its admin API."""
+
+    def __init__(self, latency_ms: float, quota: str | None) -> None:
+        argv = [sys.executable, "-m", "keeper.simulator", "--latency-ms", str(latency_ms),
+                "--app", f"{APPID}={SECRET}"]
+        if quota:
+            argv += ["--quota", f"refresh={quota}"]
+        else:
+            argv += ["--quota", "refresh=100000000/minute"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.url = json.loads(self.proc.stdout.readline())["url"]
+        self.http = requests.Session()
+
+    def seed(self, grants: list[dict[str, Any]]) -> None:
+        for i in range(0, len(grants), 20000):
+            r = self.http.post(f"{self.url}/_sim/grants", json={"grants": grants[i:i + 20000]},
+                               timeout=120)
+            r.raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        return self.http.get(f"{self.url}/_sim/stats", timeout=30).json()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def _grants(n: int, now: float) -> list[dict[str, Any]]:
+    return [
+        {"appid": APPID, "openid": f"bench-{i:07d}", "access_token": f"bench-at-{i}",
+         "refresh_token": f"bench-rt-{i}", "access_expires_at": now - 60,
+         "refresh_issued_at": now - 3 * 86400, "scope": "snsapi_base"}
+        for i in range(n)
+    ]
+
+
+def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
+             database_url: str | None) -> dict[str, Any]:
+    """Seed ``grants`` access-expired grants, sweep them once, return the figures."""
+    sim = Sim(latency_ms, quota)
+    tmp = tempfile.TemporaryDirectory(prefix="keeper-bench-")
+    try:
+        url = database_url or f"sqlite:///{tmp.name}/bench.db"
+        data: dict[str, Any] = {
+            "database_url": url, "api_base": sim.url, "workers": workers,
+            "log_level": "warning", "apps": [{"appid": APPID}],
+        }
+        if quota:
+            data["quotas"] = {"refresh": quota}
+        else:
+            data["quotas"] = {"refresh": "none"}
+        config = build_config(data, env={}, source="bench")
+        now = time.time()
+        rows = _grants(grants, now)
+        sim.seed(rows)
+        store = Store(url, auto_upgrade=True).open()
+        clock = lifetime(config.apps[0], config)
+        at = datetime.now(UTC)
+        for i in range(0, grants, 5000):
+            writes = []
+            for r in rows[i:i + 5000]:
+                g = Grant(0, APPID, r["openid"], None, r["scope"], r["access_token"],
+                          r["refresh_token"], at - timedelta(seconds=60),
+                          at - timedelta(days=3))
+                writes.append(GrantWrite(g, schedule(g, clock)))
+            store.upsert_grants(writes, at)
+        store.close()
+        del rows
+        rt = Runtime.build(config)
+        sweeper = rt.sweeper()
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
+        summary = sweeper.run_once()
+        seconds = time.monotonic() - t0
+        cpu = time.process_time() - cpu0
+        sweeper.close()
+        rt.close()
+        stats = sim.stats()
+    finally:
+        sim.close()
+        tmp.cleanup()
+    refreshes = summary["access_tokens_refreshed"] + summary["refresh_tokens_refreshed"]
+    ep = stats["endpoints"]["refresh"]
+    result = {
+        "grants_due": grants,
+        "seconds": round(seconds, 2),
+        "refreshes": refreshes,
+        "refreshes_per_s": round(refreshes / seconds, 1) if seconds else None,
+        "calls": {k: v["calls"] for k, v in stats["endpoints"].items()},
+        "quota": quota,
+        "max_window": ep["max_sliding_window"],
+        "max_fixed_window": ep["max_fixed_window"],
+        "quota_rejected": ep["quota_rejected"],
+        "transient_failures": summary["transient_failures"],
+        "cpu_s_per_1000_refreshes": round(cpu / refreshes * 1000, 3) if refreshes else None,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if quota:
+        q = build_config({"quotas": {"refresh": quota}, "apps": [{"appid": "x"}]}, env={},
+                         source="bench").apps[0].quotas["refresh"]
+        assert q is not None
+        result["quota_rate_per_s"] = round(q.count / q.period_s, 1)
+        result["quota_used_pct"] = round(100 * refreshes / seconds / (q.count / q.period_s), 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="keeper bench", description=__doc__)
+    p.add_argument("--grants", type=int, default=20000, help="grants due (unbound run)")
+    p.add_argument("--latency-ms", type=float, default=50.0)
+    p.add_argument("--workers", type=int, default=64)
+    p.add_argument("--quota", default="2000/5 seconds", help="refresh quota of the bound run")
+    p.add_argument("--bound-grants", type=int, default=8000, help="grants due (bound run)")
+    p.add_argument("--database-url", default=None, help="default: a temporary SQLite file")
+    args = p.parse_args(argv)
+    configure("warning")
+    threading.current_thread().name = "bench"
+    runs = {}
+    for name, grants, quota in (("unbound", args.grants, None),
+                                ("bound", args.bound_grants, args.quota)):
+        if grants <= 0:
+            continue
+        print(f"{name}: {grants} grants due, {args.latency_ms:g} ms latency, "
+              f"{args.workers} workers, quota {quota or 'none'} ...", flush=True)
+        r = run_once(grants=grants, latency_ms=args.latency_ms, workers=args.workers,
+                     quota=quota, database_url=args.database_url)
+        runs[name] = r
+        print(f"  {r['refreshes']} refreshes in {r['seconds']} s = {r['refreshes_per_s']}/s; "
+              f"calls {r['calls']}; busiest window {r['max_window']}"
+              + (f" (quota {quota}; {r['quota_used_pct']} % of the quota rate used; "
+                 f"{r['quota_rejected']} answered 45011)" if quota else "")
+              + f"; CPU {r['cpu_s_per_1000_refreshes']} s per 1000 refreshes; "
+              f"peak RSS {r['peak_rss_mib']} MiB", flush=True)
+    print(json.dumps(runs))
+    ok = all(r["quota_rejected"] == 0 for r in runs.values())
+    if "bound" in runs:
+        count = int(args.quota.split("/")[0])
+        ok = ok and runs["bound"]["max_window"] <= count
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
