@@ -31,7 +31,7 @@ from keeper.store import GrantWrite, Store
 from keeper.worker import lifetime
 
 APPID = "wxbench0000000001"
-SECRET = "bench-secret-not-used"
+SECRET = "bench-secret-not-used"  # noqa: S105 - a simulator app's made-up secret
 log = structlog.get_logger(__name__)
 
 

@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import IO, Any
 
@@ -16,13 +15,13 @@ import structlog
 from keeper import __version__, db
 from keeper.config import Config, load_config
 from keeper.errors import (
+    ApiError,
     AppConfigRejected,
     BadCode,
     ConfigError,
     DatabaseUnavailable,
     KeeperError,
     QuotaExceeded,
-    StaleAccessToken,
     StoreError,
     TransientApiError,
     UsageError,
@@ -281,13 +280,14 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
     try:
         grant = _grant_or_fail(rt.store, app.appid, args.openid)
         rt.gate.acquire(app.appid, "auth", max_wait_s=30)
-        valid, errcode, detail = True, 0, "ok"
+        valid, detail = True, "ok"
+        errcode: int | None = 0
         try:
             rt.client.check(grant.access_token, grant.openid)
-        except (StaleAccessToken, KeeperError) as e:
-            if isinstance(e, TransientApiError):
-                raise Failed(f"WeChat could not be asked: {e}") from None
-            valid, errcode, detail = False, getattr(e, "errcode", None), str(e)
+        except TransientApiError as e:
+            raise Failed(f"WeChat could not be asked: {e}") from None
+        except ApiError as e:  # WeChat's answer: the token is not valid
+            valid, errcode, detail = False, e.errcode, str(e)
     finally:
         rt.close()
     if args.json:
@@ -435,16 +435,16 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
     if first is not None and argv[first] in ("simulate", "bench", "demo"):
         rest = argv[first + 1:]
         if argv[first] == "simulate":
-            from keeper import simulator
+            from keeper.simulator import main as simulate
 
-            return simulator.main(rest)
+            return simulate(rest)
         if argv[first] == "bench":
-            from keeper import bench
+            from keeper.bench import main as bench
 
-            return bench.main(rest)
-        from keeper import demo
+            return bench(rest)
+        from keeper.demo import main as demo
 
-        return demo.main(rest)
+        return demo(rest)
     args = _parser().parse_args(argv)
     configure("info")
     try:
@@ -463,5 +463,3 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
     except KeyboardInterrupt:
         return 130
 
-
-_ = replace  # re-exported for tests that build grants

@@ -98,10 +98,11 @@ class Config:
             "apps": [
                 {
                     "appid": a.appid,
-                    "secret": a.secret_source + ("" if a.secret else " (unavailable)"),
+                    "secret_source": a.secret_source + ("" if a.secret else " (unavailable)"),
                     "refresh_token_days": a.refresh_token_days,
                     "refresh_at_day": a.refresh_at_day,
-                    "quotas": {k: str(v) if v else None for k, v in a.quotas.items()},
+                    # One string: a nested key named "code" would be masked by the redactor.
+                    "quotas": ", ".join(f"{k} {v or 'none'}" for k, v in a.quotas.items()),
                 }
                 for a in self.apps
             ],
@@ -166,7 +167,9 @@ class _Table:
             raise ConfigError(f"unknown configuration key: {names}")
 
 
-def _quotas(data: object, key: str, defaults: Mapping[str, Quota | None]) -> dict[str, Quota | None]:
+def _quotas(
+    data: object, key: str, defaults: Mapping[str, Quota | None]
+) -> dict[str, Quota | None]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{key}: expected a table of endpoint = \"COUNT/PERIOD\"")
     quotas = dict(defaults)

@@ -19,7 +19,7 @@ from typing import Any
 from keeper.simulator import Simulator
 
 APPID = "wxdemo00000000001"
-SECRET = "demo-secret-kept-in-the-environment"
+SECRET = "demo-secret-kept-in-the-environment"  # noqa: S105 - the simulator's
 DAY = 86400.0
 # (label, how many, access token expires in (s), refresh token issued days ago, scope, sim state)
 KINDS: list[tuple[str, int, float, float, str, str]] = [

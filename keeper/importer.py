@@ -56,7 +56,8 @@ def parse_line(text: str, *, appids: Iterable[str]) -> tuple[Grant, tuple[str, .
     try:
         data = json.loads(text)
     except ValueError as e:
-        raise BadLine(f"not valid JSON ({type(e).__name__} at column {getattr(e, 'colno', '?')})") from None
+        column = getattr(e, "colno", "?")
+        raise BadLine(f"not valid JSON ({type(e).__name__} at column {column})") from None
     if not isinstance(data, dict):
         raise BadLine("expected a JSON object")
     missing = [k for k in REQUIRED if data.get(k) in (None, "")]

@@ -15,11 +15,11 @@ ACTIVE = "active"
 EXPIRING = "expiring"  # refreshed on its refresh day, WeChat kept the same refresh token
 REAUTH = "reauth"
 
-# Re-authorization reasons (the contract's list).
-REFRESH_TOKEN_INVALID = "refresh_token_invalid"
-REFRESH_TOKEN_EXPIRED = "refresh_token_expired"
+# Re-authorization reasons (the contract's list); names, not secrets.
+REFRESH_TOKEN_INVALID = "refresh_token_invalid"  # noqa: S105
+REFRESH_TOKEN_EXPIRED = "refresh_token_expired"  # noqa: S105
 AUTHORIZATION_REVOKED = "authorization_revoked"
-REFRESH_TOKEN_EXPIRING = "refresh_token_expiring"
+REFRESH_TOKEN_EXPIRING = "refresh_token_expiring"  # noqa: S105
 OTHER = "other"
 
 

@@ -24,7 +24,8 @@ from keeper.models import (
     TokenAnswer,
 )
 
-#: Why a refresh call is made. The first two keep the refresh token alive; the last the access token.
+#: Why a refresh call is made: the first two keep the refresh token alive, the last the access
+#: token.
 REFRESH_DAY = "refresh_day"
 LIFETIME_OVER = "lifetime_over"
 ACCESS = "access"
@@ -166,7 +167,7 @@ def backoff_s(failures: int, rng: random.Random | None = None) -> float:
     """Seconds before the next attempt after ``failures`` transient failures in a row:
     capped exponential with "equal jitter" (half fixed, half random) so an outage does not
     bring every grant back in the same second."""
-    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1))
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** max(0, failures - 1))
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 

@@ -12,7 +12,6 @@ import signal
 import threading
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -80,7 +79,3 @@ class Service:
         self.sweeper.close()
         return 0
 
-
-def scheduler_state(service: Service) -> dict[str, Any]:
-    job = service.scheduler.get_job("sweep")
-    return {"next_run": job.next_run_time.isoformat() if job and job.next_run_time else None}

@@ -353,9 +353,10 @@ class Store:
                     func.count().filter(live, grants.c.failures > 0),
                 )
             ).one()
-            by_reason = dict(
-                conn.execute(select(reauth.c.reason, func.count()).group_by(reauth.c.reason)).all()
-            )
+            by_reason: dict[str, int] = {
+                reason: n for reason, n in
+                conn.execute(select(reauth.c.reason, func.count()).group_by(reauth.c.reason))
+            }
             avatars = conn.execute(
                 select(func.count()).where(profiles.c.avatar_sha256.is_not(None))
             ).scalar_one()

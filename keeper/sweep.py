@@ -162,8 +162,8 @@ class Sweeper:
                 # Keep up to two pages' worth queued, so workers never wait for a claim.
                 if stop_seen is None and not exhausted and page - in_flight >= refill:
                     batch = self.store.claim(
-                        appids=sorted(apps - rejected - deferred), cutoff=cutoff, limit=page - in_flight,
-                        lease_id=lease_id,
+                        appids=sorted(apps - rejected - deferred), cutoff=cutoff,
+                        limit=page - in_flight, lease_id=lease_id,
                         lease_until=self.clock() + timedelta(seconds=self.config.lease_s),
                     )
                     exhausted = not batch
@@ -203,9 +203,7 @@ class Sweeper:
         summary["apps_rejected"] = sorted(rejected)
         summary["apps_deferred"] = sorted(deferred)
         if error is not None:
-            summary["error"] = str(error)
-            log.error("sweep.failed", sweep_id=sweep_id, error=str(error))
-            raise error
+            raise error  # logged once, by whoever runs the sweep
         self.store.finish_sweep(sweep_id, self.clock(), summary)
         log.info("sweep.finished", sweep_id=sweep_id, **summary)
         return summary

@@ -41,6 +41,10 @@ from keeper.wechat import WeChatClient
 
 log = structlog.get_logger(__name__)
 
+#: A worker waits this long at most for a quota permit; a longer pause (45011 until the next
+#: minute, 45009 until midnight) defers the app's grants to a later sweep instead.
+QUOTA_MAX_WAIT_S = 10.0
+
 
 def lifetime(app: AppConfig, config: Config) -> Lifetime:
     """The policy's clock for one app."""
@@ -82,7 +86,7 @@ class Worker:
     def _refresh(
         self, g: Grant, counts: Counter[str], reason: str
     ) -> tuple[Grant, Reauth | None, bool]:
-        self.gate.acquire(g.appid, "refresh", max_wait_s=self.config.lease_s / 4)
+        self.gate.acquire(g.appid, "refresh", max_wait_s=QUOTA_MAX_WAIT_S)
         answer = self.client.refresh(g.appid, g.refresh_token)
         now = self.clock()
         result = after_refresh(g, answer, self.clocks[g.appid], now)
@@ -97,7 +101,7 @@ class Worker:
         return result.grant, result.reauth, result.clear_reauth
 
     def _userinfo(self, g: Grant) -> Profile:
-        self.gate.acquire(g.appid, "userinfo", max_wait_s=self.config.lease_s / 4)
+        self.gate.acquire(g.appid, "userinfo", max_wait_s=QUOTA_MAX_WAIT_S)
         data = self.client.userinfo(g.access_token, g.openid, self.config.userinfo_lang)
         return Profile.from_answer(data, self.clock())
 
@@ -124,7 +128,9 @@ class Worker:
         g = replace(g, profile_at=profile.fetched_at, unionid=profile.unionid or g.unionid)
         return g, profile, record, clear
 
-    def work(self, grant: Grant, *, profile_reads: bool = True, force_refresh: bool = False) -> Result:
+    def work(
+        self, grant: Grant, *, profile_reads: bool = True, force_refresh: bool = False
+    ) -> Result:
         """Bring one leased grant up to date; never raises for WeChat's or the network's sake.
 
         ``profile_reads=False``: tokens only (``keeper token``); ``force_refresh``: refresh

@@ -74,7 +74,7 @@ def test_a_secret_file_is_read_and_a_relative_one_from_systemd_credentials(tmp_p
 def test_a_missing_secret_is_not_fatal_until_a_code_exchange_needs_it() -> None:
     c = build({"apps": [{"appid": "wx1", "secret_env": "MISSING"}]})
     assert c.app("wx1").secret is None
-    assert "unavailable" in c.redacted()["apps"][0]["secret"]
+    assert "unavailable" in c.redacted()["apps"][0]["secret_source"]
 
 
 def test_redacted_config_hides_passwords_and_secrets() -> None:

@@ -151,7 +151,7 @@ def test_run_sweeps_and_stops_gracefully_on_sigterm(sim: Simulator, keeper: Keep
                  is not None, timeout=20)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()

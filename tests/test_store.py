@@ -13,7 +13,7 @@ from keeper import db
 from keeper.errors import DatabaseUnavailable, SchemaOutdated
 from keeper.models import EXPIRING, REAUTH, Grant, Profile, Reauth
 from keeper.policy import Lifetime, after_reauth, schedule
-from keeper.store import GrantWrite, Store, new_lease_id
+from keeper.store import GrantWrite, Store
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

@@ -11,7 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from keeper.errors import (
-    ApiError,
     AppConfigRejected,
     BadCode,
     NoProfile,
@@ -117,7 +116,7 @@ def test_network_errors_carry_no_url_and_no_token() -> None:
 
 
 class _Huge(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.end_headers()
@@ -147,7 +146,7 @@ def test_bodies_are_read_with_a_size_cap() -> None:
 class _Echo(BaseHTTPRequestHandler):
     """A WeChat that repeats the request's query (tokens included) in its errmsg."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         body = ('{"errcode": 40030, "errmsg": "invalid refresh_token ' + self.path.split("?")[1]
                 + '"}').encode()
         self.send_response(200)
