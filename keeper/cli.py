@@ -265,7 +265,7 @@ def _valid_token(rt: Runtime, appid: str, openid: str) -> str:
         time.sleep(0.2)
     result = rt.worker.work(leased, profile_reads=False, force_refresh=True)
     if result.write is None or result.counts["transient_failures"]:
-        store.release([(leased, schedule(leased, rt.worker.clocks[appid]))], lease_id)
+        store.release([leased.id], lease_id)
         detail = leased.last_error if result.write is None else result.write.grant.last_error
         raise Failed(f"WeChat could not refresh the access token now ({detail}); try again")
     store.apply([result.write], lease_id, utcnow())

@@ -153,22 +153,24 @@ class Store:
             ).first()
         return _grant(row) if row else None
 
-    def _lease_values(self, lease_id: str, until: datetime) -> dict[str, Any]:
-        pushed = {
-            col.name: case((col.is_(None), None), (col > until, col), else_=until)
-            for col in DUE_COLUMNS
-        }
-        return {"lease_id": lease_id, "lease_until": until, **pushed}
+    @staticmethod
+    def _free(now: datetime) -> Any:
+        """Not leased, or leased by a process whose lease has lapsed (it crashed)."""
+        return grants.c.lease_id.is_(None) | (grants.c.lease_until <= now)
 
     def claim(
         self, *, appids: Iterable[str], cutoff: datetime, limit: int, lease_id: str,
-        lease_until: datetime,
+        lease_until: datetime, now: datetime | None = None,
     ) -> list[Grant]:
         """Lease up to ``limit`` grants due at ``cutoff``, most urgent first.
 
         Urgency: refresh tokens nearest their refresh day, then access tokens nearest expiry,
-        then profiles. Each due column has its own index, so every query is a range scan.
+        then profiles. Each due column has its own index, so every query is a range scan;
+        leased grants (a few pages per process) are filtered out on the way. A lease only
+        sets two columns, so claiming touches no index. ``now`` (default ``cutoff``) decides
+        which leases have lapsed.
         """
+        now = now or cutoff
         appids = list(appids)
         claimed: list[Grant] = []
         if not appids:
@@ -180,19 +182,19 @@ class Store:
                     break
                 ids = conn.execute(
                     select(grants.c.id)
-                    .where(col <= cutoff, grants.c.appid.in_(appids))
+                    .where(col <= cutoff, grants.c.appid.in_(appids), self._free(now))
                     .order_by(col)
                     .limit(need)
                     .with_for_update(skip_locked=True)
                 ).scalars().all()
                 if not ids:
                     continue
-                # The due condition is checked again: on SQLite another process may have
-                # leased a row between the SELECT and this UPDATE.
+                # Checked again: on SQLite another process may have leased a row between
+                # the SELECT and this UPDATE (PostgreSQL's SKIP LOCKED rules that out).
                 rows = conn.execute(
                     update(grants)
-                    .where(grants.c.id.in_(ids), col <= cutoff)
-                    .values(self._lease_values(lease_id, lease_until))
+                    .where(grants.c.id.in_(ids), col <= cutoff, self._free(now))
+                    .values(lease_id=lease_id, lease_until=lease_until)
                     .returning(*grants.c)
                 ).all()
                 order = {gid: i for i, gid in enumerate(ids)}
@@ -206,11 +208,8 @@ class Store:
         with translate("leasing a grant"), self.engine.begin() as conn:
             row = conn.execute(
                 update(grants)
-                .where(
-                    grants.c.appid == appid, grants.c.openid == openid,
-                    (grants.c.lease_id.is_(None)) | (grants.c.lease_until <= now),
-                )
-                .values(self._lease_values(lease_id, lease_until))
+                .where(grants.c.appid == appid, grants.c.openid == openid, self._free(now))
+                .values(lease_id=lease_id, lease_until=lease_until)
                 .returning(*grants.c)
             ).first()
         return _grant(row) if row else None
@@ -287,19 +286,15 @@ class Store:
                 records,
             )
 
-    def release(self, pairs: Sequence[tuple[Grant, Schedule]], lease_id: str) -> int:
-        """End leases on grants that were not worked, restoring their schedule."""
-        if not pairs:
+    def release(self, grant_ids: Sequence[int], lease_id: str) -> int:
+        """End leases on grants that were not worked; they stay due as they were."""
+        if not grant_ids:
             return 0
         with translate("releasing leases"), self.engine.begin() as conn:
             result = conn.execute(
                 update(grants)
-                .where(grants.c.id == bindparam("b_id"), grants.c.lease_id == lease_id)
-                .values(
-                    {c.name: bindparam(c.name) for c in DUE_COLUMNS}
-                    | {"lease_id": None, "lease_until": None}
-                ),
-                [{"b_id": g.id, **_schedule_values(s)} for g, s in pairs],
+                .where(grants.c.id.in_(grant_ids), grants.c.lease_id == lease_id)
+                .values(lease_id=None, lease_until=None)
             )
         return int(result.rowcount or 0)
 

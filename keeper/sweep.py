@@ -23,7 +23,6 @@ import structlog
 from keeper.config import Config
 from keeper.errors import StoreError
 from keeper.models import Grant
-from keeper.policy import schedule
 from keeper.store import GrantWrite, Store, new_lease_id
 from keeper.worker import Result, Worker
 
@@ -149,8 +148,7 @@ class Sweeper:
                 counts["leases_lost"] += len(writes) - written
                 writes = []
             if releases:
-                pairs = [(g, schedule(g, self.worker.clocks[g.appid])) for g in releases]
-                self.store.release(pairs, lease_id)
+                self.store.release([g.id for g in releases], lease_id)
                 releases = []
 
         error: StoreError | None = None
@@ -163,7 +161,7 @@ class Sweeper:
                 if stop_seen is None and not exhausted and page - in_flight >= refill:
                     batch = self.store.claim(
                         appids=sorted(apps - rejected - deferred), cutoff=cutoff,
-                        limit=page - in_flight, lease_id=lease_id,
+                        limit=page - in_flight, lease_id=lease_id, now=self.clock(),
                         lease_until=self.clock() + timedelta(seconds=self.config.lease_s),
                     )
                     exhausted = not batch
