@@ -70,6 +70,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def migrated_url(db_url: str) -> str:
+    """A database of each kind with the schema in place (as `keeper db upgrade` leaves it)."""
+    from keeper import db
+
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    engine.dispose()
+    return db_url
+
+
+@pytest.fixture
 def store(db_url: str) -> Iterator[Store]:
     s = Store(db_url, auto_upgrade=True).open()
     yield s

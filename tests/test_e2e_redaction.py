@@ -53,6 +53,7 @@ def test_no_secret_reaches_any_output(sim: Simulator, keeper: Keeper) -> None:
     run("profile", "--app", APPID, "o1", "--json")
     run("status", "--json")
     run("reauth", "--json")
+    run("db", "upgrade")
 
     service = keeper.start("run")
     wait_for(lambda: endpoint(sim, "refresh")["calls"] > 0)
