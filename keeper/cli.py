@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -82,9 +83,9 @@ def cmd_sweep(config: Config, args: argparse.Namespace) -> int:
     sweeper = rt.sweeper()
     if sys.stderr.isatty() and not args.json:
         sweeper.progress = _progress_bar()
-    import signal
-
+    # Either signal ends the sweep cleanly: calls in flight finish, results are written.
     signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
     try:
         summary = sweeper.run_once()
     finally:
@@ -248,9 +249,7 @@ def _valid_token(rt: Runtime, appid: str, openid: str) -> str:
         if grant.state == REAUTH:
             raise _reauth_failure(store, grant)
         now = utcnow()
-        if grant.access_expires_at > now + timedelta(seconds=config.access_margin_s) and not (
-            grant.retry_at and grant.last_error in ("40014", "42001", "40001")
-        ):
+        if grant.access_expires_at > now + timedelta(seconds=config.access_margin_s):
             return grant.access_token
         lease_id = new_lease_id()
         leased = store.claim_one(

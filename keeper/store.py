@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Engine, Row, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from keeper.db import ensure_schema, is_sqlite, make_engine, translate
-from keeper.models import REAUTH, Grant, Profile, Reauth
+from keeper.models import Grant, Profile, Reauth
 from keeper.policy import Schedule
-from keeper.schema import grants, profiles, quota_state, reauth, sweeps
+from keeper.quota_state import QuotaState
+from keeper.reports import Reports
+from keeper.schema import grants, profiles, reauth
 
 DUE_COLUMNS = (grants.c.refresh_due_at, grants.c.access_due_at, grants.c.profile_due_at)
 _MUTABLE = (
@@ -78,7 +80,7 @@ def _profile_values(p: Profile) -> dict[str, Any]:
     }
 
 
-class Store:
+class Store(Reports, QuotaState):
     """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
 
     def __init__(self, url: str, *, pool_size: int = 8, auto_upgrade: bool | None = None) -> None:
@@ -297,147 +299,3 @@ class Store:
                 .values(lease_id=None, lease_until=None)
             )
         return int(result.rowcount or 0)
-
-    # -- reports ---------------------------------------------------------------------------
-
-    def iter_reauth(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every user who must re-authorize, oldest record first, read in batches."""
-        last = (None, 0)
-        while True:
-            q = (
-                select(grants.c.appid, grants.c.openid, grants.c.unionid, reauth.c.reason,
-                       reauth.c.errcode, reauth.c.since, reauth.c.grant_id)
-                .join(grants, grants.c.id == reauth.c.grant_id)
-                .order_by(reauth.c.grant_id)
-                .where(reauth.c.grant_id > last[1])
-                .limit(batch)
-            )
-            with translate("listing re-authorizations"), self.engine.connect() as conn:
-                rows = [dict(r._mapping) for r in conn.execute(q)]
-            yield from rows
-            if len(rows) < batch:
-                return
-            last = (None, rows[-1]["grant_id"])
-
-    def profile(self, grant_id: int) -> dict[str, Any] | None:
-        with translate("reading a profile"), self.engine.connect() as conn:
-            row = conn.execute(select(profiles).where(profiles.c.grant_id == grant_id)).first()
-        if row is None:
-            return None
-        data = dict(row._mapping)
-        data["privilege"] = json.loads(data["privilege"] or "[]")
-        return data
-
-    def reauth_record(self, grant_id: int) -> Reauth | None:
-        with translate("reading a re-authorization"), self.engine.connect() as conn:
-            row = conn.execute(select(reauth).where(reauth.c.grant_id == grant_id)).first()
-        return Reauth(row.reason, row.errcode, row.since) if row else None
-
-    def status(self, now: datetime) -> dict[str, Any]:
-        """Counts for ``keeper status`` (each an indexed or single-pass query)."""
-        live = grants.c.state != REAUTH
-        with translate("reading status"), self.engine.connect() as conn:
-            counts = conn.execute(
-                select(
-                    func.count(),
-                    func.count().filter(live),
-                    func.count().filter(live, grants.c.access_expires_at <= now),
-                    func.count().filter(
-                        live, grants.c.refresh_due_at <= now + timedelta(hours=24)
-                    ),
-                    func.count().filter(live, grants.c.failures > 0),
-                )
-            ).one()
-            by_reason: dict[str, int] = {
-                reason: n for reason, n in
-                conn.execute(select(reauth.c.reason, func.count()).group_by(reauth.c.reason))
-            }
-            avatars = conn.execute(
-                select(func.count()).where(profiles.c.avatar_sha256.is_not(None))
-            ).scalar_one()
-        return {
-            "grants": counts[0],
-            "active": counts[1],
-            "reauth_required": sum(by_reason.values()),
-            "reauth_by_reason": by_reason,
-            "refresh_due_24h": counts[3],
-            "access_expired": counts[2],
-            "retrying": counts[4],
-            "avatars_saved": avatars,
-        }
-
-    # -- sweeps ----------------------------------------------------------------------------
-
-    def start_sweep(self, now: datetime, *, host: str, pid: int) -> int:
-        with translate("recording a sweep"), self.engine.begin() as conn:
-            return int(conn.execute(
-                insert(sweeps).values(started_at=now, host=host, pid=pid).returning(sweeps.c.id)
-            ).scalar_one())
-
-    def finish_sweep(self, sweep_id: int, now: datetime, summary: Mapping[str, Any]) -> None:
-        with translate("recording a sweep"), self.engine.begin() as conn:
-            conn.execute(
-                update(sweeps).where(sweeps.c.id == sweep_id)
-                .values(finished_at=now, summary=json.dumps(dict(summary)))
-            )
-
-    def last_sweep(self) -> dict[str, Any] | None:
-        with translate("reading the last sweep"), self.engine.connect() as conn:
-            row = conn.execute(
-                select(sweeps).where(sweeps.c.finished_at.is_not(None))
-                .order_by(sweeps.c.finished_at.desc()).limit(1)
-            ).first()
-        if row is None:
-            return None
-        return {
-            "started_at": row.started_at.isoformat(),
-            "finished_at": row.finished_at.isoformat(),
-            "host": row.host,
-            "pid": row.pid,
-            "summary": json.loads(row.summary or "{}"),
-        }
-
-    # -- quota -----------------------------------------------------------------------------
-
-    def quota_tat(self, appid: str, endpoint: str) -> int:
-        """The quota row's state (created at 0 on first use)."""
-        with translate("reading quota state"), self.engine.begin() as conn:
-            tat = conn.execute(
-                select(quota_state.c.tat_us).where(
-                    quota_state.c.appid == appid, quota_state.c.endpoint == endpoint
-                )
-            ).scalar()
-            if tat is None:
-                conn.execute(
-                    self._insert(quota_state)
-                    .values(appid=appid, endpoint=endpoint, tat_us=0)
-                    .on_conflict_do_nothing()
-                )
-                return 0
-        return int(tat)
-
-    def quota_swap(self, appid: str, endpoint: str, old_us: int, new_us: int) -> bool:
-        """Compare-and-swap the quota state; False if another taker got there first."""
-        with translate("taking quota"), self.engine.begin() as conn:
-            result = conn.execute(
-                update(quota_state)
-                .where(
-                    quota_state.c.appid == appid, quota_state.c.endpoint == endpoint,
-                    quota_state.c.tat_us == old_us,
-                )
-                .values(tat_us=new_us)
-            )
-        return bool(result.rowcount == 1)
-
-    def quota_hold(self, appid: str, endpoint: str, tat_us: int) -> None:
-        """Push the quota state to at least ``tat_us`` (a 45011 pause)."""
-        self.quota_tat(appid, endpoint)
-        with translate("pausing quota"), self.engine.begin() as conn:
-            conn.execute(
-                update(quota_state)
-                .where(
-                    quota_state.c.appid == appid, quota_state.c.endpoint == endpoint,
-                    quota_state.c.tat_us < tat_us,
-                )
-                .values(tat_us=tat_us)
-            )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -13,46 +16,63 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from keeper.simulator import Simulator
 from keeper.store import Store
 
-PG_URL = os.environ.get("KEEPER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+#: The server's `test` database; each test run works in a database of its own created there,
+#: so two runs on one machine (a developer's and CI's) never drop each other's tables.
+PG_SERVER = os.environ.get("KEEPER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = bool(os.environ.get("CI"))
 APPID = "wx00000000000000a1"
 SECRET = "sim-app-secret-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pg_error() -> str | None:
-    try:
-        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-        engine.dispose()
-    except Exception as e:  # any failure means: not reachable here
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-
 _PG_STATE: dict[str, str | None] = {}
 
 
-def require_postgres() -> None:
-    """Skip with a visible reason when PostgreSQL is unreachable; fail when CI is set."""
-    if "error" not in _PG_STATE:
-        _PG_STATE["error"] = _pg_error()
-    error = _PG_STATE["error"]
-    if error:
-        message = f"PostgreSQL at {PG_URL} is not reachable: {error}"
+def _create_run_database() -> str:
+    """Create this run's database on the server; its URL."""
+    name = f"keeper_test_{os.getpid()}_{secrets.token_hex(3)}"
+    server = make_url(PG_SERVER)
+    engine = create_engine(server, isolation_level="AUTOCOMMIT",
+                           connect_args={"connect_timeout": 3})
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    atexit.register(_drop_run_database, name)
+    return server.set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_run_database(name: str) -> None:
+    engine = create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
+    with contextlib.suppress(Exception), engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def require_postgres() -> str:
+    """This run's PostgreSQL URL. Skips with a visible reason when the server is unreachable;
+    fails when CI is set."""
+    if "url" not in _PG_STATE:
+        try:
+            _PG_STATE["url"], _PG_STATE["error"] = _create_run_database(), None
+        except Exception as e:  # any failure means: not usable here
+            _PG_STATE["url"] = None
+            _PG_STATE["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    url, error = _PG_STATE["url"], _PG_STATE["error"]
+    if url is None:
+        message = f"PostgreSQL at {make_url(PG_SERVER).render_as_string()} is not usable: {error}"
         if IN_CI:
             pytest.fail(message + " (required when CI is set)")
         pytest.skip(message)
+    return url
 
 
 def reset_postgres() -> None:
-    engine = create_engine(PG_URL)
+    engine = create_engine(require_postgres())
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
@@ -64,9 +84,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty database of each supported kind."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'keeper.db'}"
-    require_postgres()
+    url = require_postgres()
     reset_postgres()
-    return PG_URL
+    return url
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from keeper.simulator import SimQuota, Simulator
-from tests.conftest import PG_URL, Keeper, config_text, require_postgres, reset_postgres, wait_for
+from tests.conftest import Keeper, config_text, require_postgres, reset_postgres, wait_for
 from tests.e2e import endpoint, make_grant, seed
 
 
@@ -16,9 +16,9 @@ from tests.e2e import endpoint, make_grant, seed
 def shared(request: pytest.FixtureRequest, keeper: Keeper, sim: Simulator) -> Keeper:
     """keeper on each database kind (PostgreSQL migrated with `keeper db upgrade`)."""
     if request.param == "postgresql":
-        require_postgres()
+        url = require_postgres()
         reset_postgres()
-        keeper.write_config(config_text(db_url=PG_URL, api_base=sim.url))
+        keeper.write_config(config_text(db_url=url, api_base=sim.url))
         ran = keeper.run("db", "upgrade")
         assert ran.code == 0, ran.err
     return keeper

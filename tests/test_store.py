@@ -51,12 +51,12 @@ def test_migrations_create_every_table(db_url: str) -> None:
 
 
 def test_postgres_is_not_migrated_behind_the_operators_back() -> None:
-    from tests.conftest import PG_URL, require_postgres, reset_postgres
+    from tests.conftest import require_postgres, reset_postgres
 
-    require_postgres()
+    url = require_postgres()
     reset_postgres()
     with pytest.raises(SchemaOutdated, match="keeper db upgrade"):
-        Store(PG_URL).open()
+        Store(url).open()
 
 
 def test_an_unreachable_database_is_one_clear_error() -> None:
