@@ -73,9 +73,22 @@ def _grants(n: int, now: float) -> list[dict[str, Any]]:
     ]
 
 
+def _store_grants(store: Store, rows: list[dict[str, Any]], clock: Any, *,
+                  access_expires_at: datetime) -> None:
+    at = datetime.now(UTC)
+    for i in range(0, len(rows), 5000):
+        writes = []
+        for r in rows[i:i + 5000]:
+            g = Grant(0, APPID, r["openid"], None, r["scope"], r["access_token"],
+                      r["refresh_token"], access_expires_at, at - timedelta(days=3))
+            writes.append(GrantWrite(g, schedule(g, clock)))
+        store.upsert_grants(writes, at)
+
+
 def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
-             database_url: str | None) -> dict[str, Any]:
-    """Seed ``grants`` access-expired grants, sweep them once, return the figures."""
+             database_url: str | None, not_due: int = 0) -> dict[str, Any]:
+    """Seed ``grants`` access-expired grants (and ``not_due`` fresh ones beside them), sweep
+    once, return the figures."""
     sim = Sim(latency_ms, quota)
     tmp = tempfile.TemporaryDirectory(prefix="keeper-bench-")
     try:
@@ -95,16 +108,14 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         store = Store(url, auto_upgrade=True).open()
         clock = lifetime(config.apps[0], config)
         at = datetime.now(UTC)
-        for i in range(0, grants, 5000):
-            writes = []
-            for r in rows[i:i + 5000]:
-                g = Grant(0, APPID, r["openid"], None, r["scope"], r["access_token"],
-                          r["refresh_token"], at - timedelta(seconds=60),
-                          at - timedelta(days=3))
-                writes.append(GrantWrite(g, schedule(g, clock)))
-            store.upsert_grants(writes, at)
+        _store_grants(store, rows, clock, access_expires_at=at - timedelta(seconds=60))
+        for start in range(0, not_due, 50000):  # a big table, mostly not due
+            idle = [dict(r, openid=f"idle-{start + i:08d}") for i, r in
+                    enumerate(_grants(min(50000, not_due - start), now))]
+            _store_grants(store, idle, clock, access_expires_at=at + timedelta(hours=2))
         store.close()
         del rows
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rt = Runtime.build(config)
         sweeper = rt.sweeper()
         cpu0 = time.process_time()
@@ -122,6 +133,7 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
     ep = stats["endpoints"]["refresh"]
     result = {
         "grants_due": grants,
+        "grants_stored": grants + not_due,
         "seconds": round(seconds, 2),
         "refreshes": refreshes,
         "refreshes_per_s": round(refreshes / seconds, 1) if seconds else None,
@@ -133,6 +145,7 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         "transient_failures": summary["transient_failures"],
         "cpu_s_per_1000_refreshes": round(cpu / refreshes * 1000, 3) if refreshes else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib_before_sweep": round(rss_before / 1024, 1),
     }
     if quota:
         q = build_config({"quotas": {"refresh": quota}, "apps": [{"appid": "x"}]}, env={},
@@ -150,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=64)
     p.add_argument("--quota", default="2000/5 seconds", help="refresh quota of the bound run")
     p.add_argument("--bound-grants", type=int, default=8000, help="grants due (bound run)")
+    p.add_argument("--not-due", type=int, default=0,
+                   help="extra grants stored beside the due ones (unbound run), none due")
     p.add_argument("--database-url", default=None, help="default: a temporary SQLite file")
     args = p.parse_args(argv)
     configure("warning")
@@ -159,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                                 ("bound", args.bound_grants, args.quota)):
         if grants <= 0:
             continue
-        print(f"{name}: {grants} grants due, {args.latency_ms:g} ms latency, "
+        idle = f" (+{args.not_due} not due)" if args.not_due and quota is None else ""
+        print(f"{name}: {grants} grants due{idle}, {args.latency_ms:g} ms latency, "
               f"{args.workers} workers, quota {quota or 'none'} ...", flush=True)
         r = run_once(grants=grants, latency_ms=args.latency_ms, workers=args.workers,
-                     quota=quota, database_url=args.database_url)
+                     quota=quota, database_url=args.database_url,
+                     not_due=args.not_due if quota is None else 0)
         runs[name] = r
         print(f"  {r['refreshes']} refreshes in {r['seconds']} s = {r['refreshes_per_s']}/s; "
               f"calls {r['calls']}; busiest window {r['max_window']}"

@@ -41,6 +41,7 @@ log = structlog.get_logger("keeper.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMPORT_BATCH = 1000
+ANALYZE_AFTER = 10000
 
 
 class Failed(KeeperError):
@@ -203,6 +204,8 @@ def cmd_import(config: Config, args: argparse.Namespace) -> int:
             if len(batch) >= IMPORT_BATCH:
                 flush()
         flush()
+        if imported >= ANALYZE_AFTER:
+            store.analyze()  # so the due queries keep their index plans on a grown table
     finally:
         store.close()
     if unknown:

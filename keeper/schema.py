@@ -77,9 +77,12 @@ grants = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     UniqueConstraint("appid", "openid", name="uq_grants_appid_openid"),
-    Index("ix_grants_refresh_due_at", "refresh_due_at"),
-    Index("ix_grants_access_due_at", "access_due_at"),
-    Index("ix_grants_profile_due_at", "profile_due_at"),
+    # Quotas are per app, so grants are claimed per app: (appid, due) serves "this app's
+    # grants due by then, most urgent first" as one range scan, on every database and
+    # whatever the planner's statistics say.
+    Index("ix_grants_refresh_due_at", "appid", "refresh_due_at"),
+    Index("ix_grants_access_due_at", "appid", "access_due_at"),
+    Index("ix_grants_profile_due_at", "appid", "profile_due_at"),
 )
 
 profiles = Table(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, case, delete, func, select, update
+from sqlalchemy import Engine, Row, bindparam, case, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from keeper.db import ensure_schema, is_sqlite, make_engine, translate
@@ -148,6 +148,11 @@ class Store(Reports, QuotaState):
 
     # -- grants out ------------------------------------------------------------------------
 
+    def analyze(self) -> None:
+        """Refresh the planner's statistics (after a large import)."""
+        with translate("analyzing"), self.engine.begin() as conn:
+            conn.execute(text("ANALYZE grants"))
+
     def get_grant(self, appid: str, openid: str) -> Grant | None:
         with translate("reading a grant"), self.engine.connect() as conn:
             row = conn.execute(
@@ -167,41 +172,50 @@ class Store(Reports, QuotaState):
         """Lease up to ``limit`` grants due at ``cutoff``, most urgent first.
 
         Urgency: refresh tokens nearest their refresh day, then access tokens nearest expiry,
-        then profiles. Each due column has its own index, so every query is a range scan;
-        leased grants (a few pages per process) are filtered out on the way. A lease only
+        then profiles. Claims go app by app (quotas are per app) and each is a range scan of
+        an (appid, due) index; leased grants (a few pages per process) are filtered out on
+        the way. A lease only
         sets two columns, so claiming touches no index. ``now`` (default ``cutoff``) decides
         which leases have lapsed.
         """
         now = now or cutoff
-        appids = list(appids)
+        apps = sorted(appids)
         claimed: list[Grant] = []
-        if not appids:
-            return claimed
         with translate("claiming due grants"), self.engine.begin() as conn:
             for col in DUE_COLUMNS:
-                need = limit - len(claimed)
-                if need <= 0:
-                    break
-                ids = conn.execute(
-                    select(grants.c.id)
-                    .where(col <= cutoff, grants.c.appid.in_(appids), self._free(now))
-                    .order_by(col)
-                    .limit(need)
-                    .with_for_update(skip_locked=True)
-                ).scalars().all()
-                if not ids:
-                    continue
-                # Checked again: on SQLite another process may have leased a row between
-                # the SELECT and this UPDATE (PostgreSQL's SKIP LOCKED rules that out).
-                rows = conn.execute(
-                    update(grants)
-                    .where(grants.c.id.in_(ids), col <= cutoff, self._free(now))
-                    .values(lease_id=lease_id, lease_until=lease_until)
-                    .returning(*grants.c)
-                ).all()
-                order = {gid: i for i, gid in enumerate(ids)}
-                claimed.extend(_grant(r) for r in sorted(rows, key=lambda r: order[r.id]))
+                for appid in apps:
+                    need = limit - len(claimed)
+                    if need <= 0:
+                        return claimed
+                    claimed.extend(self._claim_from(
+                        conn, col, appid, cutoff=cutoff, limit=need, lease_id=lease_id,
+                        lease_until=lease_until, now=now,
+                    ))
         return claimed
+
+    def _claim_from(
+        self, conn: Any, col: Any, appid: str, *, cutoff: datetime, limit: int, lease_id: str,
+        lease_until: datetime, now: datetime,
+    ) -> list[Grant]:
+        ids = conn.execute(
+            select(grants.c.id)
+            .where(grants.c.appid == appid, col <= cutoff, self._free(now))
+            .order_by(col)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).scalars().all()
+        if not ids:
+            return []
+        # Checked again: on SQLite another process may have leased a row between the SELECT
+        # and this UPDATE (PostgreSQL's SKIP LOCKED rules that out).
+        rows = conn.execute(
+            update(grants)
+            .where(grants.c.id.in_(ids), col <= cutoff, self._free(now))
+            .values(lease_id=lease_id, lease_until=lease_until)
+            .returning(*grants.c)
+        ).all()
+        order = {gid: i for i, gid in enumerate(ids)}
+        return [_grant(r) for r in sorted(rows, key=lambda r: order[r.id])]
 
     def claim_one(
         self, appid: str, openid: str, *, lease_id: str, lease_until: datetime, now: datetime

@@ -46,7 +46,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("appid", "openid", name="uq_grants_appid_openid"),
     )
     for column in ("refresh_due_at", "access_due_at", "profile_due_at"):
-        op.create_index(f"ix_grants_{column}", "grants", [column])
+        op.create_index(f"ix_grants_{column}", "grants", ["appid", column])
     op.create_table(
         "profiles",
         sa.Column(
