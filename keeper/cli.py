@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -67,16 +68,10 @@ def _iso(value: datetime | None) -> str | None:
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from keeper.scheduler import Service
 
-    rt = Runtime.build(config)
-    log.info("keeper.started", version=__version__, **config.redacted())
-    service = Service(sweeper=rt.sweeper(), interval_s=config.sweep_interval_s, stop=rt.stop)
+    log.info("keeper.started", version=__version__, pid=os.getpid(), **config.redacted())
+    service = Service(config=config, load=lambda: load_config(args.config))
     service.install_signals()
-    try:
-        return service.run()
-    finally:
-        log.info("keeper.stopping", step="database")
-        rt.close()
-        log.info("keeper.stopped")
+    return service.run()
 
 
 def cmd_sweep(config: Config, args: argparse.Namespace) -> int:

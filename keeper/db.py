@@ -21,7 +21,7 @@ from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 
 from keeper.config import redact_url
-from keeper.errors import DatabaseUnavailable, SchemaOutdated, StoreError
+from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated, StoreError
 from keeper.log import scrub
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -52,9 +52,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
     """An engine with the settings keeper relies on. SQLite's file is created mode 0600."""
     try:
-        parsed = make_url(url)
-    except exc.ArgumentError:
-        raise StoreError(f"database_url {redact_url(url)!r} is not a database URL") from None
+        return _make_engine(url, pool_size=pool_size)
+    except (exc.ArgumentError, ImportError) as e:
+        raise ConfigError(
+            f"database_url {redact_url(url)!r} is not usable: {type(e).__name__}"
+        ) from None
+
+
+def _make_engine(url: str, *, pool_size: int) -> Engine:
+    parsed = make_url(url)
     if is_sqlite(url):
         path = sqlite_path(url)
         if path is not None:

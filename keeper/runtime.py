@@ -24,10 +24,14 @@ class Runtime:
     stop: threading.Event
 
     @classmethod
-    def build(cls, config: Config, *, open_store: bool = True) -> Runtime:
+    def build(
+        cls, config: Config, *, open_store: bool = True, stop: threading.Event | None = None
+    ) -> Runtime:
+        """Every part, wired. ``open_store=False`` leaves checking the database to the caller
+        (the service waits for it instead of failing)."""
         for app in config.apps:
             register_secret(app.secret)
-        stop = threading.Event()
+        stop = stop or threading.Event()
         store = Store(config.database_url, pool_size=4)
         if open_store:
             store.open()

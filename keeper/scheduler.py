@@ -1,8 +1,13 @@
-"""``keeper run``: an in-memory APScheduler that sweeps every ``sweep_interval``.
+"""``keeper run``: an in-memory APScheduler that sweeps every ``sweep_interval``, as a systemd
+service.
 
 Each process has its own scheduler (APScheduler's job stores cannot be shared between
-processes); processes coordinate only through the database. Signal handlers only set flags;
-the main thread waits on an Event and shuts down in a fixed, logged order.
+processes); processes coordinate only through the database. Signal handlers only set flags
+and wake the main thread, which waits on an Event, pings systemd's watchdog, applies reloads
+and shuts down in a fixed, logged order: scheduler, in-flight sweep, leases, engine.
+
+Signals: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP reloads the
+configuration file, then sweeps; SIGUSR1 sweeps now.
 """
 
 from __future__ import annotations
@@ -10,72 +15,248 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from types import FrameType
+from typing import Any
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from keeper.errors import StoreError
+from keeper.config import Config
+from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated, StoreError
+from keeper.log import set_level
+from keeper.notify import Notifier
+from keeper.runtime import Runtime
 from keeper.sweep import Sweeper
 
 log = structlog.get_logger(__name__)
 
+#: A sweep whose loop has not turned for this long is hung: the watchdog stops pinging.
+HUNG_AFTER_S = 120.0
+#: Longest pause between sweep attempts while the database is down.
+DB_BACKOFF_CAP_S = 300.0
+
+
+def sweep_status(summary: dict[str, Any]) -> str:
+    """The one-line summary systemd shows (``STATUS=``)."""
+    return (
+        f"last sweep {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z: "
+        f"{summary.get('refresh_tokens_refreshed', 0)} refresh tokens, "
+        f"{summary.get('access_tokens_refreshed', 0)} access tokens, "
+        f"{summary.get('profiles_fetched', 0)} profiles, "
+        f"{summary.get('reauth_recorded', 0)} re-authorizations, "
+        f"{summary.get('transient_failures', 0)} transient failures "
+        f"in {summary.get('seconds', 0)} s"
+    )
+
 
 class Service:
-    """The long-running service around a :class:`Sweeper`."""
+    """The long-running service. ``load`` re-reads the configuration file (for SIGHUP)."""
 
-    def __init__(self, *, sweeper: Sweeper, interval_s: float, stop: threading.Event) -> None:
-        self.sweeper = sweeper
-        self.interval_s = interval_s
-        self.stop = stop
+    def __init__(
+        self, *, config: Config, load: Callable[[], Config], notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.load = load
+        self.notifier = notifier or Notifier()
+        self.stop = threading.Event()
         self.wake = threading.Event()
         self._signals = 0
+        self._reload = False
+        self._sweep_now = False
+        self._pending: Config | None = None
+        self._db_failures = 0
+        self._swap = threading.Lock()
+        self.runtime = Runtime.build(config, open_store=False, stop=self.stop)
+        self.sweeper: Sweeper = self.runtime.sweeper()
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
 
-    def sweep_job(self) -> None:
-        """The scheduled job: one sweep; a failure is logged and the next interval tries again."""
-        if self.stop.is_set():
-            return
-        try:
-            self.sweeper.run_once()
-        except StoreError as e:
-            log.error("sweep.failed", error=str(e))
-        except Exception:
-            log.exception("sweep.crashed")
+    # -- signals (handlers only set flags) ---------------------------------------------------
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:
             os._exit(1)  # a second signal: the operator wants out now
         self.stop.set()
         self.wake.set()
 
+    def _on_reload(self, signum: int, _frame: FrameType | None) -> None:
+        self._reload = True
+        self.wake.set()
+
+    def _on_sweep(self, signum: int, _frame: FrameType | None) -> None:
+        self._sweep_now = True
+        self.wake.set()
+
     def install_signals(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGUSR1, self._on_sweep)
+
+    # -- the sweep job (scheduler thread) --------------------------------------------------
+
+    def sweep_job(self) -> None:
+        """One sweep; failures are logged once and the next attempt backs off."""
+        if self.stop.is_set():
+            return
+        self._apply_pending()
+        try:
+            summary = self.sweeper.run_once()
+        except DatabaseUnavailable as e:
+            self._db_failed(str(e))
+            return
+        except StoreError as e:
+            log.error("sweep.failed", error=str(e))
+            self._db_failed(None)
+            return
+        except Exception:
+            log.exception("sweep.crashed")
+            return
+        if self._db_failures:
+            log.info("database.recovered", after_failures=self._db_failures)
+            self._db_failures = 0
+        self.notifier.status(sweep_status(summary))
+
+    def _db_failed(self, error: str | None) -> None:
+        self._db_failures += 1
+        delay = min(DB_BACKOFF_CAP_S, self.config.sweep_interval_s * 2 ** (self._db_failures - 1))
+        if error is not None:
+            log.error("database.unavailable", error=error, failures=self._db_failures,
+                      retry_in_s=round(delay, 1))
+        self.notifier.status(f"database unavailable; retrying in {delay:.0f} s")
+        job = self.scheduler.get_job("sweep")
+        if job is not None and not self.stop.is_set():
+            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+
+    def _apply_pending(self) -> None:
+        """A reloaded configuration takes effect between sweeps."""
+        with self._swap:
+            config, self._pending = self._pending, None
+        if config is None:
+            return
+        old = self.runtime
+        self.sweeper.close()
+        self.runtime = Runtime.build(config, open_store=False, stop=self.stop)
+        self.sweeper = self.runtime.sweeper()
+        self.config = config
+        old.close()
+        try:
+            self.runtime.store.open()
+        except StoreError as e:
+            log.error("database.unavailable", error=str(e))
+
+    # -- main thread -------------------------------------------------------------------------
+
+    def _wait_for_database(self) -> bool:
+        """Block until the schema is usable or shutdown begins; True if usable."""
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                self.runtime.store.open()
+                return True
+            except (DatabaseUnavailable, SchemaOutdated) as e:
+                event = ("database.schema_outdated" if isinstance(e, SchemaOutdated)
+                         else "database.unavailable")
+                log.error(event, error=str(e), retry_in_s=delay)
+                self.notifier.status(f"waiting for the database: {e}")
+            self._tick(delay)
+            delay = min(60.0, delay * 2)
+        return False
+
+    def _tick(self, seconds: float) -> None:
+        """Wait up to ``seconds``, pinging the watchdog meanwhile; returns early on a signal."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set():
+            self.watchdog()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            interval = self.notifier.watchdog_s / 2 if self.notifier.watchdog_s else left
+            if self.wake.wait(min(left, interval)):
+                return
+
+    def healthy(self) -> bool:
+        """Not hung: no sweep running, or the running one's loop turned recently."""
+        busy = self.sweeper.busy_since
+        return busy is None or time.monotonic() - self.sweeper.last_turn < HUNG_AFTER_S
+
+    def watchdog(self) -> None:
+        if self.notifier.watchdog_s and self.healthy():
+            self.notifier.watchdog()
+
+    def _do_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            config = self.load()
+        except ConfigError as e:
+            log.error("config.reload_refused", error=str(e))
+            self.notifier.ready("reload refused; running with the previous configuration")
+            return
+        set_level(config.log_level)
+        with self._swap:
+            self._pending = config
+        job = self.scheduler.get_job("sweep")
+        if job is not None and config.sweep_interval_s != self.config.sweep_interval_s:
+            job.reschedule("interval", seconds=config.sweep_interval_s)
+        log.info("config.reloaded", **config.redacted())
+        self.notifier.ready("configuration reloaded")
+        self._sweep_now = True  # `systemctl reload keeper` is how operators ask for a sweep
+
+    def _request_sweep(self) -> None:
+        job = self.scheduler.get_job("sweep")
+        log.info("sweep.requested", running=self.sweeper.busy_since is not None)
+        if job is not None:
+            # A sweep already running finishes first: max_instances=1 queues nothing, so the
+            # request is kept until the scheduler can start one.
+            job.modify(next_run_time=datetime.now(UTC))
 
     def run(self) -> int:
-        """Sweep now and every interval until SIGTERM/SIGINT; returns the exit code."""
+        """Serve until SIGTERM/SIGINT; returns the exit code."""
+        self.notifier.status("starting")
+        if not self._wait_for_database():
+            return self._shutdown()
         self.scheduler.add_job(
-            self.sweep_job, "interval", seconds=self.interval_s, id="sweep",
+            self.sweep_job, "interval", seconds=self.config.sweep_interval_s, id="sweep",
             next_run_time=datetime.now(UTC),
         )
         self.scheduler.start()
-        log.info("scheduler.started", interval_s=self.interval_s)
+        log.info("scheduler.started", interval_s=self.config.sweep_interval_s,
+                 watchdog_s=self.notifier.watchdog_s)
+        self.notifier.ready("running")
         while not self.stop.is_set():
-            self.wake.wait()
             self.wake.clear()
+            if self._reload:
+                self._reload = False
+                self._do_reload()
+            if self._sweep_now and self.sweeper.busy_since is None:
+                self._sweep_now = False
+                self._request_sweep()
+            # A sweep asked for while one runs is started as soon as that one ends.
+            idle = 0.5 if self._sweep_now else 3600.0
+            self._tick(min(idle, self.notifier.watchdog_s / 2) if self.notifier.watchdog_s
+                       else idle)
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        self.notifier.stopping()
         log.info("keeper.stopping", step="scheduler")
-        # wait=True lets a running sweep finish: it sees the stop flag, stops claiming,
-        # lets calls in flight finish (or abandons them after a grace) and writes results.
-        self.scheduler.shutdown(wait=True)
+        if self.scheduler.running:
+            # wait=True lets a running sweep finish: it sees the stop flag, stops claiming,
+            # lets calls in flight finish (or gives their grants back after a grace) and
+            # writes results and releases leases before it returns.
+            self.scheduler.shutdown(wait=True)
         log.info("keeper.stopping", step="workers")
         self.sweeper.close()
+        log.info("keeper.stopping", step="database")
+        self.runtime.close()
+        self.notifier.close()
+        log.info("keeper.stopped")
         return 0
-

@@ -80,6 +80,8 @@ class Worker:
         self.stop = stop
         self.clock = clock
         self.rng = rng or random.Random()
+        #: Set by a sweep that gave up on WeChat: grants still queued go back untouched.
+        self.halt = threading.Event()
         self.apps: Mapping[str, AppConfig] = {a.appid: a for a in config.apps}
         self.clocks = {a.appid: lifetime(a, config) for a in config.apps}
 
@@ -139,7 +141,7 @@ class Worker:
         result = Result(grant)
         counts = result.counts
         clock = self.clocks.get(grant.appid)
-        if clock is None or self.stop.is_set():
+        if clock is None or self.stop.is_set() or self.halt.is_set():
             return result
         now = self.clock()
         g, profile, record, clear = grant, None, None, False
