@@ -33,3 +33,20 @@ constraints:
 
 clean:
 	rm -rf $(VENV) var/demo .pytest_cache
+
+# Install the systemd units for this checkout (run as root). The checkout should live outside
+# /home and /root (the units use ProtectHome=yes), e.g. in /opt/keeper.
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/keeper
+.PHONY: install-systemd
+install-systemd: $(STAMP)
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	for unit in keeper.service keeper-sweep.service keeper@.service; do \
+	  sed 's#/opt/keeper#$(CURDIR)#g' systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit; \
+	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit; \
+	done
+	install -d -m 0755 $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CONFDIR)/secrets
+	test -e $(DESTDIR)$(CONFDIR)/keeper.toml || install -m 0644 config/keeper.toml $(DESTDIR)$(CONFDIR)/keeper.toml
+	test -e $(DESTDIR)$(CONFDIR)/keeper.env || install -m 0600 systemd/keeper.env.example $(DESTDIR)$(CONFDIR)/keeper.env
+	if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; next: put each AppSecret in $(CONFDIR)/secrets/<appid> (mode 0600), edit $(CONFDIR)/keeper.toml, then: systemctl enable --now keeper"

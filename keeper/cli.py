@@ -330,8 +330,14 @@ def cmd_profile(config: Config, args: argparse.Namespace) -> int:
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     store = Store(config.database_url, pool_size=1).open()
     try:
-        data = store.status(utcnow())
-        data["last_sweep"] = store.last_sweep()
+        now = utcnow()
+        data = store.status(now)
+        data["last_sweep"] = last = store.last_sweep()
+        # For alerts: a service that stopped sweeping shows a growing age.
+        data["last_sweep_age_s"] = (
+            round((now - datetime.fromisoformat(last["finished_at"])).total_seconds(), 1)
+            if last else None
+        )
     finally:
         store.close()
     if args.json:
@@ -347,7 +353,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         _out("last sweep         never")
     else:
         s = last["summary"]
-        _out(f"last sweep         {last['finished_at']} ({s.get('seconds')} s): "
+        _out(f"last sweep         {last['finished_at']} ({data['last_sweep_age_s']} s ago, "
+             f"took {s.get('seconds')} s): "
              + ", ".join(f"{k}={s.get(k, 0)}" for k in (
                  "refresh_tokens_refreshed", "access_tokens_refreshed", "reauth_recorded",
                  "profiles_fetched", "transient_failures")))
