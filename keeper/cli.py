@@ -75,6 +75,8 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(config: Config, args: argparse.Namespace) -> int:
+    log.info("keeper.started", version=__version__, pid=os.getpid(), command="sweep",
+             **config.redacted())
     rt = Runtime.build(config)
     sweeper = rt.sweeper()
     if sys.stderr.isatty() and not args.json:
