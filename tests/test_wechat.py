@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -130,17 +131,24 @@ class _Huge(BaseHTTPRequestHandler):
         pass
 
 
-def test_bodies_are_read_with_a_size_cap() -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Huge)
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A one-off loopback server answering with ``handler``; its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        c = WeChatClient(api_base=f"http://127.0.0.1:{server.server_address[1]}",
-                         connect_timeout_s=1, read_timeout_s=2, max_body_bytes=64 * 1024)
-        with pytest.raises(TransientApiError, match="larger than"):
-            c.refresh(APPID, RT)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_bodies_are_read_with_a_size_cap() -> None:
+    with serving(_Huge) as url:
+        c = WeChatClient(api_base=url, connect_timeout_s=1, read_timeout_s=2,
+                         max_body_bytes=64 * 1024)
+        with pytest.raises(TransientApiError, match="larger than"):
+            c.refresh(APPID, RT)
 
 
 class _Echo(BaseHTTPRequestHandler):
@@ -160,14 +168,8 @@ class _Echo(BaseHTTPRequestHandler):
 
 
 def test_an_errmsg_echoing_a_token_is_scrubbed() -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        c = WeChatClient(api_base=f"http://127.0.0.1:{server.server_address[1]}",
-                         connect_timeout_s=1, read_timeout_s=2)
+    with serving(_Echo) as url:
+        c = WeChatClient(api_base=url, connect_timeout_s=1, read_timeout_s=2)
         with pytest.raises(ReauthRequired) as e:
             c.refresh(APPID, RT)
         assert RT not in str(e.value) and "invalid refresh_token" in str(e.value)
-    finally:
-        server.shutdown()
-        server.server_close()
