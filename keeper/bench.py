@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -25,10 +26,11 @@ import requests
 import structlog
 
 from keeper.config import build_config
+from keeper.crypto import create_key_file
 from keeper.log import configure
 from keeper.models import Grant
 from keeper.policy import schedule
-from keeper.runtime import Runtime
+from keeper.runtime import Runtime, cipher_for
 from keeper.store import GrantWrite, Store
 from keeper.worker import lifetime
 
@@ -119,8 +121,11 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
     tmp = tempfile.TemporaryDirectory(prefix="keeper-bench-")
     try:
         url = database_url or f"sqlite:///{tmp.name}/bench.db"
+        key_file = Path(tmp.name) / "bench.key"
+        create_key_file(key_file)
         data: dict[str, Any] = {
             "database_url": url, "api_base": sim.url, "workers": workers,
+            "encryption_key_file": str(key_file),
             "log_level": "warning", "apps": [{"appid": APPID}],
         }
         if quota:
@@ -131,7 +136,7 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         now = time.time()
         rows = _grants(grants, now)
         sim.seed(rows)
-        store = Store(url, auto_upgrade=True).open()
+        store = Store(url, cipher=cipher_for(config), auto_upgrade=True).open()
         clock = lifetime(config.apps[0], config)
         at = datetime.now(UTC)
         _store_grants(store, rows, clock, access_expires_at=at - timedelta(seconds=60))

@@ -33,7 +33,7 @@ from keeper.limiter import QuotaWait
 from keeper.log import configure
 from keeper.models import ACTIVE, REAUTH, Grant
 from keeper.policy import schedule
-from keeper.runtime import Runtime
+from keeper.runtime import Runtime, cipher_for, open_store
 from keeper.store import GrantWrite, Store, new_lease_id
 from keeper.sweep import utcnow
 from keeper.worker import lifetime
@@ -177,7 +177,7 @@ def _read_lines(source: str) -> Iterator[str]:
 def cmd_import(config: Config, args: argparse.Namespace) -> int:
     appids = [a.appid for a in config.apps]
     clocks = {a.appid: lifetime(a, config) for a in config.apps}
-    store = Store(config.database_url, pool_size=1).open()
+    store = open_store(config)
     imported = bad = 0
     unknown: set[str] = set()
     batch: dict[tuple[str, str], GrantWrite] = {}
@@ -298,7 +298,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_profile(config: Config, args: argparse.Namespace) -> int:
-    store = Store(config.database_url, pool_size=1).open()
+    store = open_store(config)
     try:
         grant = _grant_or_fail(store, args.app, args.openid)
         profile = store.profile(grant.id) or {}
@@ -330,7 +330,7 @@ def cmd_profile(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    store = Store(config.database_url, pool_size=1).open()
+    store = open_store(config)
     try:
         now = utcnow()
         data = store.status(now)
@@ -364,7 +364,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_reauth(config: Config, args: argparse.Namespace) -> int:
-    store = Store(config.database_url, pool_size=1).open()
+    store = open_store(config)
     try:
         for row in store.iter_reauth():
             row.pop("grant_id")
@@ -379,10 +379,41 @@ def cmd_reauth(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
+    if args.new:
+        from cryptography.fernet import Fernet
+
+        # A new key for the operator to put first in encryption_key_file.
+        _out(Fernet.generate_key().decode("ascii"))
+        return EXIT_OK
+    store = open_store(config)
+    total = 0
+    try:
+        primary = store.cipher.primary_id
+        while True:
+            done, left = store.rotate_keys(batch=args.batch)
+            total += done
+            log.info("rotate.progress", rotated=total, left=left, key_id=primary)
+            if not left:
+                break
+            if not done:
+                raise Failed(f"{left} grants keep being written under another key: is a keeper "
+                             "process still running with the old encryption_key_file first?")
+    finally:
+        store.close()
+    if args.json:
+        _json({"rotated": total, "key_id": primary})
+    else:
+        _out(f"re-encrypted {total} grants under key {primary}; every token is under it now, "
+             "so older keys can be removed from encryption_key_file")
+    return EXIT_OK
+
+
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
+    cipher = cipher_for(config)  # encrypts tokens stored in plaintext before 0002
     engine = db.make_engine(config.database_url, pool_size=1)
     try:
-        before, after = db.upgrade(engine)
+        before, after = db.upgrade(engine, cipher=cipher)
     finally:
         engine.dispose()
     log.info("db.upgraded", before=before, after=after)
@@ -426,6 +457,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("openid", metavar="OPENID")
     command("status", cmd_status, "counts and the last sweep", json_flag=True)
     command("reauth", cmd_reauth, "users who must re-authorize", json_flag=True)
+    sp = command("rotate-key", cmd_rotate_key,
+                 "re-encrypt every token under the first key of encryption_key_file",
+                 json_flag=True)
+    sp.add_argument("--batch", type=int, default=500, help="grants per transaction")
+    sp.add_argument("--new", action="store_true", help="print a new key and exit")
     sp = command("db", cmd_db, "database schema")
     sp.add_argument("action", choices=["upgrade"])
     sub.add_parser("simulate", help="run the WeChat simulator on loopback", add_help=False)

@@ -30,6 +30,42 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Values that look like an AppSecret (32 hex digits) or a Fernet key: never in the file.
+_SECRET_LOOKING = re.compile(r"^(?:[0-9a-fA-F]{32}|[A-Za-z0-9_-]{43}=)$")
+
+
+def _refuse_secrets(value: object, key: str) -> None:
+    """Refuse a configuration file that holds something that looks like a secret."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _refuse_secrets(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_secrets(v, f"{key}[{i}]")
+    elif isinstance(value, str) and _SECRET_LOOKING.match(value.strip()):
+        raise ConfigError(
+            f"{key}: looks like a secret; secrets never go in the configuration file "
+            "(use secret_env, secret_file or encryption_key_file)"
+        )
+
+
+def _credential_key(env: Mapping[str, str]) -> tuple[Path, ...]:
+    """A systemd credential named ``keeper.key``, when no key file is configured."""
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    path = Path(creds) / "keeper.key" if creds else None
+    return (path,) if path and path.is_file() else ()
+
+
+def _resolve(name: str, env: Mapping[str, str], base: Path) -> Path:
+    """A file named in the configuration: absolute as given; a relative name is looked up
+    among systemd's credentials first (LoadCredential=), then beside the configuration file."""
+    path = Path(name)
+    if path.is_absolute():
+        return path
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / path).is_file():
+        return Path(creds) / path
+    return base / path
 
 
 @dataclass(frozen=True)
@@ -72,6 +108,8 @@ class Config:
     log_level: str
     apps: tuple[AppConfig, ...]
     source: str
+    #: Token encryption keys, in order (the first encrypts). Empty: the default key file.
+    encryption_key_files: tuple[Path, ...] = ()
 
     def app(self, appid: str) -> AppConfig:
         """The app called ``appid``; ``ConfigError`` if it is not configured."""
@@ -95,6 +133,7 @@ class Config:
             "access_margin_s": self.access_margin_s,
             "lease_s": self.lease_s,
             "log_level": self.log_level,
+            "encryption_key_files": [str(p) for p in self.encryption_key_files] or "default",
             "apps": [
                 {
                     "appid": a.appid,
@@ -197,13 +236,7 @@ def _read_secret(app: _Table, env: Mapping[str, str], base: Path) -> tuple[str |
         value = env.get(secret_env, "").strip()
         return (value or None), f"env {secret_env}"
     if secret_file:
-        path = Path(secret_file)
-        # A relative name is looked up among systemd's credentials first (LoadCredential=).
-        creds = env.get("CREDENTIALS_DIRECTORY")
-        if not path.is_absolute() and creds and (Path(creds) / path).is_file():
-            path = Path(creds) / path
-        elif not path.is_absolute():
-            path = base / path
+        path = _resolve(secret_file, env, base)
         try:
             value = path.read_text(encoding="utf-8").strip()
         except OSError:
@@ -258,6 +291,10 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
 
 def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str) -> Config:
     """Validate parsed TOML ``data`` into a :class:`Config`."""
+    _refuse_secrets(data, "")
+    if re.search(r"://[^/@:]+:[^@/]+@", str(data.get("database_url", ""))):
+        raise ConfigError("database_url: holds a password; set KEEPER_DATABASE_URL in the "
+                          "environment (an EnvironmentFile) instead")
     t = _Table(data, "")
     database_url = env.get("KEEPER_DATABASE_URL") or t.string(
         "database_url", "sqlite:///var/keeper.db"
@@ -296,6 +333,11 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
     if not isinstance(raw_apps, list):
         raise ConfigError("apps: expected [[apps]] tables")
     base = Path(source).resolve().parent
+    key_files = t.pop("encryption_key_file", [])
+    if isinstance(key_files, str):
+        key_files = [key_files]
+    if not isinstance(key_files, list) or not all(isinstance(k, str) and k for k in key_files):
+        raise ConfigError("encryption_key_file: expected a path or a list of paths")
     apps = tuple(_app(raw, i, env, base, quotas) for i, raw in enumerate(raw_apps))
     seen: set[str] = set()
     for app in apps:
@@ -318,6 +360,9 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         log_level=level,
         apps=apps,
         source=source,
+        encryption_key_files=(
+            tuple(_resolve(k, env, base) for k in key_files) or _credential_key(env)
+        ),
     )
     t.finish()
     return config

@@ -123,13 +123,20 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine) -> tuple[str | None, str | None]:
-    """Apply every pending migration; (revision before, revision after)."""
+def upgrade(
+    engine: Engine, *, cipher: Any = None, target: str = "head"
+) -> tuple[str | None, str | None]:
+    """Apply every pending migration; (revision before, revision after).
+
+    ``cipher`` (a :class:`keeper.crypto.Cipher`) lets the migration that introduced encryption
+    encrypt tokens stored in plaintext before it.
+    """
     before = current_revision(engine)
     cfg = _alembic_config(engine)
     with translate("migrating the schema"), engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        cfg.attributes["cipher"] = cipher
+        command.upgrade(cfg, target)
     return before, current_revision(engine)
 
 
@@ -145,7 +152,7 @@ def _file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
+def ensure_schema(engine: Engine, *, auto_upgrade: bool, cipher: Any = None) -> None:
     """Check the schema is current; upgrade it first when ``auto_upgrade`` (embedded SQLite).
 
     Two processes starting at once on a fresh SQLite file take turns through a file lock.
@@ -159,4 +166,4 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
     path = sqlite_path(str(engine.url))
     with _file_lock(path) if path else contextlib.nullcontext():
         if current_revision(engine) != head_revision(engine):
-            upgrade(engine)
+            upgrade(engine, cipher=cipher)

@@ -6,12 +6,38 @@ import threading
 from dataclasses import dataclass
 
 from keeper.config import Config
+from keeper.crypto import Cipher, create_key_file, load_keys
+from keeper.db import is_sqlite, sqlite_path
+from keeper.errors import ConfigError
 from keeper.limiter import QuotaGate
 from keeper.log import register_secret
 from keeper.store import Store
 from keeper.sweep import Sweeper, utcnow
 from keeper.wechat import WeChatClient
 from keeper.worker import Worker
+
+
+def cipher_for(config: Config) -> Cipher:
+    """The token cipher: the configured key files, or on the embedded SQLite default a key
+    file beside the database, created (mode 0600) on first use."""
+    paths = list(config.encryption_key_files)
+    if not paths:
+        db_file = sqlite_path(config.database_url) if is_sqlite(config.database_url) else None
+        if db_file is None:
+            raise ConfigError(
+                "encryption_key_file is required with this database_url: every keeper process "
+                "sharing it must use the same key (generate one: keeper rotate-key --new)"
+            )
+        key = db_file.parent / "keeper.key"
+        if not key.exists():
+            create_key_file(key)
+        paths = [key]
+    return Cipher(load_keys(paths))
+
+
+def open_store(config: Config, *, pool_size: int = 1) -> Store:
+    """The store with its cipher, schema checked (or upgraded on SQLite) and keys verified."""
+    return Store(config.database_url, cipher=cipher_for(config), pool_size=pool_size).open()
 
 
 @dataclass
@@ -32,7 +58,7 @@ class Runtime:
         for app in config.apps:
             register_secret(app.secret)
         stop = stop or threading.Event()
-        store = Store(config.database_url, pool_size=4)
+        store = Store(config.database_url, cipher=cipher_for(config), pool_size=4)
         if open_store:
             store.open()
         client = WeChatClient(

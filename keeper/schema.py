@@ -73,6 +73,8 @@ grants = Table(
     Column("access_due_at", UTCDateTime),
     Column("profile_due_at", UTCDateTime),
     Column("lease_id", String(32)),
+    # Which key encrypted the two tokens (a fingerprint, see keeper.crypto.key_id).
+    Column("key_id", String(16)),
     Column("lease_until", UTCDateTime),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -83,6 +85,7 @@ grants = Table(
     Index("ix_grants_refresh_due_at", "appid", "refresh_due_at"),
     Index("ix_grants_access_due_at", "appid", "access_due_at"),
     Index("ix_grants_profile_due_at", "appid", "profile_due_at"),
+    Index("ix_grants_key_id", "key_id"),  # what `keeper rotate-key` has left to do
 )
 
 profiles = Table(
@@ -134,4 +137,11 @@ quota_state = Table(
     Column("appid", String(64), primary_key=True),
     Column("endpoint", String(16), primary_key=True),
     Column("tat_us", BigInteger, nullable=False),  # GCRA theoretical arrival time, Unix µs
+)
+
+meta = Table(
+    "keeper_meta",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", Text, nullable=False),
 )

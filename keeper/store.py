@@ -17,12 +17,13 @@ from typing import Any
 from sqlalchemy import Engine, Row, bindparam, case, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from keeper.crypto import Cipher, WrongKey
 from keeper.db import ensure_schema, is_sqlite, make_engine, translate
 from keeper.models import Grant, Profile, Reauth
 from keeper.policy import Schedule
 from keeper.quota_state import QuotaState
 from keeper.reports import Reports
-from keeper.schema import grants, profiles, reauth
+from keeper.schema import grants, meta, profiles, reauth
 
 DUE_COLUMNS = (grants.c.refresh_due_at, grants.c.access_due_at, grants.c.profile_due_at)
 _MUTABLE = (
@@ -51,11 +52,12 @@ def new_lease_id() -> str:
     return secrets.token_hex(8)
 
 
-def _grant(row: Row[Any] | Mapping[str, Any]) -> Grant:
+def _grant(row: Row[Any] | Mapping[str, Any], cipher: Cipher) -> Grant:
     m = row._mapping if isinstance(row, Row) else row
     return Grant(
         id=m["id"], appid=m["appid"], openid=m["openid"], unionid=m["unionid"],
-        scope=m["scope"], access_token=m["access_token"], refresh_token=m["refresh_token"],
+        scope=m["scope"], access_token=cipher.decrypt(m["access_token"]),
+        refresh_token=cipher.decrypt(m["refresh_token"]),
         access_expires_at=m["access_expires_at"], refresh_issued_at=m["refresh_issued_at"],
         state=m["state"], failures=m["failures"], retry_at=m["retry_at"],
         last_error=m["last_error"], profile_at=m["profile_at"], profile_stop=m["profile_stop"],
@@ -83,16 +85,88 @@ def _profile_values(p: Profile) -> dict[str, Any]:
 class Store(Reports, QuotaState):
     """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
 
-    def __init__(self, url: str, *, pool_size: int = 8, auto_upgrade: bool | None = None) -> None:
+    def __init__(
+        self, url: str, *, cipher: Cipher, pool_size: int = 8, auto_upgrade: bool | None = None
+    ) -> None:
         self.url = url
+        self.cipher = cipher
         self.engine: Engine = make_engine(url, pool_size=pool_size)
         self.sqlite = is_sqlite(url)
         self.auto_upgrade = self.sqlite if auto_upgrade is None else auto_upgrade
 
     def open(self) -> Store:
-        """Check (or on SQLite, bring up to date) the schema; raises StoreError."""
-        ensure_schema(self.engine, auto_upgrade=self.auto_upgrade)
+        """Check (or on SQLite, bring up to date) the schema and the encryption keys.
+
+        Raises StoreError, or :class:`keeper.crypto.WrongKey` when the configured keys cannot
+        read this database (nothing is written then).
+        """
+        ensure_schema(self.engine, auto_upgrade=self.auto_upgrade, cipher=self.cipher)
+        self._check_keys()
         return self
+
+    def _check_keys(self) -> None:
+        with translate("checking the encryption key"), self.engine.begin() as conn:
+            check = conn.execute(select(meta.c.value).where(meta.c.name == "key_check")).scalar()
+            if check is None:
+                conn.execute(self._insert(meta).values(name="key_check",
+                             value=self.cipher.check_value()).on_conflict_do_nothing())
+            unknown = conn.execute(
+                select(grants.c.key_id).distinct().where(grants.c.key_id.not_in(self.cipher.ids))
+            ).scalars().all()
+        if check is not None:
+            self.cipher.verify(check)
+        if unknown:
+            raise WrongKey(
+                f"tokens in this database are encrypted with key(s) {', '.join(map(str, unknown))}"
+                f", which encryption_key_file does not hold (configured: "
+                f"{', '.join(self.cipher.ids)}); keeper will not start without them"
+            )
+
+    def rotate_keys(self, *, batch: int = 500) -> tuple[int, int]:
+        """Re-encrypt up to ``batch`` grants not yet under the primary key; (done, left).
+
+        Each row is rewritten only if it still holds what was read (compare-and-swap), so a
+        sweep writing the same grant meanwhile wins, and its write is under the primary key
+        already. Safe to run beside the service, and to interrupt and run again.
+        """
+        stale = grants.c.key_id.is_distinct_from(self.cipher.primary_id)
+        with translate("rotating keys"), self.engine.begin() as conn:
+            rows = conn.execute(
+                select(grants.c.id, grants.c.access_token, grants.c.refresh_token)
+                .where(stale).order_by(grants.c.id).limit(batch)
+            ).all()
+            params = [
+                {"b_id": r.id, "b_access": r.access_token, "b_refresh": r.refresh_token,
+                 "access_token": self.cipher.encrypt(self.cipher.decrypt(r.access_token)),
+                 "refresh_token": self.cipher.encrypt(self.cipher.decrypt(r.refresh_token)),
+                 "key_id": self.cipher.primary_id}
+                for r in rows
+            ]
+            if params:
+                conn.execute(
+                    update(grants).where(
+                        grants.c.id == bindparam("b_id"),
+                        grants.c.access_token == bindparam("b_access"),
+                        grants.c.refresh_token == bindparam("b_refresh"),
+                    ).values(access_token=bindparam("access_token"),
+                             refresh_token=bindparam("refresh_token"),
+                             key_id=bindparam("key_id")),
+                    params,
+                )
+            left = conn.execute(select(func.count()).where(stale)).scalar_one()
+            if not left:
+                # Last: the key check, so an old key is only dropped after every token moved.
+                conn.execute(update(meta).where(meta.c.name == "key_check")
+                             .values(value=self.cipher.check_value()))
+        return len(params), int(left)
+
+    def _tokens(self, g: Grant) -> dict[str, Any]:
+        """The grant's mutable columns as stored: tokens encrypted with the primary key."""
+        values = {k: getattr(g, k) for k in _MUTABLE}
+        values["access_token"] = self.cipher.encrypt(g.access_token)
+        values["refresh_token"] = self.cipher.encrypt(g.refresh_token)
+        values["key_id"] = self.cipher.primary_id
+        return values
 
     def close(self) -> None:
         self.engine.dispose()
@@ -116,7 +190,7 @@ class Store(Reports, QuotaState):
             g = w.grant
             rows.append({
                 "appid": g.appid, "openid": g.openid,
-                **{k: getattr(g, k) for k in _MUTABLE},
+                **self._tokens(g),
                 **_schedule_values(w.schedule),
                 "lease_id": None, "lease_until": None, "created_at": now, "updated_at": now,
             })
@@ -126,7 +200,7 @@ class Store(Reports, QuotaState):
         stmt = stmt.on_conflict_do_update(
             index_elements=["appid", "openid"],
             set_={
-                **{k: ex[k] for k in _MUTABLE if k not in keep},
+                **{k: ex[k] for k in (*_MUTABLE, "key_id") if k not in keep},
                 "profile_stop": func.coalesce(ex.profile_stop, grants.c.profile_stop),
                 "refresh_due_at": ex.refresh_due_at,
                 "access_due_at": ex.access_due_at,
@@ -158,7 +232,7 @@ class Store(Reports, QuotaState):
             row = conn.execute(
                 select(grants).where(grants.c.appid == appid, grants.c.openid == openid)
             ).first()
-        return _grant(row) if row else None
+        return _grant(row, self.cipher) if row else None
 
     @staticmethod
     def _free(now: datetime) -> Any:
@@ -215,7 +289,7 @@ class Store(Reports, QuotaState):
             .returning(*grants.c)
         ).all()
         order = {gid: i for i, gid in enumerate(ids)}
-        return [_grant(r) for r in sorted(rows, key=lambda r: order[r.id])]
+        return [_grant(r, self.cipher) for r in sorted(rows, key=lambda r: order[r.id])]
 
     def claim_one(
         self, appid: str, openid: str, *, lease_id: str, lease_until: datetime, now: datetime
@@ -228,7 +302,7 @@ class Store(Reports, QuotaState):
                 .values(lease_id=lease_id, lease_until=lease_until)
                 .returning(*grants.c)
             ).first()
-        return _grant(row) if row else None
+        return _grant(row, self.cipher) if row else None
 
     def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> int:
         """Write results of leased work in one transaction and end the leases.
@@ -251,7 +325,7 @@ class Store(Reports, QuotaState):
             params = [
                 {
                     "b_id": w.grant.id, "b_lease": lease_id,
-                    **{k: getattr(w.grant, k) for k in _MUTABLE},
+                    **self._tokens(w.grant),
                     **_schedule_values(w.schedule),
                 }
                 for w in mine
@@ -260,7 +334,8 @@ class Store(Reports, QuotaState):
                 update(grants)
                 .where(grants.c.id == bindparam("b_id"), grants.c.lease_id == bindparam("b_lease"))
                 .values(
-                    {k: bindparam(k) for k in (*_MUTABLE, *(c.name for c in DUE_COLUMNS))}
+                    {k: bindparam(k)
+                     for k in (*_MUTABLE, "key_id", *(c.name for c in DUE_COLUMNS))}
                     | {"lease_id": None, "lease_until": None, "updated_at": now}
                 ),
                 params,

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, make_url, text
 
+from keeper.crypto import Cipher
 from keeper.simulator import Simulator
 from keeper.store import Store
 
@@ -28,6 +30,8 @@ IN_CI = bool(os.environ.get("CI"))
 APPID = "wx00000000000000a1"
 SECRET = "sim-app-secret-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
+#: The token key of store tests (a fresh one per run); e2e tests write theirs to keeper.key.
+TEST_CIPHER = Cipher([Fernet.generate_key()])
 
 
 _PG_STATE: dict[str, str | None] = {}
@@ -102,7 +106,7 @@ def migrated_url(db_url: str) -> str:
 
 @pytest.fixture
 def store(db_url: str) -> Iterator[Store]:
-    s = Store(db_url, auto_upgrade=True).open()
+    s = Store(db_url, cipher=TEST_CIPHER, auto_upgrade=True).open()
     yield s
     s.close()
 
@@ -182,6 +186,7 @@ connect_timeout = 1
 read_timeout = 0.5
 lease = "2m"
 log_level = "debug"
+encryption_key_file = "keeper.key"
 {extra}
 
 [[apps]]
@@ -197,6 +202,8 @@ def keeper(tmp_path: Path, sim: Simulator) -> Keeper:
     env["KEEPER_TEST_SECRET"] = SECRET
     env["PYTHONPATH"] = str(ROOT)
     k = Keeper(tmp_path, tmp_path / "keeper.toml", env)
+    (tmp_path / "keeper.key").write_text(Fernet.generate_key().decode() + "\n")
+    (tmp_path / "keeper.key").chmod(0o600)
     k.write_config(config_text(db_url=f"sqlite:///{tmp_path / 'keeper.db'}", api_base=sim.url))
     return k
 

@@ -78,8 +78,9 @@ def test_a_missing_secret_is_not_fatal_until_a_code_exchange_needs_it() -> None:
 
 
 def test_redacted_config_hides_passwords_and_secrets() -> None:
-    c = build({"database_url": "postgresql+psycopg://keeper:hunter22@db/keeper",
-               "apps": [{"appid": "wx1", "secret_env": "S"}]}, {"S": "topsecretvalue"})
+    c = build({"apps": [{"appid": "wx1", "secret_env": "S"}]},
+              {"S": "topsecretvalue",
+               "KEEPER_DATABASE_URL": "postgresql+psycopg://keeper:hunter22@db/keeper"})
     text = repr(c.redacted()) + repr(c)
     assert "hunter22" not in text and "topsecretvalue" not in text
 
@@ -120,3 +121,22 @@ def test_the_config_path_comes_from_the_environment(tmp_path: Path) -> None:
     path = tmp_path / "k.toml"
     path.write_text("workers = 3\n")
     assert load_config(None, env={"KEEPER_CONFIG": str(path)}).workers == 3
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"database_url": "postgresql+psycopg://keeper:hunter22@db/keeper"}, "database_url"),
+    ({"apps": [{"appid": "wx1", "refresh_at_day": "0123456789abcdef0123456789abcdef"}]},
+     "apps[0].refresh_at_day"),
+    ({"avatar_dir": "Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFyYmE="}, "avatar_dir"),
+])
+def test_a_file_holding_a_secret_is_refused(data: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build(data)
+    assert key in str(e.value) and "hunter22" not in str(e.value)
+
+
+def test_encryption_key_files_resolve_like_secret_files(tmp_path: Path) -> None:
+    (tmp_path / "keeper.key").write_text("x")
+    c = build({"encryption_key_file": ["keeper.key", "/abs/old.key"]},
+              {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert c.encryption_key_files == (tmp_path / "keeper.key", Path("/abs/old.key"))

@@ -136,7 +136,8 @@ def test_bad_config_is_refused_with_one_line_naming_the_key(keeper: Keeper) -> N
 
 
 def test_an_unreachable_database_exits_1(keeper: Keeper) -> None:
-    keeper.write_config('database_url = "postgresql+psycopg://u:pw@127.0.0.1:1/x"\n')
+    keeper.write_config('encryption_key_file = "keeper.key"\n')
+    keeper.env["KEEPER_DATABASE_URL"] = "postgresql+psycopg://u:pw@127.0.0.1:1/x"
     ran = keeper.run("status")
     assert ran.code == 1 and "database" in ran.err and "pw@" not in ran.err
 

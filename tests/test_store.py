@@ -52,16 +52,18 @@ def test_migrations_create_every_table(db_url: str) -> None:
 
 
 def test_postgres_is_not_migrated_behind_the_operators_back() -> None:
-    from tests.conftest import require_postgres, reset_postgres
+    from tests.conftest import TEST_CIPHER, require_postgres, reset_postgres
 
     url = require_postgres()
     reset_postgres()
     with pytest.raises(SchemaOutdated, match="keeper db upgrade"):
-        Store(url).open()
+        Store(url, cipher=TEST_CIPHER).open()
 
 
 def test_an_unreachable_database_is_one_clear_error() -> None:
-    s = Store("postgresql+psycopg://keeper:pw-not-shown@127.0.0.1:1/keeper")
+    from tests.conftest import TEST_CIPHER
+
+    s = Store("postgresql+psycopg://keeper:pw-not-shown@127.0.0.1:1/keeper", cipher=TEST_CIPHER)
     with pytest.raises(DatabaseUnavailable) as e:
         s.open()
     assert "pw-not-shown" not in str(e.value) and "\n" not in str(e.value)

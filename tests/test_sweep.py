@@ -6,11 +6,13 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from keeper.config import build_config
+from keeper.crypto import create_key_file
 from keeper.models import ACTIVE, Grant
 from keeper.policy import schedule
 from keeper.runtime import Runtime
@@ -21,10 +23,18 @@ from tests.conftest import APPID, SECRET
 from tests.e2e import make_grant
 
 
+def key_file(directory: Path) -> Path:
+    path = directory / "test.key"
+    if not path.exists():
+        create_key_file(path)
+    return path
+
+
 @pytest.fixture
-def rt(migrated_url: str, sim: Simulator) -> Iterator[Runtime]:
+def rt(migrated_url: str, sim: Simulator, tmp_path: Path) -> Iterator[Runtime]:
     config = build_config(
-        {"database_url": migrated_url, "api_base": sim.url, "workers": 4, "read_timeout": 0.5,
+        {"database_url": migrated_url, "api_base": sim.url, "workers": 4,
+         "encryption_key_file": str(key_file(tmp_path)), "read_timeout": 0.5,
          "connect_timeout": 0.5, "lease": "1m", "apps": [{"appid": APPID, "secret_env": "S"}]},
         env={"S": SECRET}, source="test",
     )
@@ -153,10 +163,11 @@ def test_stopping_a_sweep_finishes_calls_in_flight_and_releases_every_lease(
 
 
 def test_profile_interval_zero_reads_profiles_on_every_sweep(
-    migrated_url: str, sim: Simulator
+    migrated_url: str, sim: Simulator, tmp_path: Path
 ) -> None:
     config = build_config(
         {"database_url": migrated_url, "api_base": sim.url, "profile_interval": 0,
+         "encryption_key_file": str(key_file(tmp_path)),
          "apps": [{"appid": APPID}]}, env={}, source="test")
     runtime = Runtime.build(config)
     try:
