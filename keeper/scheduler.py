@@ -26,10 +26,16 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from keeper.config import Config
-from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated, StoreError
+from keeper.errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    KeeperError,
+    SchemaOutdated,
+    StoreError,
+)
 from keeper.log import set_level
 from keeper.notify import Notifier
-from keeper.runtime import Runtime
+from keeper.runtime import Runtime, cipher_for
 from keeper.sweep import Sweeper
 
 log = structlog.get_logger(__name__)
@@ -142,16 +148,25 @@ class Service:
             config, self._pending = self._pending, None
         if config is None:
             return
+        try:
+            runtime = Runtime.build(config, open_store=False, stop=self.stop)
+        except KeeperError as e:
+            log.error("config.reload_refused", error=str(e))
+            return
+        try:
+            runtime.store.open()
+        except StoreError as e:  # the sweep will say so, and back off
+            log.error("database.unavailable", error=str(e))
+        except KeeperError as e:  # e.g. keys that cannot read this database
+            log.error("config.reload_refused", error=str(e))
+            runtime.close()
+            return
         old = self.runtime
         self.sweeper.close()
-        self.runtime = Runtime.build(config, open_store=False, stop=self.stop)
-        self.sweeper = self.runtime.sweeper()
+        self.runtime = runtime
+        self.sweeper = runtime.sweeper()
         self.config = config
         old.close()
-        try:
-            self.runtime.store.open()
-        except StoreError as e:
-            log.error("database.unavailable", error=str(e))
 
     # -- main thread -------------------------------------------------------------------------
 
@@ -196,6 +211,7 @@ class Service:
         self.notifier.reloading()
         try:
             config = self.load()
+            cipher_for(config)  # a key file that cannot be read is refused now, not later
         except ConfigError as e:
             log.error("config.reload_refused", error=str(e))
             self.notifier.ready("reload refused; running with the previous configuration")
