@@ -346,7 +346,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         _json(data)
         return EXIT_OK
     for key in ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
-                "retrying", "avatars_saved"):
+                "retrying", "avatars_saved", "avatars_refused", "avatars_missing"):
         _out(f"{key:18} {data[key]}")
     for reason, n in sorted(data["reauth_by_reason"].items()):
         _out(f"  {reason:16} {n}")
@@ -409,6 +409,22 @@ def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cleanup_avatars(config: Config, args: argparse.Namespace) -> int:
+    from keeper.avatar_pass import cleanup
+
+    store = open_store(config)
+    try:
+        counts = cleanup(store, config.avatar_dir, min_age_s=args.min_age, now=time.time())
+    finally:
+        store.close()
+    log.info("avatars.cleaned", removed=counts["removed"], kept=counts["kept"])
+    if args.json:
+        _json({"removed": counts["removed"], "kept": counts["kept"]})
+    else:
+        _out(f"removed {counts['removed']} avatar files no profile uses; kept {counts['kept']}")
+    return EXIT_OK
+
+
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     cipher = cipher_for(config)  # encrypts tokens stored in plaintext before 0002
     engine = db.make_engine(config.database_url, pool_size=1)
@@ -462,6 +478,10 @@ def _parser() -> argparse.ArgumentParser:
                  json_flag=True)
     sp.add_argument("--batch", type=int, default=500, help="grants per transaction")
     sp.add_argument("--new", action="store_true", help="print a new key and exit")
+    sp = command("cleanup-avatars", cmd_cleanup_avatars,
+                 "remove avatar files no profile points to any more", json_flag=True)
+    sp.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                    help="only files older than this (default 3600)")
     sp = command("db", cmd_db, "database schema")
     sp.add_argument("action", choices=["upgrade"])
     sub.add_parser("simulate", help="run the WeChat simulator on loopback", add_help=False)

@@ -110,6 +110,9 @@ class Config:
     source: str
     #: Token encryption keys, in order (the first encrypts). Empty: the default key file.
     encryption_key_files: tuple[Path, ...] = ()
+    avatar_workers: int = 4
+    avatar_max_bytes: int = 5 * 1024 * 1024
+    avatar_keep_when_removed: bool = True
 
     def app(self, appid: str) -> AppConfig:
         """The app called ``appid``; ``ConfigError`` if it is not configured."""
@@ -126,6 +129,7 @@ class Config:
             "api_base": self.api_base,
             "avatar_dir": str(self.avatar_dir),
             "avatar_hosts": list(self.avatar_hosts),
+            "avatar_workers": self.avatar_workers,
             "sweep_interval_s": self.sweep_interval_s,
             "profile_interval_s": self.profile_interval_s,
             "workers": self.workers,
@@ -333,6 +337,20 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
     if not isinstance(raw_apps, list):
         raise ConfigError("apps: expected [[apps]] tables")
     base = Path(source).resolve().parent
+    avatar_workers = t.pop("avatar_workers", 4)
+    if isinstance(avatar_workers, bool) or not isinstance(avatar_workers, int) or not (
+        1 <= avatar_workers <= 64
+    ):
+        raise ConfigError(f"avatar_workers: expected a whole number from 1 to 64, got "
+                          f"{avatar_workers!r}")
+    avatar_max = t.pop("avatar_max_bytes", 5 * 1024 * 1024)
+    if isinstance(avatar_max, bool) or not isinstance(avatar_max, int) or avatar_max < 1024:
+        raise ConfigError(f"avatar_max_bytes: expected a whole number of bytes >= 1024, got "
+                          f"{avatar_max!r}")
+    keep_removed = t.pop("avatar_keep_when_removed", True)
+    if not isinstance(keep_removed, bool):
+        raise ConfigError(f"avatar_keep_when_removed: expected true or false, got "
+                          f"{keep_removed!r}")
     key_files = t.pop("encryption_key_file", [])
     if isinstance(key_files, str):
         key_files = [key_files]
@@ -360,6 +378,9 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         log_level=level,
         apps=apps,
         source=source,
+        avatar_workers=avatar_workers,
+        avatar_max_bytes=avatar_max,
+        avatar_keep_when_removed=keep_removed,
         encryption_key_files=(
             tuple(_resolve(k, env, base) for k in key_files) or _credential_key(env)
         ),

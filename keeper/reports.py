@@ -72,9 +72,16 @@ class Reports:
                 reason: n for reason, n in
                 conn.execute(select(reauth.c.reason, func.count()).group_by(reauth.c.reason))
             }
-            avatars = conn.execute(
-                select(func.count()).where(profiles.c.avatar_sha256.is_not(None))
-            ).scalar_one()
+            has_avatar = (profiles.c.headimgurl.is_not(None)) & (profiles.c.headimgurl != "")
+            avatars = conn.execute(select(
+                func.count().filter(profiles.c.avatar_sha256.is_not(None)),
+                func.count().filter(profiles.c.avatar_error.is_not(None)),
+                # A user with an avatar whose current picture keeper has no copy of.
+                func.count().filter(has_avatar, profiles.c.errcode.is_(None),
+                                    profiles.c.avatar_sha256.is_(None)
+                                    | (profiles.c.avatar_url != profiles.c.headimgurl)
+                                    | profiles.c.avatar_url.is_(None)),
+            )).one()
         return {
             "grants": counts[0],
             "active": counts[1],
@@ -83,7 +90,9 @@ class Reports:
             "refresh_due_24h": counts[3],
             "access_expired": counts[2],
             "retrying": counts[4],
-            "avatars_saved": avatars,
+            "avatars_saved": avatars[0],
+            "avatars_refused": avatars[1],
+            "avatars_missing": avatars[2],
         }
 
     # -- sweeps ----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from keeper.avatar_pass import AvatarKeeper
+from keeper.avatars import Fetcher
 from keeper.config import Config
 from keeper.crypto import Cipher, create_key_file, load_keys
 from keeper.db import is_sqlite, sqlite_path
@@ -48,6 +50,7 @@ class Runtime:
     gate: QuotaGate
     worker: Worker
     stop: threading.Event
+    avatars: AvatarKeeper
 
     @classmethod
     def build(
@@ -69,10 +72,19 @@ class Runtime:
             store=store, apps={a.appid: a for a in config.apps}, stop=stop, batch=config.workers
         )
         worker = Worker(config=config, client=client, gate=gate, stop=stop, clock=utcnow)
-        return cls(config, store, client, gate, worker, stop)
+        fetcher = Fetcher(
+            hosts=config.avatar_hosts, avatar_dir=config.avatar_dir,
+            connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s,
+            max_bytes=config.avatar_max_bytes, concurrency=config.avatar_workers,
+        )
+        avatars = AvatarKeeper(store=store, fetcher=fetcher, clock=utcnow,
+                               workers=config.avatar_workers,
+                               keep_when_removed=config.avatar_keep_when_removed)
+        return cls(config, store, client, gate, worker, stop, avatars)
 
     def sweeper(self) -> Sweeper:
-        return Sweeper(config=self.config, store=self.store, worker=self.worker, stop=self.stop)
+        return Sweeper(config=self.config, store=self.store, worker=self.worker, stop=self.stop,
+                       avatars=self.avatars)
 
     def close(self) -> None:
         self.client.close()

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -108,6 +109,10 @@ profiles = Table(
     Column("avatar_size", Integer),
     Column("avatar_type", String(32)),
     Column("avatar_saved_at", UTCDateTime),
+    # Set by every profile read that returned a profile; cleared once its avatar was checked.
+    Column("avatar_due", Boolean, nullable=False, default=False),
+    Column("avatar_error", String(120)),  # why the last download was refused
+    Index("ix_profiles_avatar_due", "avatar_due"),
 )
 
 reauth = Table(

@@ -4,8 +4,11 @@ Keeper's tests, ``keeper demo`` and ``keeper bench`` talk to it over real HTTP a
 ``api.weixin.qq.com``: every answer is HTTP 200 with a JSON body sent as charset-less
 ``text/plain``, errors are ``{"errcode": N, "errmsg": "..."}``, codes are single-use, refresh
 tokens die after ``refresh_token_days``, quotas are per app in epoch-aligned windows, and an
-avatar URL stops working once its user changes avatar. ``/_sim/*`` is a JSON admin API, so a
-simulator in another process (``keeper simulate``) can be set up and inspected.
+avatar URL stops working once its user changes avatar (which ``avatar_change_every`` can make
+happen on its own). ``/hostile/<kind>/...`` serves avatars no client should accept (an endless
+body, a bomb, redirect loops, lying content types...: see ``HOSTILE_KINDS``); ``set_avatar_url``
+points a user's ``headimgurl`` at one. ``/_sim/*`` is a JSON admin API, so a simulator in another
+process (``keeper simulate``) can be set up and inspected.
 
 Times are Unix seconds read from ``clock`` (``time.time`` unless a test passes another);
 durations are seconds unless their name says otherwise.
@@ -31,7 +34,7 @@ import time
 import traceback
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -43,6 +46,19 @@ FAILURE_KINDS: frozenset[str] = frozenset({"-1", "502", "truncated", "timeout", 
 GRANT_STATES: frozenset[str] = frozenset({"ok", "revoked", "invalid", "snapshot"})
 ACCESS_TOKEN_LIFETIME_S = 7200
 AVATAR_SIZES: dict[int, int] = {0: 640, 46: 46, 64: 64, 96: 96, 132: 132}  # 0 = the original
+HOSTILE_KINDS: tuple[str, ...] = (
+    "endless", "html", "redirect-out", "redirect-loop", "redirect-ok", "truncated", "bomb",
+    "gif", "webp", "jpeg", "slow",
+)
+HOSTILE_SLOW_S = 5.0  # how long /hostile/slow/ waits before answering (read per request)
+HOSTILE_ENDLESS_MAX_BYTES = 64 * 1024 * 1024  # where /hostile/endless/ gives up all the same
+HOSTILE_REDIRECT_OUT = "http://evil.example.invalid/x.png"
+# The image key /hostile/redirect-ok/ redirects to, owned by a user no grant can name.
+HOSTILE_OK_KEY = "hostile-redirect-ok"
+_HOSTILE_OK_OWNER = "\x00hostile"
+_ENDLESS_CHUNK = 64 * 1024
+_ENDLESS_WRITE_TIMEOUT_S = 10.0  # a client that neither reads nor hangs up is given up on
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DAY_S = 86400.0
 _UNQUOTED_WINDOW_S = 60.0
 _UNKNOWN_APP = "-"
@@ -60,6 +76,7 @@ _ERRMSG: dict[int, str] = {
     45011: "api minute-quota reach limit mustslow down this moment",
 }
 _IMAGE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_HOP_RE = re.compile(r"[0-9]{1,9}")
 _QUOTA_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*$")
 _UNIT_S: dict[str, float] = {
     **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
@@ -158,6 +175,10 @@ class _Reply:
     body: bytes
     stall_s: float = 0.0  # a simulated timeout: stall this long instead of the latency...
     close: bool = False  # ...then close the connection (without answering when body is empty)
+    headers: tuple[tuple[str, str], ...] = ()  # more headers, e.g. a redirect's Location
+    # A body of unknown length instead of ``body``: sent without Content-Length as the chunks
+    # come, then the connection is closed.
+    stream: Callable[[], Iterator[bytes]] | None = None
 
 
 def _error(errcode: int, errmsg: str | None = None) -> dict[str, object]:
@@ -195,19 +216,60 @@ def _default_image_key(openid: str) -> str:
     return hashlib.blake2b(openid.encode(), digest_size=15).hexdigest()
 
 
-@functools.lru_cache(maxsize=256)
-def avatar_png(image_key: str, size_px: int) -> bytes:
-    """A valid ``size_px`` x ``size_px`` solid-colour RGB PNG, its colour derived from the key."""
-    rgb = hashlib.blake2b(image_key.encode(), digest_size=3).digest()
-    raw = (b"\x00" + rgb * size_px) * size_px  # each row: filter type 0, then its pixels
+def _png(width: int, height: int, colour_type: int, pixels: bytes) -> bytes:
+    """A PNG of 8-bit samples; ``pixels`` are the raw rows (each led by its filter byte)."""
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         crc = struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
         return struct.pack(">I", len(data)) + tag + data + crc
 
-    header = struct.pack(">IIBBBBB", size_px, size_px, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return (_PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixels, 9))
             + chunk(b"IEND", b""))
+
+
+@functools.lru_cache(maxsize=256)
+def avatar_png(image_key: str, size_px: int) -> bytes:
+    """A valid ``size_px`` x ``size_px`` solid-colour RGB PNG, its colour derived from the key."""
+    rgb = hashlib.blake2b(image_key.encode(), digest_size=3).digest()
+    raw = (b"\x00" + rgb * size_px) * size_px  # each row: filter type 0, then its pixels
+    return _png(size_px, size_px, 2, raw)
+
+
+def bomb_png(side_px: int = 30000) -> bytes:
+    """A few hundred bytes of 8-bit grayscale PNG whose header claims ``side_px`` squared pixels.
+
+    Its IDAT holds the first 16 rows only: a decoder that trusts the header allocates ~900 MB
+    (at 30000) before it finds out; one that checks the header first refuses it unread.
+    """
+    return _png(side_px, side_px, 0, (b"\x00" * (1 + side_px)) * 16)
+
+
+# Tiny valid images in formats other than PNG (each decodes to one pixel).
+GIF_1X1 = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00"
+           b"\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+WEBP_1X1 = (b"RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00/\x00\x00\x00\x10\x07\x10\x11\x11"
+            b"\x88\x88\xfe\x07\x00")  # lossless (VP8L)
+
+
+def _jpeg_1x1() -> bytes:
+    """A baseline JPEG of one mid-grey pixel: one 8x8 block whose DC diff is 0, then EOB."""
+
+    def segment(marker: int, data: bytes) -> bytes:
+        return bytes((0xFF, marker)) + struct.pack(">H", len(data) + 2) + data
+
+    one_code = bytes([1] + [0] * 15) + b"\x00"  # a Huffman table of one 1-bit code, for 0
+    return (b"\xff\xd8"  # SOI
+            + segment(0xDB, b"\x00" + b"\x01" * 64)  # DQT: table 0, all ones
+            + segment(0xC0, struct.pack(">BHHB", 8, 1, 1, 1) + b"\x01\x11\x00")  # SOF0 1x1 grey
+            + segment(0xC4, b"\x00" + one_code)  # DHT: DC table 0, category 0 = "0"
+            + segment(0xC4, b"\x10" + one_code)  # DHT: AC table 0, EOB = "0"
+            + segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")  # SOS: component 1, tables 0/0
+            + b"\x3f"  # "0" (DC diff 0), "0" (EOB), padded with ones
+            + b"\xff\xd9")  # EOI
+
+
+JPEG_1X1 = _jpeg_1x1()
 
 
 def _window_maxima(arrivals: Sequence[float], period_s: float) -> tuple[int, int]:
@@ -247,6 +309,12 @@ def _check_rates(rates: Mapping[str, float]) -> dict[str, float]:
     return {kind: float(rate) for kind, rate in rates.items() if rate > 0}
 
 
+def _check_every(every: int) -> int:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"avatar_change_every must be a whole number >= 0, got {every!r}")
+    return every
+
+
 def _check_endpoint(endpoint: str) -> str:
     if endpoint not in ENDPOINTS:
         raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
@@ -264,19 +332,25 @@ def _make_grant(*, state: str = "ok", access_expires_at: float, refresh_issued_a
 class Simulator:
     """WeChat's OAuth2 endpoints on a loopback HTTP server, with knobs for every failure.
 
-    ``latency_s``: slept before every API and avatar answer (outside any lock).
+    ``latency_s``: slept before every API, avatar and hostile answer (outside any lock).
     ``refresh_token_days``: refresh-token lifetime, in days. ``quotas``: per-app quota by
     endpoint ("code", "refresh", "userinfo", "auth"); default WeChat's documented ones, none
     for auth. ``failure_rates``: failure kind ("-1", "502", "truncated", "timeout", "html") ->
     probability per API request. ``timeout_sleep_s``: how long a "timeout" stalls before the
     connection is closed. ``seed``: seeds the random failures. ``clock``: returns Unix seconds.
+    ``avatar_change_every``: when N > 0, a user changes avatar (gets a new image key, the old
+    URL 404s) just before every Nth successful userinfo answer about them; 0 = never.
+
+    Avatar (``/mmopen/``) and hostile (``/hostile/``) requests are not API calls: they are
+    neither counted in the endpoint figures nor ever given a forced or random failure.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0,
                  rotate_refresh_tokens: bool = False, refresh_token_days: float = 30.0,
                  quotas: dict[str, SimQuota] | None = None,
                  failure_rates: dict[str, float] | None = None, timeout_sleep_s: float = 5.0,
-                 seed: int | None = None, clock: Callable[[], float] = time.time) -> None:
+                 seed: int | None = None, clock: Callable[[], float] = time.time,
+                 avatar_change_every: int = 0) -> None:
         self._address = (host, port)
         self._latency_s = latency_s
         self._rotate = rotate_refresh_tokens
@@ -286,6 +360,7 @@ class Simulator:
             _check_endpoint(endpoint)
         self._failure_rates = _check_rates(failure_rates or {})
         self._timeout_sleep_s = timeout_sleep_s
+        self._avatar_change_every = _check_every(avatar_change_every)
         self._rng = random.Random(seed)
         self._clock = clock
         # One lock guards the state below; a request holds it for a few dict operations only.
@@ -296,12 +371,19 @@ class Simulator:
         self._codes: dict[str, _Code] = {}
         self._image_key: dict[str, str] = {}  # openid -> current key, "" for no avatar
         self._image_owner: dict[str, str] = {}  # key -> openid; stale once that user moves on
+        self._image_key[_HOSTILE_OK_OWNER] = HOSTILE_OK_KEY  # where redirect-ok leads
+        self._image_owner[HOSTILE_OK_KEY] = _HOSTILE_OK_OWNER
+        self._avatar_urls: dict[str, str] = {}  # openid -> headimgurl set by set_avatar_url
+        # openid -> successful userinfo answers since avatar_change_every was last set.
+        self._profile_reads: dict[str, int] = {}
         self._forced: dict[str, list[_Forced]] = {}
         # Apart from the stats, so that reset_stats() cannot lift a quota.
         self._windows: dict[tuple[str, str], tuple[int, int]] = {}
         self._counters: dict[tuple[str, str], _Counter] = {}
         self._by_openid: dict[str, dict[str, int]] = {"refresh": {}, "userinfo": {}}
         self._avatars = {"served": 0, "not_found": 0}
+        self._avatar_downloads: dict[str, int] = {}  # image key -> avatars served
+        self._hostile: dict[str, int] = {}  # kind -> requests
         self._codes_issued = 0
         self._logic: dict[str, Callable[[dict[str, str], float], dict[str, object]]] = {
             "code": self._exchange_code, "refresh": self._refresh, "auth": self._auth,
@@ -351,6 +433,7 @@ class Simulator:
         with self._lifecycle:
             server, self._server, thread, self._thread = self._server, None, self._thread, None
         if server is not None:
+            server.stopping.set()
             # Every bound server is (about to be) serving, so shutdown() cannot wait forever.
             server.shutdown()
             server.server_close()
@@ -422,21 +505,46 @@ class Simulator:
             self._forced.setdefault(_check_endpoint(endpoint), []).append(forced)
 
     def set_avatar(self, openid: str, image_key: str | None) -> None:
-        """Change a user's avatar (None or "": no avatar); the old avatar URL starts to 404."""
+        """Change a user's avatar (None or "": no avatar); the old avatar URL starts to 404.
+
+        Also ends a set_avatar_url override: the user's headimgurl is the simulator's again.
+        """
         if image_key and not _IMAGE_KEY_RE.match(image_key):
             raise ValueError(f"image_key {image_key!r} must match [A-Za-z0-9_-]+")
         with self._lock:
             self._image_key[openid] = image_key or ""
             if image_key:
                 self._image_owner[image_key] = openid
+            self._avatar_urls.pop(openid, None)
+
+    def set_avatar_url(self, openid: str, url: str) -> None:
+        """Make userinfo answer ``url`` as the user's headimgurl, until set_avatar is called.
+
+        Any string goes (e.g. ``hostile_url("endless")``, a foreign host, "" or not a URL at
+        all). A ``headimgurl`` in the grant's ``profile`` still wins over it. The user's own
+        image key stays live and still changes with ``avatar_change_every``, unseen meanwhile.
+        """
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a string, got {type(url).__name__}")
+        with self._lock:
+            self._avatar_urls[openid] = url
+
+    def hostile_url(self, kind: str) -> str:
+        """The URL of a hostile avatar of this ``kind`` (one of ``HOSTILE_KINDS``)."""
+        if kind not in HOSTILE_KINDS:
+            raise ValueError(f"unknown hostile kind {kind!r}; expected one of {HOSTILE_KINDS}")
+        return f"{self.url}/hostile/{kind}/a.png"
 
     def configure(self, *, latency_s: float | None = None,
                   failure_rates: dict[str, float] | None = None,
                   rotate_refresh_tokens: bool | None = None,
-                  quotas: Mapping[str, SimQuota | None] | None = None) -> None:
+                  quotas: Mapping[str, SimQuota | None] | None = None,
+                  avatar_change_every: int | None = None) -> None:
         """Change knobs while serving; None leaves one as it is. ``failure_rates`` replace the
-        old ones; ``quotas`` are merged (a None quota removes it) and restart the windows."""
+        old ones; ``quotas`` are merged (a None quota removes it) and restart the windows;
+        ``avatar_change_every`` restarts each user's count of profile reads."""
         rates = None if failure_rates is None else _check_rates(failure_rates)
+        every = None if avatar_change_every is None else _check_every(avatar_change_every)
         for endpoint in quotas or {}:
             _check_endpoint(endpoint)  # all checked before any is applied
         with self._lock:
@@ -444,6 +552,9 @@ class Simulator:
             self._failure_rates = self._failure_rates if rates is None else rates
             if rotate_refresh_tokens is not None:
                 self._rotate = rotate_refresh_tokens
+            if every is not None:
+                self._avatar_change_every = every
+                self._profile_reads.clear()
             for endpoint, quota in (quotas or {}).items():
                 self._quotas.pop(endpoint, None)
                 if quota is not None:
@@ -467,11 +578,13 @@ class Simulator:
             result: dict[str, object] = {
                 "avatars_served": self._avatars["served"],
                 "avatars_not_found": self._avatars["not_found"],
+                "hostile_requests": dict(sorted(self._hostile.items())),
                 "codes_issued": self._codes_issued,
             }
             if detail:
                 result["refreshes_by_openid"] = dict(self._by_openid["refresh"])
                 result["userinfo_by_openid"] = dict(self._by_openid["userinfo"])
+                result["avatar_downloads_by_key"] = dict(self._avatar_downloads)
         totals = {endpoint: _Counter() for endpoint in ENDPOINTS}
         maxima = dict.fromkeys(ENDPOINTS, (0, 0))
         per_app: dict[str, dict[str, object]] = {}
@@ -496,12 +609,15 @@ class Simulator:
         return result
 
     def reset_stats(self) -> None:
-        """Forget what was seen (counts, arrivals, per-openid figures); quotas keep counting."""
+        """Forget what was seen (counts, arrivals, per-openid figures); quotas keep counting,
+        and so do the profile reads that avatar_change_every counts."""
         with self._lock:
             self._counters.clear()
             for by_openid in self._by_openid.values():
                 by_openid.clear()
             self._avatars = {"served": 0, "not_found": 0}
+            self._avatar_downloads.clear()
+            self._hostile.clear()
             self._codes_issued = 0
 
     # -- request handling (called by _Handler) -----------------------------------------------
@@ -515,6 +631,8 @@ class Simulator:
             reply = self._api(endpoint, dict(parse_qsl(query, keep_blank_values=True)))
         elif method == "GET" and path.startswith("/mmopen/"):
             reply = self._avatar(path)
+        elif method == "GET" and path.startswith("/hostile/"):
+            reply = self._hostile_reply(path)
         else:
             reply = _NOT_FOUND
         return reply, reply.stall_s or self._latency_s
@@ -535,7 +653,8 @@ class Simulator:
                 return _api_reply(_error(45011))
             failure = self._pick_failure(endpoint, openid)
             if failure is None:
-                payload = self._logic[endpoint](params, now)
+                payload = (self._userinfo(params, now, answered=True) if endpoint == "userinfo"
+                           else self._logic[endpoint](params, now))
                 outcome = str(payload.get("errcode") or "")
                 if not outcome:
                     by_openid = self._by_openid.get(endpoint)
@@ -670,7 +789,9 @@ class Simulator:
         errcode = self._check_access(params, now)[1]
         return _error(errcode, "ok" if errcode == 0 else None)
 
-    def _userinfo(self, params: dict[str, str], now: float) -> dict[str, object]:
+    def _userinfo(self, params: dict[str, str], now: float, *,
+                  answered: bool = False) -> dict[str, object]:
+        """The profile; ``answered``: it will reach the client (not lost to a failure)."""
         grant, errcode = self._check_access(params, now)
         if grant is None:
             return _error(errcode)
@@ -678,18 +799,33 @@ class Simulator:
         scopes = set(grant.scope.split(","))
         if grant.state == "snapshot" or not scopes & {"snsapi_userinfo", "snsapi_login"}:
             return _error(48001)
+        if answered and self._avatar_change_every > 0:
+            reads = self._profile_reads[grant.openid] = self._profile_reads.get(grant.openid, 0) + 1
+            if reads % self._avatar_change_every == 0:
+                self._change_avatar(grant.openid)
         key = self._image_key.get(grant.openid, "")
+        headimgurl = self._avatar_urls.get(grant.openid)
+        if headimgurl is None:
+            headimgurl = f"{self._url}/mmopen/{key}/132" if key else ""
         english = params.get("lang") == "en"  # zh_CN (the default) and zh_TW answer in Chinese
         payload: dict[str, object] = {
             "openid": grant.openid, "nickname": f"user-{grant.openid[-6:]}", "sex": 1,
             "province": "Guangdong" if english else "广东",
             "city": "Shenzhen" if english else "深圳", "country": "CN" if english else "中国",
-            "headimgurl": f"{self._url}/mmopen/{key}/132" if key else "", "privilege": [],
+            "headimgurl": headimgurl, "privilege": [],
         }
         if grant.unionid:
             payload["unionid"] = grant.unionid
         payload.update(grant.profile or {})
         return payload
+
+    def _change_avatar(self, openid: str) -> None:
+        """A new image key for the user (lock held); the old key is forgotten, so it 404s."""
+        old = self._image_key.get(openid, "")
+        if self._image_owner.get(old) == openid:
+            del self._image_owner[old]  # a bench that changes avatars often must not grow
+        key = secrets.token_hex(15)
+        self._image_key[openid], self._image_owner[key] = key, openid
 
     def _avatar(self, path: str) -> _Reply:
         parts = path.split("/")  # "", "mmopen", key, size
@@ -699,7 +835,24 @@ class Simulator:
             owner = self._image_owner.get(key)
             live = size in AVATAR_SIZES and owner is not None and self._image_key[owner] == key
             self._avatars["served" if live else "not_found"] += 1
+            if live:
+                self._avatar_downloads[key] = self._avatar_downloads.get(key, 0) + 1
         return _Reply(200, "image/png", avatar_png(key, AVATAR_SIZES[size])) if live else _NOT_FOUND
+
+    def _hostile_reply(self, path: str) -> _Reply:
+        kind, _, rest = path.removeprefix("/hostile/").partition("/")
+        if kind not in HOSTILE_KINDS:
+            return _NOT_FOUND
+        with self._lock:
+            self._hostile[kind] = self._hostile.get(kind, 0) + 1
+        if kind == "redirect-loop":
+            hop = int(rest) + 1 if _HOP_RE.fullmatch(rest) else 1
+            return _redirect(f"{self._url}/hostile/redirect-loop/{hop}")
+        if kind == "redirect-ok":
+            return _redirect(f"{self._url}/mmopen/{HOSTILE_OK_KEY}/0")
+        if kind == "slow":
+            return _Reply(200, "image/png", avatar_png("hostile-slow", 46), stall_s=HOSTILE_SLOW_S)
+        return _HOSTILE_REPLIES[kind]
 
     def _admin(self, method: str, route: str, query: str, body: bytes) -> _Reply:
         if method == "GET" and route == "health":
@@ -747,6 +900,37 @@ def _failure_reply(failure: int | str, payload: Mapping[str, object], stall_s: f
     }.get(failure) or _Reply(0, "", b"", stall_s=stall_s, close=True)  # "timeout"
 
 
+def _redirect(location: str) -> _Reply:
+    return _Reply(302, "text/html", b"", headers=(("Location", location),))
+
+
+def _endless_png() -> Iterator[bytes]:
+    """A PNG signature, then zeros: HOSTILE_ENDLESS_MAX_BYTES in all, unless the client hangs
+    up first (the handler stops at the first failed write)."""
+    zeros = bytes(_ENDLESS_CHUNK)
+    yield _PNG_SIGNATURE + zeros[len(_PNG_SIGNATURE):]
+    for _ in range(HOSTILE_ENDLESS_MAX_BYTES // _ENDLESS_CHUNK - 1):
+        yield zeros
+
+
+def _hostile_replies() -> dict[str, _Reply]:
+    half_png = avatar_png("hostile-truncated", 64)
+    return {
+        "endless": _Reply(200, "image/png", b"", stream=_endless_png),
+        "html": _Reply(200, "image/jpeg", _HTML_PAGE),
+        "redirect-out": _redirect(HOSTILE_REDIRECT_OUT),
+        "truncated": _Reply(200, "image/png", half_png[: len(half_png) // 2]),
+        "bomb": _Reply(200, "image/png", bomb_png()),
+        "gif": _Reply(200, "image/gif", GIF_1X1),
+        "webp": _Reply(200, "image/webp", WEBP_1X1),
+        "jpeg": _Reply(200, "image/jpeg", JPEG_1X1),
+    }
+
+
+# The hostile answers that never change (redirect-loop, redirect-ok and slow are made per request).
+_HOSTILE_REPLIES = _hostile_replies()
+
+
 def _pick(data: Mapping[str, Any], *names: str) -> dict[str, Any]:
     """The given fields of an admin request (JSON null = the default), as keyword arguments."""
     return {name: data[name] for name in names if data.get(name) is not None}
@@ -754,10 +938,21 @@ def _pick(data: Mapping[str, Any], *names: str) -> dict[str, Any]:
 
 def _admin_config(sim: Simulator, data: dict[str, Any]) -> None:
     quotas = data.get("quotas")
-    sim.configure(**_pick(data, "latency_s", "failure_rates", "rotate_refresh_tokens"),
+    sim.configure(**_pick(data, "latency_s", "failure_rates", "rotate_refresh_tokens",
+                          "avatar_change_every"),
                   quotas=None if quotas is None else {
                       endpoint: None if text is None else parse_quota(str(text))
                       for endpoint, text in dict(quotas).items()})
+
+
+def _admin_avatar(sim: Simulator, data: dict[str, Any]) -> None:
+    """``{"openid", "image_key"}`` sets the avatar; ``{"openid", "url"}`` its headimgurl."""
+    if "url" in data:
+        if "image_key" in data:
+            raise ValueError("give image_key or url, not both")
+        sim.set_avatar_url(str(data["openid"]), data["url"])
+    else:
+        sim.set_avatar(str(data["openid"]), data.get("image_key"))
 
 
 _ADMIN_POSTS: dict[str, Callable[[Simulator, dict[str, Any]], Mapping[str, object] | None]] = {
@@ -767,7 +962,7 @@ _ADMIN_POSTS: dict[str, Callable[[Simulator, dict[str, Any]], Mapping[str, objec
         data, "appid", "openid", "scope", "unionid", "snapshot", "ttl_s"))},
     "force": lambda sim, data: sim.force(str(data["endpoint"]), data["answer"],
                                          **_pick(data, "count", "openid")),
-    "avatar": lambda sim, data: sim.set_avatar(str(data["openid"]), data.get("image_key")),
+    "avatar": lambda sim, data: _admin_avatar(sim, data),
     "config": _admin_config,
     "reset-stats": lambda sim, data: sim.reset_stats(),
 }
@@ -780,6 +975,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], sim: Simulator) -> None:
         self.sim = sim
+        self.stopping = threading.Event()  # set by stop(): stalls and streams end early
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -824,15 +1020,34 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             reply, delay_s = _admin_reply({"error": "simulator bug, see its stderr"}, 500), 0.0
         if delay_s > 0:
-            time.sleep(delay_s)
+            self.server.stopping.wait(delay_s)
         if reply.close and not reply.body:
             self.close_connection = True  # a simulated timeout: no answer at all
             return
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        if reply.stream is not None:
+            self._stream(reply.stream())
+            return
         self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
         self.wfile.write(reply.body)
+
+    def _stream(self, chunks: Iterator[bytes]) -> None:
+        """Send a body delimited by the connection's close, until the chunks run out, the
+        client hangs up or stops reading for long, or the simulator stops."""
+        self.send_header("Connection", "close")  # also sets close_connection
+        self.end_headers()
+        self.connection.settimeout(_ENDLESS_WRITE_TIMEOUT_S)
+        try:
+            for chunk in chunks:
+                if self.server.stopping.is_set():
+                    break
+                self.wfile.write(chunk)
+        except (ConnectionError, TimeoutError):  # BrokenPipeError, ConnectionResetError...
+            pass  # the client is gone (or as good as): stop writing, close the connection
 
 
 def _is_loopback(host: str) -> bool:
@@ -856,6 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="KIND: -1 (write --fail=-1=RATE), 502, truncated, timeout, html")
     parser.add_argument("--app", action="append", default=[], metavar="APPID=SECRET")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--avatar-change-every", type=int, default=0, metavar="N",
+                        help="a user changes avatar before every Nth profile read (0: never)")
     args = parser.parse_args(argv)
     if not _is_loopback(args.host):
         parser.error(f"--host {args.host} is not a loopback address: the simulator is a test tool")
@@ -868,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                         rotate_refresh_tokens=args.rotate,
                         refresh_token_days=args.refresh_token_days, quotas=quotas,
                         failure_rates={kind: float(rate) for kind, rate in pairs["fail"]},
-                        seed=args.seed)
+                        seed=args.seed, avatar_change_every=args.avatar_change_every)
     except ValueError as exc:
         parser.error(str(exc))
     for appid, secret in pairs["app"]:

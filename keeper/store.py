@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, Row, bindparam, case, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from keeper.avatar_state import AvatarState
 from keeper.crypto import Cipher, WrongKey
 from keeper.db import ensure_schema, is_sqlite, make_engine, translate
 from keeper.models import Grant, Profile, Reauth
@@ -34,6 +35,7 @@ _MUTABLE = (
 
 _PROFILE_FIELDS = (
     "nickname", "sex", "province", "city", "country", "headimgurl", "privilege", "unionid",
+    "avatar_due",
 )
 
 
@@ -79,10 +81,11 @@ def _profile_values(p: Profile) -> dict[str, Any]:
         "country": p.country, "headimgurl": p.headimgurl,
         "privilege": json.dumps(list(p.privilege), ensure_ascii=False),
         "unionid": p.unionid, "errcode": p.errcode, "fetched_at": p.fetched_at,
+        "avatar_due": p.errcode is None,
     }
 
 
-class Store(Reports, QuotaState):
+class Store(Reports, QuotaState, AvatarState):
     """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
 
     def __init__(

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from keeper.avatar_pass import AvatarKeeper
 from keeper.config import Config
 from keeper.models import Grant
 from keeper.store import GrantWrite, Store, new_lease_id
@@ -56,8 +57,10 @@ class Sweeper:
         self, *, config: Config, store: Store, worker: Worker, stop: threading.Event,
         clock: Callable[[], datetime] = utcnow,
         progress: Callable[[int, int], None] | None = None,
+        avatars: AvatarKeeper | None = None,
     ) -> None:
         self.config = config
+        self.avatars = avatars
         self.store = store
         self.worker = worker
         self.stop = stop
@@ -229,6 +232,10 @@ class _Run:
                 log.info("sweep.progress", sweep_id=sweep_id, in_flight=len(self.in_flight),
                          **{k: self.counts[k] for k in SUMMARY_KEYS})
         self.flush()
+        if self.s.avatars is not None and self.stop_seen is None:
+            # After the grants, holding no lease: avatar hosts cannot stall refreshes.
+            self.counts.update(self.s.avatars.run(
+                self.s.stop, budget_s=max(30.0, self.config.sweep_interval_s)))
         summary = self.summary(started)
         self.s.store.finish_sweep(sweep_id, self.s.clock(), summary)
         log.info("sweep.finished", sweep_id=sweep_id, **summary)

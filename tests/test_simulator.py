@@ -7,6 +7,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -16,7 +17,16 @@ from typing import Any
 import pytest
 import requests
 
-from keeper.simulator import SimQuota, Simulator, main, parse_quota
+from keeper import simulator as simulator_module
+from keeper.simulator import (
+    HOSTILE_KINDS,
+    HOSTILE_OK_KEY,
+    HOSTILE_REDIRECT_OUT,
+    SimQuota,
+    Simulator,
+    main,
+    parse_quota,
+)
 
 APPID, SECRET = "wx-app-1", "app-secret-1"
 OTHER_APPID, OTHER_SECRET = "wx-app-2", "app-secret-2"
@@ -349,6 +359,256 @@ def test_a_changed_avatar_kills_the_old_url(sim: Simulator, http: requests.Sessi
     sim.set_avatar("o-user-0001", None)
     assert userinfo(http, sim, access, "o-user-0001")["headimgurl"] == ""
     assert http.get(new_url, timeout=5).status_code == 404
+
+
+def test_avatar_downloads_are_counted_by_image_key(
+        sim: Simulator, http: requests.Session) -> None:
+    sim.set_avatar("o-a", "face-a")
+    sim.set_avatar("o-b", "face-b")
+    for path in ("face-a/132", "face-a/0", "face-b/46", "face-c/132", "face-a/100"):
+        http.get(f"{sim.url}/mmopen/{path}", timeout=5)
+    stats = sim.stats(detail=True)
+    assert stats["avatar_downloads_by_key"] == {"face-a": 2, "face-b": 1}  # 404s not counted
+    assert (stats["avatars_served"], stats["avatars_not_found"]) == (3, 2)
+    assert "avatar_downloads_by_key" not in sim.stats()
+    endpoints: dict[str, dict[str, Any]] = stats["endpoints"]  # type: ignore[assignment]
+    assert all(figures["calls"] == 0 for figures in endpoints.values())  # not API calls
+    sim.reset_stats()
+    assert sim.stats(detail=True)["avatar_downloads_by_key"] == {}
+
+
+def test_avatars_change_every_nth_profile_read(
+        make_sim: Callable[..., Simulator], http: requests.Session) -> None:
+    sim = make_sim(avatar_change_every=2)
+    access, _ = add_grant(sim)
+    other, _ = add_grant(sim, "o-other")
+
+    def headimgurl(token: str = access, openid: str = "o-user-0001") -> str:
+        url: str = userinfo(http, sim, token, openid)["headimgurl"]
+        assert url.startswith(f"{sim.url}/mmopen/") and url.endswith("/132")
+        return url
+
+    urls = [headimgurl() for _ in range(5)]
+    assert urls[0] != urls[1] == urls[2] != urls[3] == urls[4]
+    assert len(set(urls)) == 3
+    assert [http.get(url, timeout=5).status_code for url in set(urls)].count(200) == 1
+    assert http.get(urls[4], timeout=5).status_code == 200
+    other_url = headimgurl(other, "o-other")  # each user has a count of their own
+    assert headimgurl(other, "o-other") != other_url
+
+    # Answers that fail or get lost do not count: only the profiles a client received do.
+    sim.force("userinfo", "truncated")
+    sim.force("userinfo", 45009)
+    http.get(f"{sim.url}/sns/userinfo", params={"access_token": access, "openid": "o-user-0001"},
+             timeout=5)
+    assert errcode(userinfo(http, sim, access, "o-user-0001")) == 45009
+    assert headimgurl() != urls[4]  # the 6th successful read
+    sixth = headimgurl()  # the 7th
+
+    sim.configure(avatar_change_every=0)
+    assert {headimgurl() for _ in range(3)} == {sixth}
+    sim.configure(avatar_change_every=3)  # the count starts again
+    assert [headimgurl() == sixth for _ in range(3)] == [True, True, False]
+    assert sim.stats(detail=True)["userinfo_by_openid"] == {"o-user-0001": 16, "o-other": 2}
+    with pytest.raises(ValueError, match="avatar_change_every"):
+        sim.configure(avatar_change_every=-1)
+    with pytest.raises(ValueError, match="avatar_change_every"):
+        Simulator(avatar_change_every=True)
+
+
+def test_a_user_headimgurl_can_point_anywhere_until_set_avatar(
+        sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim)
+    own_url = userinfo(http, sim, access, "o-user-0001")["headimgurl"]
+    sim.set_avatar_url("o-user-0001", sim.hostile_url("endless"))
+    assert sim.hostile_url("endless") == f"{sim.url}/hostile/endless/a.png"
+    assert userinfo(http, sim, access, "o-user-0001")["headimgurl"] == sim.hostile_url("endless")
+    assert http.get(own_url, timeout=5).status_code == 200  # the user's own avatar lives on
+    sim.set_avatar_url("o-user-0001", "")
+    assert userinfo(http, sim, access, "o-user-0001")["headimgurl"] == ""
+    sim.set_avatar("o-user-0001", "back")
+    assert userinfo(http, sim, access, "o-user-0001")["headimgurl"] == f"{sim.url}/mmopen/back/132"
+    sim.set_avatar_url("o-later", "https://example.com/x.png")  # before the user has a grant
+    later, _ = add_grant(sim, "o-later")
+    assert userinfo(http, sim, later, "o-later")["headimgurl"] == "https://example.com/x.png"
+    with pytest.raises(ValueError, match="hostile kind"):
+        sim.hostile_url("nice")
+
+
+def test_the_admin_api_sets_avatar_urls_and_avatar_changes(
+        sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim)
+    admin = f"{sim.url}/_sim"
+    hostile = sim.hostile_url("bomb")
+    assert http.post(f"{admin}/avatar", json={"openid": "o-user-0001", "url": hostile},
+                     timeout=5).json() == {"ok": True}
+    assert userinfo(http, sim, access, "o-user-0001")["headimgurl"] == hostile
+    both = {"openid": "o-user-0001", "url": hostile, "image_key": "k"}
+    assert http.post(f"{admin}/avatar", json=both, timeout=5).status_code == 400
+    assert http.post(f"{admin}/avatar", json={"openid": "o-user-0001", "image_key": "k"},
+                     timeout=5).json() == {"ok": True}
+    assert userinfo(http, sim, access, "o-user-0001")["headimgurl"] == f"{sim.url}/mmopen/k/132"
+    assert http.post(f"{admin}/config", json={"avatar_change_every": 1},
+                     timeout=5).json() == {"ok": True}
+    assert userinfo(http, sim, access, "o-user-0001")["headimgurl"] != f"{sim.url}/mmopen/k/132"
+    assert http.post(f"{admin}/config", json={"avatar_change_every": -2},
+                     timeout=5).status_code == 400
+
+
+# -- hostile avatar hosts ---------------------------------------------------------------------
+
+
+def png_chunks(body: bytes) -> dict[bytes, bytes]:
+    """The chunks of a PNG whose signature and CRCs are right (which need not decode)."""
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks: dict[bytes, bytes] = {}
+    offset = 8
+    while offset < len(body):
+        (length,) = struct.unpack(">I", body[offset:offset + 4])
+        tag, data = body[offset + 4:offset + 8], body[offset + 8:offset + 8 + length]
+        (crc,) = struct.unpack(">I", body[offset + 8 + length:offset + 12 + length])
+        assert crc == zlib.crc32(tag + data)
+        chunks[tag] = data
+        offset += 12 + length
+    return chunks
+
+
+def test_hostile_html_truncated_and_bomb(sim: Simulator, http: requests.Session) -> None:
+    html = http.get(sim.hostile_url("html"), timeout=5)
+    assert (html.status_code, html.headers["Content-Type"]) == (200, "image/jpeg")
+    assert html.content.startswith(b"<!DOCTYPE html>")
+
+    truncated = http.get(sim.hostile_url("truncated"), timeout=5)
+    assert (truncated.status_code, truncated.headers["Content-Type"]) == (200, "image/png")
+    assert truncated.headers["Content-Length"] == str(len(truncated.content))
+    whole = simulator_module.avatar_png("hostile-truncated", 64)
+    assert truncated.content == whole[:len(whole) // 2]
+    assert b"IEND" not in truncated.content
+
+    bomb = http.get(sim.hostile_url("bomb"), timeout=5)
+    assert (bomb.status_code, bomb.headers["Content-Type"]) == (200, "image/png")
+    assert len(bomb.content) < 2000
+    chunks = png_chunks(bomb.content)
+    assert list(chunks) == [b"IHDR", b"IDAT", b"IEND"]
+    # 30000 x 30000, 8-bit grayscale: 900 megapixels declared, a handful of rows present.
+    assert struct.unpack(">IIBBBBB", chunks[b"IHDR"]) == (30000, 30000, 8, 0, 0, 0, 0)
+    assert len(zlib.decompress(chunks[b"IDAT"])) < 30001 * 30000 // 1000
+
+
+@pytest.mark.parametrize(("kind", "content_type", "magic", "pil_format"), [
+    ("gif", "image/gif", b"GIF89a", "GIF"),
+    ("webp", "image/webp", b"RIFF", "WEBP"),
+    ("jpeg", "image/jpeg", b"\xff\xd8\xff", "JPEG"),
+])
+def test_hostile_hosts_serve_tiny_images_in_other_formats(
+        sim: Simulator, http: requests.Session, kind: str, content_type: str, magic: bytes,
+        pil_format: str) -> None:
+    response = http.get(sim.hostile_url(kind), timeout=5)
+    assert (response.status_code, response.headers["Content-Type"]) == (200, content_type)
+    body = response.content
+    assert body.startswith(magic) and len(body) < 200
+    if kind == "webp":
+        assert body[8:16] == b"WEBPVP8L"
+        assert struct.unpack("<I", body[4:8])[0] == len(body) - 8
+    if kind == "jpeg":
+        assert body.endswith(b"\xff\xd9")
+    image_module = pytest.importorskip("PIL.Image")
+    with image_module.open(__import__("io").BytesIO(body)) as image:
+        image.load()
+        assert (image.format, image.size) == (pil_format, (1, 1))
+
+
+def test_hostile_redirects(sim: Simulator, http: requests.Session) -> None:
+    out = http.get(sim.hostile_url("redirect-out"), timeout=5, allow_redirects=False)
+    assert (out.status_code, out.headers["Location"]) == (302, HOSTILE_REDIRECT_OUT)
+    assert HOSTILE_REDIRECT_OUT == "http://evil.example.invalid/x.png"
+
+    hop = http.get(sim.hostile_url("redirect-loop"), timeout=5, allow_redirects=False)
+    assert (hop.status_code, hop.headers["Location"]) == (
+        302, f"{sim.url}/hostile/redirect-loop/1")
+    hop = http.get(hop.headers["Location"], timeout=5, allow_redirects=False)
+    assert hop.headers["Location"] == f"{sim.url}/hostile/redirect-loop/2"
+    http.max_redirects = 5
+    with pytest.raises(requests.TooManyRedirects):
+        http.get(sim.hostile_url("redirect-loop"), timeout=5)
+
+    ok = http.get(sim.hostile_url("redirect-ok"), timeout=5)
+    assert [r.status_code for r in ok.history] == [302]
+    assert ok.history[0].headers["Location"] == f"{sim.url}/mmopen/{HOSTILE_OK_KEY}/0"
+    assert (ok.status_code, ok.headers["Content-Type"]) == (200, "image/png")
+    assert png_size(ok.content) == (640, 640)
+
+    stats = sim.stats(detail=True)
+    assert stats["hostile_requests"] == {"redirect-loop": 2 + 6, "redirect-ok": 1,
+                                         "redirect-out": 1}
+    assert stats["avatar_downloads_by_key"] == {HOSTILE_OK_KEY: 1}
+
+
+def handler_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate()
+            if "process_request_thread" in thread.name}
+
+
+def test_the_endless_avatar_streams_until_the_client_hangs_up(sim: Simulator) -> None:
+    before = handler_threads()
+    with requests.get(sim.hostile_url("endless"), stream=True, timeout=5) as response:
+        assert (response.status_code, response.headers["Content-Type"]) == (200, "image/png")
+        assert "Content-Length" not in response.headers
+        head = response.raw.read(256 * 1024)
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        assert head[8:] == bytes(len(head) - 8)
+        (handler,) = handler_threads() - before
+        assert handler.is_alive()  # still sending: 64 MiB cannot have fit in the socket buffers
+    # Hanging up ends the sending thread (it would otherwise write, or spin, forever).
+    handler.join(timeout=5)
+    assert not handler.is_alive()
+    assert sim.stats()["hostile_requests"] == {"endless": 1}
+
+
+def test_the_endless_avatar_gives_up_after_its_cap(
+        sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert simulator_module.HOSTILE_ENDLESS_MAX_BYTES == 64 * 1024 * 1024
+    monkeypatch.setattr(simulator_module, "HOSTILE_ENDLESS_MAX_BYTES", 1024 * 1024)
+    with requests.get(sim.hostile_url("endless"), stream=True, timeout=5) as response:
+        body = b"".join(response.iter_content(65536))  # ends when the server closes
+    assert len(body) == 1024 * 1024
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_slow_avatar_host_outlasts_a_short_timeout(
+        sim: Simulator, http: requests.Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert simulator_module.HOSTILE_SLOW_S == 5.0
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        http.get(sim.hostile_url("slow"), timeout=0.2)
+    assert time.monotonic() - started < 2.0
+    monkeypatch.setattr(simulator_module, "HOSTILE_SLOW_S", 0.0)  # read per request
+    response = http.get(sim.hostile_url("slow"), timeout=5)
+    assert response.headers["Content-Type"] == "image/png"
+    assert png_size(response.content) == (46, 46)
+    # stop() (the fixture's) abandons the stalled answer at once rather than after 5 s.
+
+
+def test_hostile_hosts_are_not_api_calls_and_never_fail(
+        make_sim: Callable[..., Simulator], http: requests.Session) -> None:
+    sim = make_sim(failure_rates={"-1": 1.0})
+    sim.force("userinfo", 45009, count=5)
+    sim.set_avatar("o-user-0001", "face")
+    quick = [kind for kind in HOSTILE_KINDS if kind not in ("endless", "slow")]
+    statuses = {kind: http.get(sim.hostile_url(kind), timeout=5, allow_redirects=False
+                               ).status_code for kind in quick}
+    assert statuses == {kind: 302 if kind.startswith("redirect") else 200 for kind in quick}
+    assert http.get(f"{sim.url}/mmopen/face/132", timeout=5).status_code == 200
+    assert http.get(f"{sim.url}/hostile/nice/a.png", timeout=5).status_code == 404
+    stats = sim.stats()
+    assert stats["hostile_requests"] == dict.fromkeys(sorted(quick), 1)
+    endpoints: dict[str, dict[str, Any]] = stats["endpoints"]  # type: ignore[assignment]
+    assert all(figures["calls"] == 0 for figures in endpoints.values())
+    access, _ = add_grant(sim)  # the forced answers are all still queued
+    assert [errcode(userinfo(http, sim, access, "o-user-0001")) for _ in range(6)] == (
+        [45009] * 5 + [-1])
+    sim.reset_stats()
+    assert sim.stats()["hostile_requests"] == {}
 
 
 # -- quotas -----------------------------------------------------------------------------------
