@@ -316,7 +316,7 @@ def cmd_profile(config: Config, args: argparse.Namespace) -> int:
     }
     for key in ("nickname", "sex", "province", "city", "country", "headimgurl", "privilege",
                 "errcode", "fetched_at", "avatar_url", "avatar_sha256", "avatar_path",
-                "avatar_size", "avatar_type", "avatar_saved_at"):
+                "avatar_size", "avatar_type", "avatar_saved_at", "avatar_error"):
         value = profile.get(key)
         data["profile_errcode" if key == "errcode" else key] = (
             _iso(value) if isinstance(value, datetime) else value

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                                text=True, env=env, check=False)
         summary = json.loads(sweep.stdout)
         for key in ("refresh_tokens_refreshed", "access_tokens_refreshed", "profiles_fetched",
-                    "reauth_recorded", "transient_failures", "grants_worked", "seconds"):
+                    "avatars_saved", "reauth_recorded", "transient_failures", "grants_worked",
+                    "seconds"):
             print(f"  {key:26} {summary.get(key, 0)}")
         print("$ keeper sweep  (again: the transient failures are retried after their backoff;"
               " nothing else is due)")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         status = json.loads(run("status", "--json").stdout)
         print("$ keeper status")
         for key in ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
-                    "retrying"):
+                    "retrying", "avatars_saved"):
             print(f"  {key:18} {status[key]}")
         reauth = [json.loads(line) for line in run("reauth", "--json").stdout.splitlines()]
         by_reason: dict[str, list[str]] = {}
