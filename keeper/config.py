@@ -111,6 +111,7 @@ class Config:
     #: Token encryption keys, in order (the first encrypts). Empty: the default key file.
     encryption_key_files: tuple[Path, ...] = ()
     avatar_workers: int = 4
+    avatar_timeout_s: float = 10.0
     avatar_max_bytes: int = 5 * 1024 * 1024
     avatar_keep_when_removed: bool = True
 
@@ -379,6 +380,7 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         apps=apps,
         source=source,
         avatar_workers=avatar_workers,
+        avatar_timeout_s=max(0.001, t.duration("avatar_timeout", 10)),
         avatar_max_bytes=avatar_max,
         avatar_keep_when_removed=keep_removed,
         encryption_key_files=(

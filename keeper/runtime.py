@@ -74,7 +74,7 @@ class Runtime:
         worker = Worker(config=config, client=client, gate=gate, stop=stop, clock=utcnow)
         fetcher = Fetcher(
             hosts=config.avatar_hosts, avatar_dir=config.avatar_dir,
-            connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s,
+            connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.avatar_timeout_s,
             max_bytes=config.avatar_max_bytes, concurrency=config.avatar_workers,
         )
         avatars = AvatarKeeper(store=store, fetcher=fetcher, clock=utcnow,

@@ -25,6 +25,7 @@ def rt(migrated_url: str, sim: Simulator, tmp_path: Path) -> Iterator[Runtime]:
     config = build_config(
         {"database_url": migrated_url, "api_base": sim.url, "workers": 4,
          "read_timeout": 0.5, "connect_timeout": 0.5, "lease": "1m", "profile_interval": 0,
+         "avatar_timeout": 0.5,
          "avatar_dir": str(tmp_path / "avatars"), "avatar_hosts": ["127.0.0.1"],
          "encryption_key_file": str(key), "apps": [{"appid": APPID}]},
         env={}, source="test",
