@@ -26,6 +26,7 @@ from requests.adapters import HTTPAdapter
 
 from keeper import __version__
 from keeper.errors import KeeperError
+from keeper.wechat import read_capped
 
 MAX_BYTES = 5 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
@@ -141,14 +142,11 @@ class Fetcher:
                     elif resp.status_code != 200:
                         failure = f"HTTP {resp.status_code}"
                     else:
-                        chunks, size = [], 0
-                        for chunk in resp.iter_content(_CHUNK):
-                            size += len(chunk)
-                            if size > self.max_bytes:
-                                failure = f"larger than {self.max_bytes} bytes"
-                                break
-                            chunks.append(chunk)
-                        body = b"".join(chunks)
+                        capped = read_capped(resp, self.max_bytes, _CHUNK)
+                        if capped is None:
+                            failure = f"larger than {self.max_bytes} bytes"
+                        else:
+                            body = capped
             except requests.Timeout:
                 failure = "timeout"
             except requests.RequestException as e:

@@ -43,6 +43,22 @@ _NO_PROXIES: dict[str, str] = {}
 _SECRET_PARAMS = ("secret", "code", "refresh_token", "access_token")
 
 
+def read_capped(resp: requests.Response, max_bytes: int, chunk: int = _CHUNK) -> bytes | None:
+    """A streamed body read in chunks; ``None`` (and the rest unread) once past ``max_bytes``.
+
+    Leaving the ``with`` block of an unfinished response closes its connection, so a hostile
+    server cannot make keeper read or buffer more than ``max_bytes``.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    for part in resp.iter_content(chunk):
+        size += len(part)
+        if size > max_bytes:
+            return None
+        chunks.append(part)
+    return b"".join(chunks)
+
+
 def classify(endpoint: str, errcode: int, errmsg: str = "") -> ApiError:
     """The exception for WeChat's ``errcode`` on ``endpoint`` (see the reference's table)."""
     detail = errmsg[:120] or "error"
@@ -128,15 +144,11 @@ class WeChatClient:
             ) as resp:
                 status = resp.status_code
                 content_type = resp.headers.get("Content-Type", "")
-                chunks: list[bytes] = []
-                size = 0
-                for chunk in resp.iter_content(_CHUNK):
-                    size += len(chunk)
-                    if size > self.max_body_bytes:
-                        failure = f"answer larger than {self.max_body_bytes} bytes"
-                        break
-                    chunks.append(chunk)
-                body = b"".join(chunks)
+                capped = read_capped(resp, self.max_body_bytes)
+                if capped is None:
+                    failure = f"answer larger than {self.max_body_bytes} bytes"
+                else:
+                    body = capped
         except requests.Timeout:
             failure = "timeout"
         except requests.ConnectionError:
