@@ -30,6 +30,7 @@ from keeper.crypto import create_key_file
 from keeper.log import configure
 from keeper.models import Grant
 from keeper.policy import schedule
+from keeper.quota import parse_quota
 from keeper.runtime import Runtime, cipher_for
 from keeper.store import GrantWrite, Store
 from keeper.worker import lifetime
@@ -182,9 +183,7 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if quota:
-        q = build_config({"quotas": {"refresh": quota}, "apps": [{"appid": "x"}]}, env={},
-                         source="bench").apps[0].quotas["refresh"]
-        assert q is not None
+        q = parse_quota(quota)
         result["quota_rate_per_s"] = round(q.count / q.period_s, 1)
         result["quota_used_pct"] = round(100 * refreshes / seconds / (q.count / q.period_s), 1)
     return result
@@ -226,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(runs))
     ok = all(r["quota_rejected"] == 0 for r in runs.values())
     if "bound" in runs:
-        count = int(args.quota.split("/")[0])
-        ok = ok and runs["bound"]["max_window"] <= count
+        ok = ok and runs["bound"]["max_window"] <= parse_quota(args.quota).count
     return 0 if ok else 1
 
 

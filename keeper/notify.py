@@ -35,10 +35,6 @@ class Notifier:
         self._sock: socket.socket | None = None
         self._warned = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def send(self, *fields: str) -> None:
         """One message of ``KEY=value`` lines; failures are logged once and otherwise ignored."""
         if self.address is None:

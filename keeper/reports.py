@@ -21,15 +21,15 @@ class Reports:
     engine: Engine
 
     def iter_reauth(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every user who must re-authorize, oldest record first, read in batches."""
-        last = (None, 0)
+        """Every user who must re-authorize, in grant order, read in batches."""
+        last_id = 0
         while True:
             q = (
                 select(grants.c.appid, grants.c.openid, grants.c.unionid, reauth.c.reason,
                        reauth.c.errcode, reauth.c.since, reauth.c.grant_id)
                 .join(grants, grants.c.id == reauth.c.grant_id)
                 .order_by(reauth.c.grant_id)
-                .where(reauth.c.grant_id > last[1])
+                .where(reauth.c.grant_id > last_id)
                 .limit(batch)
             )
             with translate("listing re-authorizations"), self.engine.connect() as conn:
@@ -37,7 +37,7 @@ class Reports:
             yield from rows
             if len(rows) < batch:
                 return
-            last = (None, rows[-1]["grant_id"])
+            last_id = rows[-1]["grant_id"]
 
     def profile(self, grant_id: int) -> dict[str, Any] | None:
         with translate("reading a profile"), self.engine.connect() as conn:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -82,7 +82,6 @@ class Worker:
         self.rng = rng or random.Random()
         #: Set by a sweep that gave up on WeChat: grants still queued go back untouched.
         self.halt = threading.Event()
-        self.apps: Mapping[str, AppConfig] = {a.appid: a for a in config.apps}
         self.clocks = {a.appid: lifetime(a, config) for a in config.apps}
 
     def _refresh(

@@ -319,19 +319,8 @@ def test_userinfo_is_refused_for_snsapi_base(sim: Simulator, http: requests.Sess
 
 def png_size(body: bytes) -> tuple[int, int]:
     """Check the PNG is well formed (signature, chunk CRCs, pixel data) and give its size."""
-    assert body[:8] == b"\x89PNG\r\n\x1a\n"
-    tags: list[bytes] = []
-    chunks: dict[bytes, bytes] = {}
-    offset = 8
-    while offset < len(body):
-        (length,) = struct.unpack(">I", body[offset:offset + 4])
-        tag, data = body[offset + 4:offset + 8], body[offset + 8:offset + 8 + length]
-        (crc,) = struct.unpack(">I", body[offset + 8 + length:offset + 12 + length])
-        assert crc == zlib.crc32(tag + data)
-        tags.append(tag)
-        chunks[tag] = data
-        offset += 12 + length
-    assert tags == [b"IHDR", b"IDAT", b"IEND"]
+    chunks = png_chunks(body)
+    assert list(chunks) == [b"IHDR", b"IDAT", b"IEND"]
     width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
     assert len(zlib.decompress(chunks[b"IDAT"])) == height * (1 + 3 * width)
     return width, height
