@@ -114,6 +114,11 @@ class Config:
     avatar_timeout_s: float = 10.0
     avatar_max_bytes: int = 5 * 1024 * 1024
     avatar_keep_when_removed: bool = True
+    #: Longest a database statement (PostgreSQL ``statement_timeout``) or a wait for SQLite's
+    #: write lock (``busy_timeout``) may take before it fails as "database unavailable".
+    database_timeout_s: float = 30.0
+    #: Where results that could not be written before an exit are kept until the next start.
+    journal_dir: Path = Path("var/journal")
 
     def app(self, appid: str) -> AppConfig:
         """The app called ``appid``; ``ConfigError`` if it is not configured."""
@@ -137,6 +142,8 @@ class Config:
             "userinfo_lang": self.userinfo_lang,
             "access_margin_s": self.access_margin_s,
             "lease_s": self.lease_s,
+            "database_timeout_s": self.database_timeout_s,
+            "journal_dir": str(self.journal_dir),
             "log_level": self.log_level,
             "encryption_key_files": [str(p) for p in self.encryption_key_files] or "default",
             "apps": [
@@ -330,6 +337,9 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
     read_timeout = t.duration("read_timeout", 5)
     if lease < 2 * read_timeout + 30:
         raise ConfigError(f"lease: must exceed two read timeouts plus 30 s, got {lease:g}")
+    database_timeout = t.duration("database_timeout", 30)
+    if not 1 <= database_timeout <= 3600:
+        raise ConfigError(f"database_timeout: expected 1 s to 1 h, got {database_timeout:g}")
     quotas = _quotas(
         t.pop("quotas", {}), "quotas",
         {k: parse_quota(v) if v else None for k, v in DEFAULT_QUOTAS.items()},
@@ -383,6 +393,8 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         avatar_timeout_s=max(0.001, t.duration("avatar_timeout", 10)),
         avatar_max_bytes=avatar_max,
         avatar_keep_when_removed=keep_removed,
+        database_timeout_s=database_timeout,
+        journal_dir=Path(t.string("journal_dir", "var/journal") or "var/journal"),
         encryption_key_files=(
             tuple(_resolve(k, env, base) for k in key_files) or _credential_key(env)
         ),
