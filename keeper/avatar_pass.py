@@ -22,6 +22,7 @@ import structlog
 
 from keeper.avatar_state import AvatarDue
 from keeper.avatars import AvatarRefused, Fetcher
+from keeper.errors import DatabaseUnavailable, StoreError
 from keeper.store import Store
 
 log = structlog.get_logger(__name__)
@@ -40,6 +41,8 @@ class AvatarKeeper:
         self.clock = clock
         self.workers = workers
         self.keep_when_removed = keep_when_removed
+        self._db_error: StoreError | None = None
+        self._disk_error: OSError | None = None
 
     def check(self, due: AvatarDue) -> str:
         """Bring one profile's avatar copy up to date; the name of what happened."""
@@ -65,10 +68,15 @@ class AvatarKeeper:
         return "avatars_saved"
 
     def run(self, stop: threading.Event, *, budget_s: float) -> Counter[str]:
-        """Check due avatars until none is left, ``stop`` is set or the budget is spent."""
+        """Check due avatars until none is left, ``stop`` is set or the budget is spent.
+
+        Raises StoreError when the database fails (once, for the whole pass: the sweep
+        reports it as the database being unavailable, not per avatar).
+        """
         counts: Counter[str] = Counter()
         deadline = time.monotonic() + budget_s
         after = 0
+        self._db_error = self._disk_error = None
         with ThreadPoolExecutor(self.workers, thread_name_prefix="keeper-avatar") as pool:
             while not stop.is_set() and time.monotonic() < deadline:
                 page = self.store.due_avatars(PAGE, after_id=after)
@@ -77,12 +85,27 @@ class AvatarKeeper:
                 after = page[-1].grant_id
                 for outcome in pool.map(self._safe_check, page):
                     counts[outcome] += 1
+                if self._db_error is not None:
+                    raise DatabaseUnavailable(str(self._db_error))
+                if self._disk_error is not None:
+                    break
         return counts
 
     def _safe_check(self, due: AvatarDue) -> str:
+        if self._db_error is not None or self._disk_error is not None:
+            return "avatars_postponed"
         try:
             return self.check(due)
-        except Exception:  # a bug or a full disk must not end the sweep
+        except StoreError as e:  # the database, not this avatar: the pass ends
+            self._db_error = e
+            return "avatars_postponed"
+        except OSError as e:  # a full or read-only disk: said once, the pass ends
+            if self._disk_error is None:
+                self._disk_error = e
+                log.error("avatar.disk_error", error=f"{type(e).__name__}: {e.strerror or e}",
+                          directory=str(self.fetcher.avatar_dir))
+            return "avatars_postponed"
+        except Exception:  # a bug must not end the sweep
             log.exception("avatar.failed", appid=due.appid, openid=due.openid)
             return "avatar_errors"
 

@@ -87,6 +87,9 @@ def cmd_sweep(config: Config, args: argparse.Namespace) -> int:
     try:
         summary = sweeper.run_once()
     finally:
+        # Results the database did not take (it failed) wait in the journal for the next
+        # keeper process, which writes them before it claims anything.
+        sweeper.save_held()
         sweeper.close()
         rt.close()
     if sweeper.progress is not None:
@@ -427,7 +430,8 @@ def cmd_cleanup_avatars(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     cipher = cipher_for(config)  # encrypts tokens stored in plaintext before 0002
-    engine = db.make_engine(config.database_url, pool_size=1)
+    # No statement timeout: encrypting or rewriting a large table may take minutes.
+    engine = db.make_engine(config.database_url, pool_size=1, timeout_s=0)
     try:
         before, after = db.upgrade(engine, cipher=cipher)
     finally:

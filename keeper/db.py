@@ -37,29 +37,57 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL lets readers run beside the one writer; NORMAL is durable at every checkpoint and
-    # never corrupts; the busy timeout makes concurrent writers (a one-off sweep beside the
-    # service) wait for each other instead of failing.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+#: TCP settings of every PostgreSQL connection: a silent network (packets dropped, no reset)
+#: is noticed within ~15 s instead of the kernel's two hours. Keepalive probes find a dead peer
+#: while keeper waits for an answer (5 s idle, then 3 probes 2 s apart); tcp_user_timeout ends
+#: a connection whose sent data stays unacknowledged for 10 s.
+PG_TCP = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+#: Longest wait for a lock (ms), at most: a session holding a table lock makes keeper say so
+#: (as the database being unavailable) instead of sitting silently behind it.
+LOCK_TIMEOUT_CAP_MS = 10_000
+#: Waiting this long for a connection from the pool is a database that does not answer.
+POOL_TIMEOUT_S = 15
 
 
-def make_engine(url: str, *, pool_size: int = 8) -> Engine:
-    """An engine with the settings keeper relies on. SQLite's file is created mode 0600."""
+def _sqlite_pragmas(busy_ms: int) -> Any:
+    def apply(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        # WAL lets readers run beside the one writer; NORMAL is durable at every checkpoint
+        # and never corrupts; the busy timeout makes concurrent writers (a one-off sweep beside
+        # the service) wait for each other, for at most database_timeout, instead of failing
+        # at once or waiting forever.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return apply
+
+
+def make_engine(url: str, *, pool_size: int = 8, timeout_s: float = 30.0) -> Engine:
+    """An engine with the settings keeper relies on. SQLite's file is created mode 0600.
+
+    ``timeout_s``: the longest a statement may run on PostgreSQL (``statement_timeout``; lock
+    waits get a third of it, at most 10 s) and the longest a wait for SQLite's write lock may
+    last. ``0``: no statement timeout (migrations).
+    """
     try:
-        return _make_engine(url, pool_size=pool_size)
+        return _make_engine(url, pool_size=pool_size, timeout_s=timeout_s)
     except (exc.ArgumentError, ImportError) as e:
         raise ConfigError(
             f"database_url {redact_url(url)!r} is not usable: {type(e).__name__}"
         ) from None
 
 
-def _make_engine(url: str, *, pool_size: int) -> Engine:
+def _make_engine(url: str, *, pool_size: int, timeout_s: float) -> Engine:
     parsed = make_url(url)
     if is_sqlite(url):
         path = sqlite_path(url)
@@ -67,23 +95,34 @@ def _make_engine(url: str, *, pool_size: int) -> Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        busy_s = timeout_s or 30.0
         engine = create_engine(
             parsed,
-            connect_args={"timeout": 30, "check_same_thread": False},
+            connect_args={"timeout": busy_s, "check_same_thread": False},
             pool_size=pool_size,
             max_overflow=pool_size,
+            pool_timeout=max(POOL_TIMEOUT_S, busy_s),
             hide_parameters=True,
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(int(busy_s * 1000)))
         return engine
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        statement_ms = int(timeout_s * 1000)
+        lock_ms = min(LOCK_TIMEOUT_CAP_MS, statement_ms // 3) if statement_ms else 0
+        connect_args = {
+            **PG_TCP,
+            "options": f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms}",
+        }
     return create_engine(
         parsed,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,  # survive a database restart without failing the next sweep
         pool_recycle=1800,
+        pool_timeout=POOL_TIMEOUT_S,
         hide_parameters=True,
-        connect_args={"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {},
+        connect_args=connect_args,
     )
 
 

@@ -70,6 +70,35 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
+#: Free-text lines of libraries that would reach journald during a database outage or a long
+#: sweep, and the structured event each becomes (at debug level, so silent at info):
+#: - APScheduler skips a sweep that comes due while the last one still runs; the next one
+#:   starts when it is due after that (coalesce), so there is nothing to act on;
+#: - psycopg and SQLAlchemy's pool report the failure of closing or resetting a connection
+#:   that already failed; keeper reports the outage itself, once, as database.unavailable.
+_QUIETED = (
+    ("apscheduler", "maximum number of running instances reached", "sweep.skipped"),
+    ("psycopg", "error ignored", "database.connection_discarded"),
+    ("sqlalchemy.pool", "Exception during reset", "database.connection_discarded"),
+    ("sqlalchemy.pool", "Exception closing connection", "database.connection_discarded"),
+)
+
+
+class _Quiet(logging.Filter):
+    """Turns the library lines in :data:`_QUIETED` into debug events (see there for why)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for prefix, needle, event in _QUIETED:
+            if record.name.startswith(prefix) and needle in str(record.msg):
+                if logging.getLogger().level > logging.DEBUG:
+                    return False
+                record.msg, record.args = event, ()
+                record.exc_info, record.exc_text = None, None
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return True
+        return True
+
+
 def _pre_chain() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -103,6 +132,7 @@ def configure(level: str = "info", *, pretty: bool | None = None) -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_Quiet())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

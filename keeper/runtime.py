@@ -11,6 +11,7 @@ from keeper.config import Config
 from keeper.crypto import Cipher, create_key_file, load_keys
 from keeper.db import is_sqlite, sqlite_path
 from keeper.errors import ConfigError
+from keeper.journal import Journal
 from keeper.limiter import QuotaGate
 from keeper.log import register_secret
 from keeper.store import Store
@@ -39,7 +40,8 @@ def cipher_for(config: Config) -> Cipher:
 
 def open_store(config: Config, *, pool_size: int = 1) -> Store:
     """The store with its cipher, schema checked (or upgraded on SQLite) and keys verified."""
-    return Store(config.database_url, cipher=cipher_for(config), pool_size=pool_size).open()
+    return Store(config.database_url, cipher=cipher_for(config), pool_size=pool_size,
+                 timeout_s=config.database_timeout_s).open()
 
 
 @dataclass
@@ -61,7 +63,8 @@ class Runtime:
         for app in config.apps:
             register_secret(app.secret)
         stop = stop or threading.Event()
-        store = Store(config.database_url, cipher=cipher_for(config), pool_size=4)
+        store = Store(config.database_url, cipher=cipher_for(config), pool_size=4,
+                      timeout_s=config.database_timeout_s)
         if open_store:
             store.open()
         client = WeChatClient(
@@ -84,7 +87,8 @@ class Runtime:
 
     def sweeper(self) -> Sweeper:
         return Sweeper(config=self.config, store=self.store, worker=self.worker, stop=self.stop,
-                       avatars=self.avatars)
+                       avatars=self.avatars,
+                       journal=Journal(self.config.journal_dir, self.store.cipher))
 
     def close(self) -> None:
         self.client.close()

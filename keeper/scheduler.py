@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,9 @@ log = structlog.get_logger(__name__)
 HUNG_AFTER_S = 120.0
 #: Longest pause between sweep attempts while the database is down.
 DB_BACKOFF_CAP_S = 300.0
+#: From SIGTERM to exit, at most (systemd's TimeoutStopSec is 15 s): a sweep stuck in the
+#: database past this is left behind, its held results journaled.
+STOP_DEADLINE_S = 9.0
 
 
 def sweep_status(summary: dict[str, Any]) -> str:
@@ -71,6 +75,7 @@ class Service:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self._signals = 0
+        self._stop_at: float | None = None
         self._reload = False
         self._sweep_now = False
         self._pending: Config | None = None
@@ -90,6 +95,7 @@ class Service:
         self._signals += 1
         if self._signals > 1:
             os._exit(1)  # a second signal: the operator wants out now
+        self._stop_at = time.monotonic()
         self.stop.set()
         self.wake.set()
 
@@ -134,9 +140,12 @@ class Service:
     def _db_failed(self, error: str | None) -> None:
         self._db_failures += 1
         delay = min(DB_BACKOFF_CAP_S, self.config.sweep_interval_s * 2 ** (self._db_failures - 1))
+        held = self.sweeper.held_count()
+        # Once per outage at error level; the attempts after it at debug.
         if error is not None:
-            log.error("database.unavailable", error=error, failures=self._db_failures,
-                      retry_in_s=round(delay, 1))
+            (log.error if self._db_failures == 1 else log.debug)(
+                "database.unavailable", error=error, failures=self._db_failures,
+                retry_in_s=round(delay, 1), results_held=held)
         self.notifier.status(f"database unavailable; retrying in {delay:.0f} s")
         job = self.scheduler.get_job("sweep")
         if job is not None and not self.stop.is_set():
@@ -161,10 +170,11 @@ class Service:
             log.error("config.reload_refused", error=str(e))
             runtime.close()
             return
-        old = self.runtime
-        self.sweeper.close()
+        old, old_sweeper = self.runtime, self.sweeper
+        old_sweeper.close()
         self.runtime = runtime
         self.sweeper = runtime.sweeper()
+        self.sweeper.adopt(old_sweeper)  # results not yet written are carried over
         self.config = config
         old.close()
 
@@ -173,6 +183,7 @@ class Service:
     def _wait_for_database(self) -> bool:
         """Block until the schema is usable or shutdown begins; True if usable."""
         delay = 1.0
+        attempts = 0
         while not self.stop.is_set():
             try:
                 self.runtime.store.open()
@@ -180,7 +191,11 @@ class Service:
             except (DatabaseUnavailable, SchemaOutdated) as e:
                 event = ("database.schema_outdated" if isinstance(e, SchemaOutdated)
                          else "database.unavailable")
-                log.error(event, error=str(e), retry_in_s=delay)
+                attempts += 1
+                # Once at error level; each further attempt at debug (systemd's STATUS shows
+                # that keeper is still waiting).
+                (log.error if attempts == 1 else log.debug)(
+                    event, error=str(e), retry_in_s=delay, attempts=attempts)
                 self.notifier.status(f"waiting for the database: {e}")
             self._tick(delay)
             delay = min(60.0, delay * 2)
@@ -265,10 +280,26 @@ class Service:
         self.notifier.stopping()
         log.info("keeper.stopping", step="scheduler")
         if self.scheduler.running:
-            # wait=True lets a running sweep finish: it sees the stop flag, stops claiming,
-            # lets calls in flight finish (or gives their grants back after a grace) and
-            # writes results and releases leases before it returns.
-            self.scheduler.shutdown(wait=True)
+            # A running sweep sees the stop flag, stops claiming, lets calls in flight come
+            # back (or gives their grants back after a grace), writes results and releases
+            # leases before it returns; it is not waited for past the deadline.
+            self.scheduler.shutdown(wait=False)
+        deadline = (self._stop_at or time.monotonic()) + STOP_DEADLINE_S
+        log.info("keeper.stopping", step="sweep")
+        finished = self.sweeper.idle.wait(max(0.0, deadline - time.monotonic()))
+        # Calls whose grants the sweep gave back may still bring answers: wait for them too.
+        while finished and self.sweeper.working() and time.monotonic() < deadline:
+            self.stop.wait(0.05)
+        log.info("keeper.stopping", step="results", held=self.sweeper.held_count())
+        # What the database did not take (it is down, or the sweep is stuck in it) is kept
+        # in the journal, which the next start writes before it claims anything.
+        self.sweeper.save_held()
+        if not finished:
+            log.warning("keeper.stopped", forced=True,
+                        reason="a sweep is stuck in the database; its leases lapse by themselves")
+            self.notifier.close()
+            sys.stderr.flush()
+            os._exit(0)  # the sweep's thread cannot be interrupted inside the driver
         log.info("keeper.stopping", step="workers")
         self.sweeper.close()
         log.info("keeper.stopping", step="database")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from keeper.avatar_state import AvatarState
 from keeper.crypto import Cipher, WrongKey
 from keeper.db import ensure_schema, is_sqlite, make_engine, translate
-from keeper.models import Grant, Profile, Reauth
+from keeper.models import REAUTH, Grant, Profile, Reauth
 from keeper.policy import Schedule
 from keeper.quota_state import QuotaState
 from keeper.reports import Reports
@@ -41,13 +41,20 @@ _PROFILE_FIELDS = (
 
 @dataclass(frozen=True)
 class GrantWrite:
-    """The new state of a leased grant, and what to record beside it."""
+    """The new state of a leased grant, and what to record beside it.
+
+    ``base``: the (access token, refresh token) the work started from. A write whose lease
+    lapsed is still applied when the stored tokens are exactly these (nothing newer was
+    written meanwhile), so a result WeChat answered is never thrown away for a lapsed lease
+    and never overwrites a newer token.
+    """
 
     grant: Grant
     schedule: Schedule
     profile: Profile | None = None
     reauth: Reauth | None = None
     clear_reauth: bool = False
+    base: tuple[str, str] | None = field(default=None, repr=False)
 
 
 def new_lease_id() -> str:
@@ -89,11 +96,12 @@ class Store(Reports, QuotaState, AvatarState):
     """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
 
     def __init__(
-        self, url: str, *, cipher: Cipher, pool_size: int = 8, auto_upgrade: bool | None = None
+        self, url: str, *, cipher: Cipher, pool_size: int = 8, auto_upgrade: bool | None = None,
+        timeout_s: float = 30.0,
     ) -> None:
         self.url = url
         self.cipher = cipher
-        self.engine: Engine = make_engine(url, pool_size=pool_size)
+        self.engine: Engine = make_engine(url, pool_size=pool_size, timeout_s=timeout_s)
         self.sqlite = is_sqlite(url)
         self.auto_upgrade = self.sqlite if auto_upgrade is None else auto_upgrade
 
@@ -244,7 +252,7 @@ class Store(Reports, QuotaState, AvatarState):
 
     def claim(
         self, *, appids: Iterable[str], cutoff: datetime, limit: int, lease_id: str,
-        lease_until: datetime, now: datetime | None = None,
+        lease_until: datetime, now: datetime | None = None, exclude: Collection[int] = (),
     ) -> list[Grant]:
         """Lease up to ``limit`` grants due at ``cutoff``, most urgent first.
 
@@ -253,7 +261,8 @@ class Store(Reports, QuotaState, AvatarState):
         an (appid, due) index; leased grants (a few pages per process) are filtered out on
         the way. A lease only
         sets two columns, so claiming touches no index. ``now`` (default ``cutoff``) decides
-        which leases have lapsed.
+        which leases have lapsed. ``exclude``: grants this process holds a result for that is
+        not written yet (their leases may have lapsed during a database outage).
         """
         now = now or cutoff
         apps = sorted(appids)
@@ -266,17 +275,20 @@ class Store(Reports, QuotaState, AvatarState):
                         return claimed
                     claimed.extend(self._claim_from(
                         conn, col, appid, cutoff=cutoff, limit=need, lease_id=lease_id,
-                        lease_until=lease_until, now=now,
+                        lease_until=lease_until, now=now, exclude=exclude,
                     ))
         return claimed
 
     def _claim_from(
         self, conn: Any, col: Any, appid: str, *, cutoff: datetime, limit: int, lease_id: str,
-        lease_until: datetime, now: datetime,
+        lease_until: datetime, now: datetime, exclude: Collection[int] = (),
     ) -> list[Grant]:
+        query = select(grants.c.id).where(grants.c.appid == appid, col <= cutoff,
+                                          self._free(now))
+        if exclude:
+            query = query.where(grants.c.id.not_in(list(exclude)))
         ids = conn.execute(
-            select(grants.c.id)
-            .where(grants.c.appid == appid, col <= cutoff, self._free(now))
+            query
             .order_by(col)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -310,24 +322,40 @@ class Store(Reports, QuotaState, AvatarState):
     def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> int:
         """Write results of leased work in one transaction and end the leases.
 
-        Only grants still held under ``lease_id`` are written; the number written is returned
-        (fewer than given means a lease was lost to an import or expired).
+        A grant still held under ``lease_id`` is written. One whose lease was lost (it lapsed
+        during a database outage, or another process holds it now) is written only when its
+        stored tokens are still the write's ``base``: then nothing newer has been stored, and
+        this answer of WeChat's is the newest (a failure recorded meanwhile from the same
+        tokens is replaced). Anything else is superseded and dropped. Returns the number
+        written.
         """
         if not writes:
             return 0
         with translate("saving results"), self.engine.begin() as conn:
             ids = [w.grant.id for w in writes]
-            owned = set(conn.execute(
-                select(grants.c.id)
-                .where(grants.c.id.in_(ids), grants.c.lease_id == lease_id)
+            rows = {r.id: r for r in conn.execute(
+                select(grants.c.id, grants.c.lease_id, grants.c.access_token,
+                       grants.c.refresh_token)
+                .where(grants.c.id.in_(ids))
                 .with_for_update()
-            ).scalars())
-            mine = [w for w in writes if w.grant.id in owned]
+            )}
+            mine: list[GrantWrite] = []
+            for w in writes:
+                row = rows.get(w.grant.id)
+                if row is None:
+                    continue  # the grant was deleted meanwhile
+                if row.lease_id == lease_id:
+                    mine.append(w)
+                elif w.base is not None and self._holds(row, w.base):
+                    # Lease lost, tokens unchanged: this answer is the newest. A failure
+                    # recorded meanwhile from the same tokens no longer holds.
+                    keep_record = w.grant.state == REAUTH or w.reauth is not None
+                    mine.append(w if keep_record else replace(w, clear_reauth=True))
             if not mine:
                 return 0
             params = [
                 {
-                    "b_id": w.grant.id, "b_lease": lease_id,
+                    "b_id": w.grant.id,
                     **self._tokens(w.grant),
                     **_schedule_values(w.schedule),
                 }
@@ -335,7 +363,7 @@ class Store(Reports, QuotaState, AvatarState):
             ]
             conn.execute(
                 update(grants)
-                .where(grants.c.id == bindparam("b_id"), grants.c.lease_id == bindparam("b_lease"))
+                .where(grants.c.id == bindparam("b_id"))
                 .values(
                     {k: bindparam(k)
                      for k in (*_MUTABLE, "key_id", *(c.name for c in DUE_COLUMNS))}
@@ -345,6 +373,15 @@ class Store(Reports, QuotaState, AvatarState):
             )
             self._record(conn, mine)
         return len(mine)
+
+    def _holds(self, row: Any, base: tuple[str, str]) -> bool:
+        """Whether a stored row's tokens are ``base`` (access, refresh)."""
+        try:
+            stored = (self.cipher.decrypt(row.access_token),
+                      self.cipher.decrypt(row.refresh_token))
+        except WrongKey:  # a token these keys cannot read is not the one the work began with
+            return False
+        return stored == base
 
     def _record(self, conn: Any, writes: Sequence[GrantWrite]) -> None:
         profile_rows = [

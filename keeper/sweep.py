@@ -5,6 +5,13 @@ pool of daemon worker threads, and writes results in batches, so one database wr
 process does all the writing. It checks the stop flag between pages; workers check it between
 WeChat calls. When WeChat stops answering (a streak of transient failures with no success),
 the sweep stops calling it and ends early; the next sweep probes again.
+
+Nothing WeChat answered is lost to the database: a worker hands its result to the
+:class:`Sweeper` (not to one sweep), which holds it until it is committed. When the database
+fails, the sweep stops claiming, lets the calls in flight come back, and ends with
+:class:`DatabaseUnavailable`; the held results are written first thing in the next sweep
+(their grants are not claimed again meanwhile), and if the process must exit before that,
+they go to the local journal (:mod:`keeper.journal`), which the next start replays.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +31,8 @@ import structlog
 
 from keeper.avatar_pass import AvatarKeeper
 from keeper.config import Config
+from keeper.errors import DatabaseUnavailable, StoreError
+from keeper.journal import Journal
 from keeper.models import Grant
 from keeper.store import GrantWrite, Store, new_lease_id
 from keeper.worker import Result, Worker
@@ -37,7 +47,10 @@ _SUCCESSES = ("refresh_tokens_refreshed", "access_tokens_refreshed", "profiles_f
               "no_profile", "reauth_recorded")
 FLUSH_EVERY_S = 0.25
 FLUSH_BATCH = 200
-STOP_GRACE_S = 8.0
+#: Results written per transaction when held results are caught up after an outage.
+CATCH_UP_BATCH = 500
+#: After a stop (or a database failure), how long calls in flight may take to come back.
+STOP_GRACE_S = 6.0
 PROGRESS_EVERY_S = 30.0
 #: Transient failures in a row, with no answer from WeChat between them, that end a sweep.
 UNAVAILABLE_STREAK = 20
@@ -47,17 +60,29 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-_Task = tuple[Grant, "queue.Queue[Result]"]
+_Task = tuple[Grant, str, "queue.Queue[Result]"]
+
+
+@dataclass(frozen=True)
+class Held:
+    """A result not yet committed, and the lease it was worked under."""
+
+    write: GrantWrite
+    lease_id: str
 
 
 class Sweeper:
-    """Runs sweeps for one process. ``stop`` ends a sweep early and cleanly."""
+    """Runs sweeps for one process. ``stop`` ends a sweep early and cleanly.
+
+    Holds every result a worker produced until it is committed (:attr:`held`), across sweeps.
+    """
 
     def __init__(
         self, *, config: Config, store: Store, worker: Worker, stop: threading.Event,
         clock: Callable[[], datetime] = utcnow,
         progress: Callable[[int, int], None] | None = None,
         avatars: AvatarKeeper | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.config = config
         self.avatars = avatars
@@ -66,9 +91,20 @@ class Sweeper:
         self.stop = stop
         self.clock = clock
         self.progress = progress
+        self.journal = journal
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # one sweep at a time in this process
+        self._held_lock = threading.Lock()
+        #: Results not yet committed, by grant id (written by worker threads).
+        self.held: dict[int, Held] = {}
+        #: Leases to give back (grants that were claimed and not worked), by lease id.
+        self._releases: dict[str, set[int]] = {}
+        self._working = 0  # worker threads inside Worker.work
+        self._journal_replayed = journal is None
+        #: Set while no sweep runs in this process.
+        self.idle = threading.Event()
+        self.idle.set()
         #: Monotonic time of the sweep loop's last turn (None: no sweep running). The service's
         #: watchdog stops pinging systemd when a running sweep stops turning.
         self.busy_since: float | None = None
@@ -83,14 +119,142 @@ class Sweeper:
 
     def _loop(self) -> None:
         while (task := self._tasks.get()) is not None:
-            grant, results = task
+            grant, lease_id, results = task
+            with self._held_lock:
+                self._working += 1
             try:
-                result = self.worker.work(grant)
-            except Exception:  # a bug must not lose the lease's bookkeeping
-                log.exception("worker.failed", appid=grant.appid, openid=grant.openid)
-                result = Result(grant)
-                result.counts["worker_errors"] += 1
+                result = self.worker.work(grant)  # never raises: keeps what WeChat answered
+            finally:
+                with self._held_lock:
+                    self._working -= 1
+            if result.write is not None:
+                # Held by the process, not by the sweep that asked: a sweep that ended
+                # (database down, shutdown) cannot drop it.
+                with self._held_lock:
+                    self.held[grant.id] = Held(result.write, lease_id)
             results.put(result)
+
+    def release_later(self, lease_id: str, grant_ids: Any) -> None:
+        with self._held_lock:
+            self._releases.setdefault(lease_id, set()).update(grant_ids)
+
+    def write_held(self, *, limit: int | None = None) -> tuple[int, int]:
+        """Commit held results and give back unused leases; (written, superseded).
+
+        Raises StoreError when the database fails: what was not committed stays held. A
+        result the database refuses on its own (bad data) is retried alone, then without its
+        profile, then dropped with one ``result.unwritable`` line: it never blocks others.
+        """
+        with self._held_lock:
+            items = list(self.held.values())[:limit]
+            releases = {k: set(v) for k, v in self._releases.items()}
+        written = superseded = 0
+        by_lease: dict[str, list[Held]] = {}
+        for h in items:
+            by_lease.setdefault(h.lease_id, []).append(h)
+        now = self.clock()
+        for lease_id, group in by_lease.items():
+            for i in range(0, len(group), CATCH_UP_BATCH):
+                chunk = group[i:i + CATCH_UP_BATCH]
+                done = self._apply(lease_id, chunk, now)
+                written += done
+                superseded += len(chunk) - done
+                with self._held_lock:
+                    for h in chunk:
+                        if self.held.get(h.write.grant.id) is h:
+                            del self.held[h.write.grant.id]
+        for lease_id, ids in releases.items():
+            self.store.release(sorted(ids), lease_id)
+            with self._held_lock:
+                left = self._releases.get(lease_id, set()) - ids
+                if left:
+                    self._releases[lease_id] = left
+                else:
+                    self._releases.pop(lease_id, None)
+        if superseded:
+            log.info("results.superseded", count=superseded)
+        return written, superseded
+
+    def _apply(self, lease_id: str, chunk: list[Held], now: datetime) -> int:
+        writes = [h.write for h in chunk]
+        try:
+            return self.store.apply(writes, lease_id, now)
+        except DatabaseUnavailable:
+            raise
+        except StoreError:
+            if len(writes) == 1:
+                return self._apply_alone(lease_id, writes[0], now)
+        # One result the database refuses must not cost the others theirs.
+        return sum(self._apply(lease_id, [h], now) for h in chunk)
+
+    def _apply_alone(self, lease_id: str, write: GrantWrite, now: datetime) -> int:
+        g = write.grant
+        if write.profile is not None:
+            try:  # the tokens matter most: keep them, read the profile again later
+                return self.store.apply([replace(write, profile=None)], lease_id, now)
+            except DatabaseUnavailable:
+                raise
+            except StoreError:
+                pass
+        try:
+            return self.store.apply([write], lease_id, now)
+        except DatabaseUnavailable:
+            raise
+        except StoreError as e:
+            log.error("result.unwritable", appid=g.appid, openid=g.openid, error=str(e))
+            return 0
+
+    def held_count(self) -> int:
+        with self._held_lock:
+            return len(self.held)
+
+    def working(self) -> int:
+        with self._held_lock:
+            return self._working
+
+    def replay_journal(self) -> None:
+        """Once per process, before the first claim: write what an earlier exit journaled."""
+        if self._journal_replayed or self.journal is None:
+            return
+        counts = self.journal.replay(self.store, self.clock())
+        self._journal_replayed = True
+        if counts["files"] or counts["unreadable"]:
+            log.info("journal.replayed", **counts)
+
+    def save_held(self) -> int:
+        """Write held results to the journal (at exit, when the database cannot take them).
+
+        Returns how many were kept; logs ``journal.saved``, or ``journal.failed`` with the
+        count lost when the disk refuses.
+        """
+        with self._held_lock:
+            items = list(self.held.values())
+            self.held.clear()
+        if not items:
+            return 0
+        if self.journal is None:
+            log.error("journal.failed", lost=len(items), error="no journal configured")
+            return 0
+        try:
+            path = self.journal.write([(h.write, h.lease_id) for h in items])
+        except OSError as e:
+            log.error("journal.failed", lost=len(items), error=f"{type(e).__name__}: "
+                      f"{e.strerror or e}", directory=str(self.journal.directory))
+            return 0
+        log.warning("journal.saved", results=len(items), file=str(path))
+        return len(items)
+
+    def adopt(self, other: Sweeper) -> None:
+        """Take over the held results and leases of a sweeper being replaced (a reload)."""
+        with other._held_lock:
+            held, releases = dict(other.held), other._releases
+            other.held.clear()
+            other._releases = {}
+        with self._held_lock:
+            self.held.update(held)
+            for k, v in releases.items():
+                self._releases.setdefault(k, set()).update(v)
+        self._journal_replayed = self._journal_replayed or other._journal_replayed
 
     def close(self) -> None:
         """End the worker threads (they are daemons; this is for tidy tests)."""
@@ -102,13 +266,16 @@ class Sweeper:
         """One sweep over everything due at ``now``; returns its summary.
 
         Raises :class:`keeper.errors.StoreError` when the database fails; the caller logs it.
+        The results held then are kept for the next sweep (or :meth:`save_held`).
         """
         with self._lock:
+            self.idle.clear()
             self.busy_since = self.last_turn = time.monotonic()
             try:
                 return _Run(self, now or self.clock()).run()
             finally:
                 self.busy_since = None
+                self.idle.set()
 
 
 class _Run:
@@ -123,14 +290,14 @@ class _Run:
         self.apps = {a.appid for a in self.config.apps}
         self.rejected: set[str] = set()  # WeChat refused the app itself: an operator's problem
         self.deferred: set[str] = set()  # the app's quota is used up for longer than we wait
-        self.writes: list[GrantWrite] = []
-        self.releases: list[int] = []
         self.results: queue.Queue[Result] = queue.Queue()
         self.in_flight: dict[int, Grant] = {}
         self.exhausted = False
         self.streak = 0  # transient failures in a row
         self.unavailable = False
         self.stop_seen: float | None = None
+        self.db_error: str | None = None  # the database failed: stop claiming, keep results
+        self.unsettled = 0  # results taken since the last write
 
     def claim(self) -> None:
         page = 2 * self.config.workers
@@ -138,15 +305,17 @@ class _Run:
         if page - len(self.in_flight) < max(1, self.config.workers // 2):
             return
         now = self.s.clock()
+        with self.s._held_lock:
+            exclude = set(self.s.held)
         batch = self.s.store.claim(
             appids=sorted(self.apps - self.rejected - self.deferred), cutoff=self.cutoff,
             limit=page - len(self.in_flight), lease_id=self.lease_id, now=now,
-            lease_until=now + timedelta(seconds=self.config.lease_s),
+            lease_until=now + timedelta(seconds=self.config.lease_s), exclude=exclude,
         )
         self.exhausted = not batch
         for g in batch:
             self.in_flight[g.id] = g
-            self.s._tasks.put((g, self.results))
+            self.s._tasks.put((g, self.lease_id, self.results))
 
     def take(self, r: Result) -> None:
         self.in_flight.pop(r.grant.id, None)
@@ -162,10 +331,12 @@ class _Run:
             log.warning("quota.deferred", appid=appid, endpoint=r.quota_wait.endpoint,
                         until=r.quota_wait.until.isoformat())
         if r.write is not None:
-            self.writes.append(r.write)
             self.counts["grants_worked"] += 1
         else:
-            self.releases.append(r.grant.id)
+            self.s.release_later(self.lease_id, [r.grant.id])
+        self.unsettled += 1
+        if r.db_error is not None:
+            self.database_failed(r.db_error)
         self.watch_wechat(r)
 
     def watch_wechat(self, r: Result) -> None:
@@ -180,14 +351,37 @@ class _Run:
             log.warning("wechat.unavailable", streak=self.streak, last_error=(
                 r.write.grant.last_error if r.write else None))
 
+    def database_failed(self, error: str) -> None:
+        """Stop claiming and writing; calls in flight come back and their results are held."""
+        if self.db_error is None:
+            self.db_error = error
+            self.s.worker.halt.set()
+            self.unqueue()
+
+    def unqueue(self) -> None:
+        """Take back the grants still queued (not started): their leases are given back."""
+        while True:
+            try:
+                task = self.s._tasks.get_nowait()
+            except queue.Empty:
+                return
+            if task is None:  # close() asked a thread to end: leave that to a thread
+                self.s._tasks.put(None)
+                return
+            grant, lease_id, _ = task
+            self.in_flight.pop(grant.id, None)
+            self.s.release_later(lease_id, [grant.id])
+
     def flush(self) -> None:
-        if self.writes:
-            written = self.s.store.apply(self.writes, self.lease_id, self.s.clock())
-            self.counts["leases_lost"] += len(self.writes) - written
-            self.writes = []
-        if self.releases:
-            self.s.store.release(self.releases, self.lease_id)
-            self.releases = []
+        if self.db_error is not None:
+            return
+        try:
+            _, superseded = self.s.write_held()
+        except StoreError as e:
+            self.database_failed(str(e))
+            return
+        self.counts["leases_lost"] += superseded
+        self.unsettled = 0
 
     def drain(self, timeout_s: float) -> None:
         """Take the results that are ready, waiting up to ``timeout_s`` for the first."""
@@ -200,6 +394,12 @@ class _Run:
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
+        # First what an earlier exit journaled and what an earlier sweep could not write:
+        # nothing is claimed before they are committed (a failure here ends the sweep).
+        self.s.replay_journal()
+        caught_up, _ = self.s.write_held()
+        if caught_up:
+            log.info("results.caught_up", written=caught_up)
         sweep_id = self.s.store.start_sweep(self.cutoff, host=socket.gethostname(),
                                             pid=os.getpid())
         log.info("sweep.started", sweep_id=sweep_id, cutoff=self.cutoff.isoformat())
@@ -211,9 +411,16 @@ class _Run:
             if self.s.stop.is_set() and self.stop_seen is None:
                 self.stop_seen = now_m
                 log.info("sweep.stopping", in_flight=len(self.in_flight))
-            if self.stop_seen is None and not self.exhausted and not self.unavailable:
-                self.claim()
-            done = self.exhausted or self.unavailable or self.stop_seen is not None
+            ending = self.stop_seen is not None or self.db_error is not None
+            if not ending and not self.exhausted and not self.unavailable:
+                try:
+                    self.claim()
+                except StoreError as e:
+                    self.database_failed(str(e))
+                    ending = True
+            if ending and self.stop_seen is None:
+                self.stop_seen = now_m  # the grace for calls in flight starts now
+            done = self.exhausted or self.unavailable or ending
             if not self.in_flight and done:
                 break
             if self.stop_seen is not None and now_m - self.stop_seen > STOP_GRACE_S:
@@ -221,7 +428,7 @@ class _Run:
                 break
             if self.in_flight:
                 self.drain(0.05)
-            if (len(self.writes) + len(self.releases) >= FLUSH_BATCH or not self.in_flight
+            if (self.unsettled >= FLUSH_BATCH or not self.in_flight
                     or now_m - last_flush >= FLUSH_EVERY_S):
                 self.flush()
                 last_flush = now_m
@@ -232,6 +439,8 @@ class _Run:
                 log.info("sweep.progress", sweep_id=sweep_id, in_flight=len(self.in_flight),
                          **{k: self.counts[k] for k in SUMMARY_KEYS})
         self.flush()
+        if self.db_error is not None:
+            raise DatabaseUnavailable(self.db_error)
         if self.s.avatars is not None and self.stop_seen is None:
             # After the grants, holding no lease: avatar hosts cannot stall refreshes.
             self.counts.update(self.s.avatars.run(
@@ -242,13 +451,13 @@ class _Run:
         return summary
 
     def abandon(self) -> None:
-        """Shutdown grace is over: give back the grants whose calls have not come back.
+        """The grace is over: give back the grants whose calls have not come back.
 
-        Their results, should they still arrive, go to this sweep's queue and nowhere else.
+        Should their results still arrive, the worker threads hold them in the sweeper.
         """
         self.counts["abandoned"] += len(self.in_flight)
         log.warning("sweep.abandoned", in_flight=len(self.in_flight))
-        self.releases.extend(self.in_flight)
+        self.s.release_later(self.lease_id, list(self.in_flight))
         self.in_flight.clear()
 
     def summary(self, started: float) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -22,6 +22,7 @@ from keeper.errors import (
     QuotaExceeded,
     ReauthRequired,
     StaleAccessToken,
+    StoreError,
     TransientApiError,
 )
 from keeper.limiter import QuotaGate, QuotaWait, Stopped
@@ -58,13 +59,29 @@ def lifetime(app: AppConfig, config: Config) -> Lifetime:
 
 @dataclass
 class Result:
-    """What working one grant produced: a write, or a lease to give back, and counts."""
+    """What working one grant produced: a write, or a lease to give back, and counts.
+
+    ``db_error``: the database failed during the work (the quota gate reads it); whatever
+    WeChat had answered before is still in ``write``.
+    """
 
     grant: Grant
     write: GrantWrite | None = None
     counts: Counter[str] = field(default_factory=Counter)
     rejected_app: AppConfigRejected | None = None
     quota_wait: QuotaWait | None = None
+    db_error: str | None = None
+
+
+@dataclass
+class _Progress:
+    """A grant as WeChat's answers so far left it: what a failure later in the work keeps."""
+
+    grant: Grant
+    answered: bool = False  # some answer changed the grant: it must be written
+    profile: Profile | None = None
+    record: Reauth | None = None
+    clear: bool = False
 
 
 class Worker:
@@ -84,13 +101,15 @@ class Worker:
         self.halt = threading.Event()
         self.clocks = {a.appid: lifetime(a, config) for a in config.apps}
 
-    def _refresh(
-        self, g: Grant, counts: Counter[str], reason: str
-    ) -> tuple[Grant, Reauth | None, bool]:
+    def _refresh(self, p: _Progress, counts: Counter[str], reason: str) -> None:
+        g = p.grant
         self.gate.acquire(g.appid, "refresh", max_wait_s=QUOTA_MAX_WAIT_S)
         answer = self.client.refresh(g.appid, g.refresh_token)
         now = self.clock()
         result = after_refresh(g, answer, self.clocks[g.appid], now)
+        # From here on the new tokens travel with the grant until they are committed.
+        p.grant, p.answered = result.grant, True
+        p.record, p.clear = result.reauth or p.record, result.clear_reauth or p.clear
         counts["access_tokens_refreshed" if reason == ACCESS else "refresh_tokens_refreshed"] += 1
         if result.renewed:
             counts["refresh_tokens_renewed"] += 1
@@ -99,43 +118,47 @@ class Worker:
             counts["reauth_recorded"] += 1
             log.info("reauth.recorded", appid=g.appid, openid=g.openid,
                      reason=result.reauth.reason, errcode=None)
-        return result.grant, result.reauth, result.clear_reauth
 
     def _userinfo(self, g: Grant) -> Profile:
         self.gate.acquire(g.appid, "userinfo", max_wait_s=QUOTA_MAX_WAIT_S)
         data = self.client.userinfo(g.access_token, g.openid, self.config.userinfo_lang)
         return Profile.from_answer(data, self.clock())
 
-    def _profile(
-        self, g: Grant, counts: Counter[str]
-    ) -> tuple[Grant, Profile, Reauth | None, bool]:
-        record: Reauth | None = None
-        clear = False
+    def _profile(self, p: _Progress, counts: Counter[str]) -> None:
         try:
             try:
-                profile = self._userinfo(g)
+                profile = self._userinfo(p.grant)
             except StaleAccessToken:
                 # WeChat no longer takes this access token: refresh it, then try once more.
                 counts["stale_access_tokens"] += 1
-                g, record, clear = self._refresh(g, counts, ACCESS)
-                profile = self._userinfo(g)
+                self._refresh(p, counts, ACCESS)
+                try:
+                    profile = self._userinfo(p.grant)
+                except StaleAccessToken as e:
+                    # Refused again right after a refresh: not the user's fault, not ours to
+                    # settle now. The refresh is kept; the profile is read next time.
+                    raise TransientApiError(e.endpoint, e.errcode, "access token refused "
+                                            "right after a refresh") from None
         except NoProfile as e:
             now = self.clock()
             stop = e.errcode if e.errcode == 48001 else None
             counts["no_profile"] += 1
-            g = replace(g, profile_at=now, profile_stop=stop)
-            return g, Profile(fetched_at=now, errcode=e.errcode), record, clear
+            p.grant = replace(p.grant, profile_at=now, profile_stop=stop)
+            p.profile, p.answered = Profile(fetched_at=now, errcode=e.errcode), True
+            return
         counts["profiles_fetched"] += 1
-        g = replace(g, profile_at=profile.fetched_at, unionid=profile.unionid or g.unionid)
-        return g, profile, record, clear
+        p.grant = replace(p.grant, profile_at=profile.fetched_at,
+                          unionid=profile.unionid or p.grant.unionid)
+        p.profile, p.answered = profile, True
 
     def work(
         self, grant: Grant, *, profile_reads: bool = True, force_refresh: bool = False
     ) -> Result:
-        """Bring one leased grant up to date; never raises for WeChat's or the network's sake.
+        """Bring one leased grant up to date; never raises.
 
-        ``profile_reads=False``: tokens only (``keeper token``); ``force_refresh``: refresh
-        even when nothing is due.
+        Whatever fails part-way (WeChat, the quota gate's database, a bug), what WeChat
+        answered before is returned in ``write``, to be stored. ``profile_reads=False``:
+        tokens only (``keeper token``); ``force_refresh``: refresh even when nothing is due.
         """
         result = Result(grant)
         counts = result.counts
@@ -143,43 +166,63 @@ class Worker:
         if clock is None or self.stop.is_set() or self.halt.is_set():
             return result
         now = self.clock()
-        g, profile, record, clear = grant, None, None, False
+        p = _Progress(grant)
         try:
-            reason = refresh_reason(g, clock, now) or (ACCESS if force_refresh else None)
+            reason = refresh_reason(grant, clock, now) or (ACCESS if force_refresh else None)
             if reason:
-                g, record, clear = self._refresh(g, counts, reason)
-            if profile_reads and profile_due(g, clock, self.clock()):
-                g, profile, rec2, clr2 = self._profile(g, counts)
-                record, clear = rec2 or record, clr2 or clear
+                self._refresh(p, counts, reason)
+            if profile_reads and profile_due(p.grant, clock, self.clock()):
+                self._profile(p, counts)
         except ReauthRequired as e:
-            g, record = after_reauth(g, e.errcode, self.clock())
+            p.grant, p.record = after_reauth(p.grant, e.errcode, self.clock())
             counts["reauth_recorded"] += 1
-            log.info("reauth.recorded", appid=g.appid, openid=g.openid, reason=record.reason,
-                     errcode=e.errcode, endpoint=e.endpoint)
+            log.info("reauth.recorded", appid=grant.appid, openid=grant.openid,
+                     reason=p.record.reason, errcode=e.errcode, endpoint=e.endpoint)
         except QuotaExceeded as e:
             counts["transient_failures"] += 1
-            until = self.gate.pause(g.appid, e.endpoint, e.errcode or 45011, self.clock())
-            g = after_transient(g, str(e.errcode), self.clock(), not_before=until, count=False)
+            try:
+                until = self.gate.pause(grant.appid, e.endpoint, e.errcode or 45011,
+                                        self.clock())
+            except StoreError as db:  # the pause is not shared; this grant still waits
+                result.db_error = str(db)
+                until = self.clock() + timedelta(seconds=60)
+            p.grant = after_transient(p.grant, str(e.errcode), self.clock(), not_before=until,
+                                      count=False)
         except AppConfigRejected as e:
             counts["transient_failures"] += 1
             result.rejected_app = e
-            g = after_transient(g, str(e.errcode), self.clock(), rng=self.rng, count=False)
+            p.grant = after_transient(p.grant, str(e.errcode), self.clock(), rng=self.rng,
+                                      count=False)
         except TransientApiError as e:
             counts["transient_failures"] += 1
             kind = str(e.errcode) if e.errcode is not None else e.detail[:64]
-            log.debug("wechat.transient", appid=g.appid, openid=g.openid, endpoint=e.endpoint,
-                      errcode=e.errcode, detail=e.detail)
-            g = after_transient(g, kind, self.clock(), rng=self.rng)
+            log.debug("wechat.transient", appid=grant.appid, openid=grant.openid,
+                      endpoint=e.endpoint, errcode=e.errcode, detail=e.detail)
+            p.grant = after_transient(p.grant, kind, self.clock(), rng=self.rng)
         except QuotaWait as e:
             result.quota_wait = e
             counts["quota_deferred"] += 1
-            if g is grant:
+            if not p.answered:
                 return result  # nothing happened: give the lease back unchanged
-            g = after_transient(g, "quota", self.clock(), not_before=e.until, count=False)
+            p.grant = after_transient(p.grant, "quota", self.clock(), not_before=e.until,
+                                      count=False)
         except Stopped:
-            if g is grant:
+            if not p.answered:
                 return result
+        except StoreError as e:
+            # The quota gate could not reach the database: the sweep says so once and ends.
+            result.db_error = str(e)
+            if not p.answered:
+                return result
+        except Exception:
+            # A bug. What WeChat answered before it is still written below.
+            log.exception("worker.failed", appid=grant.appid, openid=grant.openid)
+            counts["worker_errors"] += 1
+            if not p.answered:
+                return result
+        record, clear = p.record, p.clear
         if record is not None and record.reason != "refresh_token_expiring":
             clear = False
-        result.write = GrantWrite(g, schedule(g, clock), profile, record, clear)
+        result.write = GrantWrite(p.grant, schedule(p.grant, clock), p.profile, record, clear,
+                                  base=(grant.access_token, grant.refresh_token))
         return result
