@@ -139,7 +139,7 @@ def configure(level: str = "info", *, pretty: bool | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # urllib3 logs full URLs (with tokens) at DEBUG; SQLAlchemy echoes parameters at INFO.
-    for noisy in ("urllib3", "sqlalchemy", "alembic.runtime.migration", "apscheduler"):
+    for noisy in ("urllib3", "sqlalchemy", "alembic.runtime.migration", "apscheduler", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[

@@ -47,7 +47,7 @@ HUNG_AFTER_S = 120.0
 DB_BACKOFF_CAP_S = 300.0
 #: From SIGTERM to exit, at most (systemd's TimeoutStopSec is 15 s): a sweep stuck in the
 #: database past this is left behind, its held results journaled.
-STOP_DEADLINE_S = 9.0
+STOP_DEADLINE_S = 8.0
 
 
 def sweep_status(summary: dict[str, Any]) -> str:

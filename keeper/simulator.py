@@ -479,6 +479,13 @@ class Simulator:
             key = _default_image_key(grant.openid)
             self._image_key[grant.openid], self._image_owner[key] = key, grant.openid
 
+    def current_tokens(self) -> dict[str, tuple[str, str]]:
+        """openid → (access token, refresh token) as WeChat holds them now: what a keeper
+        that lost nothing has stored."""
+        with self._lock:
+            return {g.openid: (g.access_token, g.refresh_token)
+                    for g in self._by_refresh.values()}
+
     def issue_code(self, *, appid: str, openid: str, scope: str = "snsapi_userinfo",
                    unionid: str | None = None, snapshot: bool = False,
                    ttl_s: float = 300.0) -> str:

@@ -45,7 +45,9 @@ SUMMARY_KEYS = (
 )
 _SUCCESSES = ("refresh_tokens_refreshed", "access_tokens_refreshed", "profiles_fetched",
               "no_profile", "reauth_recorded")
-FLUSH_EVERY_S = 0.25
+#: Held results are committed this often at least: what a SIGKILL can take is the calls in
+#: flight plus this long of answers.
+FLUSH_EVERY_S = 0.05
 FLUSH_BATCH = 200
 #: Results written per transaction when held results are caught up after an outage.
 CATCH_UP_BATCH = 500
