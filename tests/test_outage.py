@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
+from structlog.testing import capture_logs
 
 from keeper.config import build_config
 from keeper.errors import DatabaseUnavailable
@@ -98,13 +99,17 @@ def test_a_database_outage_mid_sweep_loses_no_rotated_token(
         put(rt, sim, *grants)
         outage = Outage(migrated_url, seconds=3, when=lambda: refresh_calls(sim) >= 30)
         failed = 0
-        while not outage.done.is_set():
-            try:
-                sweeper.run_once()
-            except DatabaseUnavailable:
-                failed += 1
-            time.sleep(0.1)  # the service backs off between attempts
+        with capture_logs() as logs:
+            while not outage.done.is_set():
+                try:
+                    sweeper.run_once()
+                except DatabaseUnavailable:
+                    failed += 1
+                time.sleep(0.1)  # the service backs off between attempts
         outage.wait()
+        # Database trouble is operations, not a bug: no per-grant failure lines.
+        events = {e["event"] for e in logs}
+        assert not events & {"worker.failed", "avatar.failed", "result.unwritable"}, events
         assert failed >= 1, "the outage must hit a sweep"
         for _ in range(5):  # until nothing is due
             if sweeper.run_once()["refresh_tokens_refreshed"] == 0:
@@ -266,7 +271,7 @@ def test_a_silent_network_is_noticed_survived_and_sigterm_still_stops_keeper(
             openids += [str(g["openid"]) for g in grants]
             wait_for(lambda: refresh_calls(sim) >= USERS + 1, timeout=30)
             proxy.cut()  # the sweep's next write meets the partition
-            time.sleep(1.5)  # noqa: this is the fault's duration, not a wait for a result
+            time.sleep(1.5)  # the fault lasts this long: not a wait for a result
             began = time.monotonic()
             code = stop(proc, timeout=12)
             took = time.monotonic() - began
@@ -359,3 +364,28 @@ def test_sqlite_waits_for_its_write_lock_no_longer_than_database_timeout(tmp_pat
         store.close()
     assert took < 4
 
+
+
+def test_library_lines_of_an_outage_become_quiet_structured_events(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    from keeper.log import configure
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure("info", pretty=False)
+        logging.getLogger("psycopg").warning("error ignored terminating %r: %s", "conn", "x")
+        logging.getLogger("apscheduler.scheduler").warning(
+            'Execution of job "sweep" skipped: maximum number of running instances reached (1)')
+        logging.getLogger("psycopg").warning("something else")
+        assert capsys.readouterr().err.count("\n") == 1
+        configure("debug", pretty=False)
+        logging.getLogger("psycopg").warning("error ignored terminating %r: %s", "conn", "x")
+        line = json.loads(capsys.readouterr().err)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert line["event"] == "database.connection_discarded" and line["level"] == "debug"

@@ -175,6 +175,55 @@ def test_an_import_wins_over_a_sweep_holding_the_old_tokens(store: Store) -> Non
     assert stored is not None and stored.refresh_token == "RT-from-import"
 
 
+def refreshed(g: Grant, token: str) -> GrantWrite:
+    """A refresh answered with a rotated refresh token, as the worker would write it."""
+    new = replace(g, access_token=f"AT-{token}", refresh_token=f"RT-{token}",
+                  refresh_issued_at=NOW)
+    return GrantWrite(new, schedule(new, CLOCK), base=(g.access_token, g.refresh_token))
+
+
+def test_a_result_whose_lease_lapsed_is_written_while_the_stored_tokens_are_its_base(
+    store: Store,
+) -> None:
+    """Given A's lease lapsed during an outage and B holds the grant now, when A's held
+    result arrives and the stored tokens are still the ones A refreshed, it is written (it is
+    the newest answer) and the failure B recorded from the same old tokens is cleared."""
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [g] = claim(store, lease_id="A")
+    later = LEASE + timedelta(seconds=1)
+    [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B",
+                      lease_until=later + timedelta(minutes=5))
+    dead, record = after_reauth(b, 40030, later)  # B sent the old token WeChat had replaced
+    assert store.apply([GrantWrite(dead, schedule(dead, CLOCK), reauth=record,
+                                   base=(b.access_token, b.refresh_token))], "B", later) == 1
+    assert store.apply([refreshed(g, "new")], "A", later) == 1
+    stored = store.get_grant("wx1", "o1")
+    assert stored is not None and stored.refresh_token == "RT-new" and stored.state == "active"
+    assert store.reauth_record(g.id) is None and stored.lease_id is None
+
+
+def test_an_older_result_never_overwrites_a_newer_token(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [g] = claim(store, lease_id="A")
+    later = LEASE + timedelta(seconds=1)
+    [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B",
+                      lease_until=later + timedelta(minutes=5))
+    assert store.apply([refreshed(b, "by-B")], "B", later) == 1
+    # A's result was made from the tokens B has replaced since: superseded.
+    assert store.apply([refreshed(g, "by-A")], "A", later) == 0
+    stored = store.get_grant("wx1", "o1")
+    assert stored is not None and stored.refresh_token == "RT-by-B"
+
+
+def test_claims_skip_grants_whose_results_this_process_still_holds(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY), grant("o2", access_expires_at=NOW - DAY))
+    first = store.get_grant("wx1", "o1")
+    assert first is not None
+    got = store.claim(appids=["wx1"], cutoff=NOW, limit=10, lease_id="L", lease_until=LEASE,
+                      exclude={first.id})
+    assert [g.openid for g in got] == ["o2"]
+
+
 def test_released_grants_are_due_again_at_their_own_time(store: Store) -> None:
     put(store, grant("o1", access_expires_at=NOW - DAY))
     [g] = claim(store)
