@@ -202,7 +202,8 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool, cipher: Any = None) -> 
         raise SchemaOutdated(
             "the database schema is not current: run `keeper db upgrade` first"
         )
-    path = sqlite_path(str(engine.url))
+    # The file lock is for SQLite files only: a PostgreSQL URL's database is a name, not a path.
+    path = sqlite_path(str(engine.url)) if is_sqlite(str(engine.url)) else None
     with _file_lock(path) if path else contextlib.nullcontext():
         if current_revision(engine) != head_revision(engine):
             upgrade(engine, cipher=cipher)
