@@ -48,7 +48,7 @@ def _refuse_secrets(value: object, key: str) -> None:
     """Refuse a configuration file that holds something that looks like a secret."""
     if isinstance(value, Mapping):
         for k, v in value.items():
-            _refuse_secrets(v, f"{key}.{k}" if key else str(k))
+            _refuse_secrets(v, f"{key}.{_key_name(k)}" if key else _key_name(k))
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _refuse_secrets(v, f"{key}[{i}]")
@@ -63,6 +63,13 @@ def _show(value: object) -> str:
     """A value for an error message: its repr, cut short."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key_name(name: object) -> str:
+    """A key for an error message: as written when it is a plain name, else quoted (one line)."""
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        return name
+    return _show(name)
 
 
 def _path(value: object, key: str) -> str:
@@ -245,7 +252,7 @@ class _Table:
 
     def finish(self) -> None:
         if self.data:
-            names = ", ".join(self.key(k) for k in sorted(self.data))
+            names = ", ".join(self.key(_key_name(k)) for k in sorted(self.data))
             raise ConfigError(f"unknown configuration key: {names}")
 
 
@@ -257,7 +264,7 @@ def _quotas(
     quotas = dict(defaults)
     for endpoint, value in data.items():
         if endpoint not in ENDPOINTS:
-            raise ConfigError(f"unknown configuration key: {key}.{endpoint}")
+            raise ConfigError(f"unknown configuration key: {key}.{_key_name(endpoint)}")
         if value in ("none", "", False):
             quotas[endpoint] = None
             continue

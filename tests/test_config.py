@@ -153,7 +153,7 @@ def test_a_file_that_is_not_utf8_is_one_clear_error_naming_it(tmp_path: Path) ->
 def test_a_file_nested_too_deeply_is_one_clear_error(tmp_path: Path) -> None:
     deep = tmp_path / "deep.toml"
     deep.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(ConfigError, match="deep.toml"):
+    with pytest.raises(ConfigError, match=r"deep\.toml"):
         load_config(str(deep), env={})
 
 
@@ -204,3 +204,9 @@ def test_values_out_of_range_are_refused_naming_the_key(
 
 def test_an_access_margin_shorter_than_the_token_life_is_taken() -> None:
     assert build({"access_margin": "119m"}).access_margin_s == 119 * 60
+
+
+def test_unknown_keys_that_are_not_plain_names_are_quoted_on_one_line() -> None:
+    with pytest.raises(ConfigError) as e:
+        build({"": [], "a\nb": 1, "quotas": {}})
+    assert "\n" not in str(e.value) and "'a\\nb'" in str(e.value)
