@@ -28,7 +28,7 @@ from keeper.errors import (
     TransientApiError,
     UsageError,
 )
-from keeper.importer import parse_lines
+from keeper.importer import MAX_LINE_BYTES, parse_lines
 from keeper.limiter import QuotaWait
 from keeper.log import configure
 from keeper.models import ACTIVE, REAUTH, Grant
@@ -163,15 +163,29 @@ def cmd_grant(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_lines(source: str) -> Iterator[str]:
-    if source == "-":
-        yield from sys.stdin
-        return
+def _capped_lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """Lines as bytes. A line longer than the importer takes is cut one byte past the limit
+    (so the parser refuses it) and the rest of it skipped: memory stays bounded."""
+    limit = MAX_LINE_BYTES + 1
+    while line := stream.readline(limit):
+        rest = line
+        while len(rest) == limit and not rest.endswith(b"\n"):
+            rest = stream.readline(limit)
+        yield line
+
+
+def _read_lines(source: str) -> Iterator[str | bytes]:
+    """The lines of FILE, or of stdin for ``-``; a reading error is a :class:`UsageError`."""
     try:
-        with open(source, encoding="utf-8", errors="replace") as f:
-            yield from f
+        if source != "-":
+            with open(source, "rb") as f:
+                yield from _capped_lines(f)
+        elif hasattr(sys.stdin, "buffer"):
+            yield from _capped_lines(sys.stdin.buffer)
+        else:  # a text stream put in place of stdin (tests, embedding)
+            yield from sys.stdin
     except OSError as e:
-        raise UsageError(f"cannot read {source}: {e.strerror}") from None
+        raise UsageError(f"cannot read {source}: {e.strerror or type(e).__name__}") from None
 
 
 def cmd_import(config: Config, args: argparse.Namespace) -> int:
@@ -180,26 +194,52 @@ def cmd_import(config: Config, args: argparse.Namespace) -> int:
     store = open_store(config)
     imported = bad = 0
     unknown: set[str] = set()
-    batch: dict[tuple[str, str], GrantWrite] = {}
+    # Line numbers ride beside the writes, so a row the database refuses is reported by line.
+    batch: dict[tuple[str, str], tuple[int, GrantWrite]] = {}
+    read_error: UsageError | None = None
+
+    def refuse(line: int, field: str | None, error: str) -> None:
+        nonlocal bad
+        bad += 1
+        # Never the value: a line holds tokens.
+        log.error("import.bad_line", line=line, field=field, error=error)
+
+    def write(entries: list[tuple[int, GrantWrite]]) -> int:
+        try:
+            return store.upsert_grants([w for _, w in entries], utcnow())
+        except DatabaseUnavailable:
+            raise
+        except StoreError:
+            if len(entries) > 1:
+                # One row the database refuses must not drop its neighbours: one by one.
+                return sum(write([entry]) for entry in entries)
+            refuse(entries[0][0], None, "the database refused this grant")
+            return 0
 
     def flush() -> None:
         nonlocal imported
         if batch:
-            imported += store.upsert_grants(list(batch.values()), utcnow())
+            entries = sorted(batch.values(), key=lambda e: e[0])
             batch.clear()
+            imported += write(entries)
 
     try:
-        for parsed in parse_lines(_read_lines(args.file), appids=appids):
-            if parsed.grant is None:
-                bad += 1
-                log.error("import.bad_line", line=parsed.line, error=parsed.error)
-                continue
-            unknown.update(parsed.unknown_keys)
-            g = parsed.grant
-            # The same user twice in one file: the later line wins.
-            batch[(g.appid, g.openid)] = GrantWrite(g, schedule(g, clocks[g.appid]))
-            if len(batch) >= IMPORT_BATCH:
-                flush()
+        try:
+            lines = parse_lines(_read_lines(args.file), appids=appids, now=utcnow())
+            for parsed in lines:
+                if parsed.grant is None:
+                    refuse(parsed.line, parsed.field, parsed.error or "bad line")
+                    continue
+                unknown.update(parsed.unknown_keys)
+                g = parsed.grant
+                # The same user twice in one file: the later line wins.
+                batch[(g.appid, g.openid)] = (
+                    parsed.line, GrantWrite(g, schedule(g, clocks[g.appid]))
+                )
+                if len(batch) >= IMPORT_BATCH:
+                    flush()
+        except UsageError as e:  # the input could not be read on: keep what was read
+            read_error = e
         flush()
         if imported >= ANALYZE_AFTER:
             store.analyze()  # so the due queries keep their index plans on a grown table
@@ -208,6 +248,8 @@ def cmd_import(config: Config, args: argparse.Namespace) -> int:
     if unknown:
         log.warning("import.unknown_keys", keys=sorted(unknown))
     log.info("import.finished", imported=imported, bad_lines=bad)
+    if read_error is not None:
+        raise read_error
     if args.json:
         _json({"imported": imported, "bad_lines": bad})
     else:
