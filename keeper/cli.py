@@ -42,6 +42,9 @@ log = structlog.get_logger("keeper.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMPORT_BATCH = 1000
+#: ``keeper token`` hands out a stored token without refreshing it, while another process holds
+#: the grant, only if it stays valid at least this long.
+TOKEN_MIN_VALID_S = 60
 ANALYZE_AFTER = 10000
 
 
@@ -300,7 +303,12 @@ def _valid_token(rt: Runtime, appid: str, openid: str) -> str:
         )
         if leased is not None:
             break
-        # A sweep holds this grant right now; its refresh will be done in a moment.
+        # Another process holds the grant: a sweep refreshing it, or one that crashed and
+        # whose lease has not lapsed. Its lease only matters to a refresh: a token that is
+        # still valid is the answer now.
+        if grant.access_expires_at > now + timedelta(seconds=TOKEN_MIN_VALID_S):
+            return grant.access_token
+        # Expired (or nearly): wait for that process's refresh.
         if time.monotonic() > deadline:
             raise Failed(f"grant {openid} stayed busy in another keeper process; try again")
         time.sleep(0.2)
