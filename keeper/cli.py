@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import IO, Any
 
 import structlog
@@ -429,13 +430,64 @@ def cmd_reauth(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _create_private(path: Path, text: str) -> None:
+    """Write a new file atomically with mode 0600; never replace one that exists.
+
+    The text goes to a temporary file beside it first, which is then hard-linked into place:
+    the link fails if the name exists, and a crash leaves no half-written file under it.
+    """
+    exists = UsageError(f"{path} exists; keeper never overwrites a key file")
+    if os.path.lexists(path):
+        raise exists
+    tmp = path.with_name(f".{path.name}.{new_lease_id()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except FileExistsError:
+        raise exists from None
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
+
+
+def cmd_new_key(args: argparse.Namespace) -> int:
+    """``keeper rotate-key --new [--output FILE]``: needs no configuration, only makes a key."""
+    from cryptography.fernet import Fernet
+
+    from keeper.crypto import key_id
+
+    # A new key for the operator to put first in encryption_key_file.
+    key = Fernet.generate_key()
+    if args.output:
+        path = Path(args.output)
+        _create_private(path, "# keeper's token encryption key: back it up apart from the "
+                              f"database.\n{key.decode('ascii')}\n")
+        log.info("encryption.key_written", path=str(path), key_id=key_id(key))
+        if args.json:
+            _json({"path": str(path), "key_id": key_id(key)})
+        else:
+            _out(f"wrote a new key (id {key_id(key)}) to {path}")
+    elif args.json:
+        _json({"key": key.decode("ascii"), "key_id": key_id(key)})
+    else:
+        _out(key.decode("ascii"))
+    return EXIT_OK
+
+
 def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
     if args.new:
-        from cryptography.fernet import Fernet
-
-        # A new key for the operator to put first in encryption_key_file.
-        _out(Fernet.generate_key().decode("ascii"))
-        return EXIT_OK
+        return cmd_new_key(args)
     store = open_store(config)
     total = 0
     try:
@@ -527,7 +579,10 @@ def _parser() -> argparse.ArgumentParser:
                  "re-encrypt every token under the first key of encryption_key_file",
                  json_flag=True)
     sp.add_argument("--batch", type=int, default=500, help="grants per transaction")
-    sp.add_argument("--new", action="store_true", help="print a new key and exit")
+    sp.add_argument("--new", action="store_true",
+                    help="make a new key and exit (needs no configuration)")
+    sp.add_argument("--output", metavar="FILE",
+                    help="with --new: write the key to FILE (mode 0600; never overwrites)")
     sp = command("cleanup-avatars", cmd_cleanup_avatars,
                  "remove avatar files no profile points to any more", json_flag=True)
     sp.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
@@ -557,9 +612,14 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
         from keeper.demo import main as demo
 
         return demo(rest)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "output", None) and not args.new:
+        parser.error("--output goes with --new")
     configure("info")
     try:
+        if args.command == "rotate-key" and args.new:
+            return cmd_new_key(args)  # before the configuration: making the first key needs none
         config = load_config(args.config)
         configure(config.log_level)
         return int(args.fn(config, args))
@@ -574,4 +634,27 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        # A file or directory the configuration points to cannot be used; the message names
+        # the file (paths are not secrets) and the system's reason.
+        log.error("command.failed", command=args.command,
+                  error=f"{e.filename or 'a file'}: {e.strerror or type(e).__name__}")
+        unusable = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+        return EXIT_USAGE if isinstance(e, unusable) else EXIT_FAILED
+    except Exception as e:
+        # A bug. One line and exit 1 (systemd may restart); the exception's text is left out,
+        # since it might hold a value that was being handled (a token).
+        log.error("command.crashed", command=args.command, error=type(e).__name__,
+                  where=_where(e))
+        return EXIT_FAILED
+
+
+def _where(error: BaseException) -> str:
+    """``file:line`` where ``error`` was raised: enough to find the bug, no values."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 
