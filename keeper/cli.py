@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import IO, Any
 
 import structlog
@@ -28,7 +29,7 @@ from keeper.errors import (
     TransientApiError,
     UsageError,
 )
-from keeper.importer import parse_lines
+from keeper.importer import MAX_LINE_BYTES, parse_lines
 from keeper.limiter import QuotaWait
 from keeper.log import configure
 from keeper.models import ACTIVE, REAUTH, Grant
@@ -42,6 +43,9 @@ log = structlog.get_logger("keeper.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMPORT_BATCH = 1000
+#: ``keeper token`` hands out a stored token without refreshing it, while another process holds
+#: the grant, only if it stays valid at least this long.
+TOKEN_MIN_VALID_S = 60
 ANALYZE_AFTER = 10000
 
 
@@ -166,15 +170,29 @@ def cmd_grant(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_lines(source: str) -> Iterator[str]:
-    if source == "-":
-        yield from sys.stdin
-        return
+def _capped_lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """Lines as bytes. A line longer than the importer takes is cut one byte past the limit
+    (so the parser refuses it) and the rest of it skipped: memory stays bounded."""
+    limit = MAX_LINE_BYTES + 1
+    while line := stream.readline(limit):
+        rest = line
+        while len(rest) == limit and not rest.endswith(b"\n"):
+            rest = stream.readline(limit)
+        yield line
+
+
+def _read_lines(source: str) -> Iterator[str | bytes]:
+    """The lines of FILE, or of stdin for ``-``; a reading error is a :class:`UsageError`."""
     try:
-        with open(source, encoding="utf-8", errors="replace") as f:
-            yield from f
+        if source != "-":
+            with open(source, "rb") as f:
+                yield from _capped_lines(f)
+        elif hasattr(sys.stdin, "buffer"):
+            yield from _capped_lines(sys.stdin.buffer)
+        else:  # a text stream put in place of stdin (tests, embedding)
+            yield from sys.stdin
     except OSError as e:
-        raise UsageError(f"cannot read {source}: {e.strerror}") from None
+        raise UsageError(f"cannot read {source}: {e.strerror or type(e).__name__}") from None
 
 
 def cmd_import(config: Config, args: argparse.Namespace) -> int:
@@ -183,26 +201,52 @@ def cmd_import(config: Config, args: argparse.Namespace) -> int:
     store = open_store(config)
     imported = bad = 0
     unknown: set[str] = set()
-    batch: dict[tuple[str, str], GrantWrite] = {}
+    # Line numbers ride beside the writes, so a row the database refuses is reported by line.
+    batch: dict[tuple[str, str], tuple[int, GrantWrite]] = {}
+    read_error: UsageError | None = None
+
+    def refuse(line: int, field: str | None, error: str) -> None:
+        nonlocal bad
+        bad += 1
+        # Never the value: a line holds tokens.
+        log.error("import.bad_line", line=line, field=field, error=error)
+
+    def write(entries: list[tuple[int, GrantWrite]]) -> int:
+        try:
+            return store.upsert_grants([w for _, w in entries], utcnow())
+        except DatabaseUnavailable:
+            raise
+        except StoreError:
+            if len(entries) > 1:
+                # One row the database refuses must not drop its neighbours: one by one.
+                return sum(write([entry]) for entry in entries)
+            refuse(entries[0][0], None, "the database refused this grant")
+            return 0
 
     def flush() -> None:
         nonlocal imported
         if batch:
-            imported += store.upsert_grants(list(batch.values()), utcnow())
+            entries = sorted(batch.values(), key=lambda e: e[0])
             batch.clear()
+            imported += write(entries)
 
     try:
-        for parsed in parse_lines(_read_lines(args.file), appids=appids):
-            if parsed.grant is None:
-                bad += 1
-                log.error("import.bad_line", line=parsed.line, error=parsed.error)
-                continue
-            unknown.update(parsed.unknown_keys)
-            g = parsed.grant
-            # The same user twice in one file: the later line wins.
-            batch[(g.appid, g.openid)] = GrantWrite(g, schedule(g, clocks[g.appid]))
-            if len(batch) >= IMPORT_BATCH:
-                flush()
+        try:
+            lines = parse_lines(_read_lines(args.file), appids=appids, now=utcnow())
+            for parsed in lines:
+                if parsed.grant is None:
+                    refuse(parsed.line, parsed.field, parsed.error or "bad line")
+                    continue
+                unknown.update(parsed.unknown_keys)
+                g = parsed.grant
+                # The same user twice in one file: the later line wins.
+                batch[(g.appid, g.openid)] = (
+                    parsed.line, GrantWrite(g, schedule(g, clocks[g.appid]))
+                )
+                if len(batch) >= IMPORT_BATCH:
+                    flush()
+        except UsageError as e:  # the input could not be read on: keep what was read
+            read_error = e
         flush()
         if imported >= ANALYZE_AFTER:
             store.analyze()  # so the due queries keep their index plans on a grown table
@@ -211,6 +255,8 @@ def cmd_import(config: Config, args: argparse.Namespace) -> int:
     if unknown:
         log.warning("import.unknown_keys", keys=sorted(unknown))
     log.info("import.finished", imported=imported, bad_lines=bad)
+    if read_error is not None:
+        raise read_error
     if args.json:
         _json({"imported": imported, "bad_lines": bad})
     else:
@@ -261,7 +307,12 @@ def _valid_token(rt: Runtime, appid: str, openid: str) -> str:
         )
         if leased is not None:
             break
-        # A sweep holds this grant right now; its refresh will be done in a moment.
+        # Another process holds the grant: a sweep refreshing it, or one that crashed and
+        # whose lease has not lapsed. Its lease only matters to a refresh: a token that is
+        # still valid is the answer now.
+        if grant.access_expires_at > now + timedelta(seconds=TOKEN_MIN_VALID_S):
+            return grant.access_token
+        # Expired (or nearly): wait for that process's refresh.
         if time.monotonic() > deadline:
             raise Failed(f"grant {openid} stayed busy in another keeper process; try again")
         time.sleep(0.2)
@@ -382,13 +433,64 @@ def cmd_reauth(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _create_private(path: Path, text: str) -> None:
+    """Write a new file atomically with mode 0600; never replace one that exists.
+
+    The text goes to a temporary file beside it first, which is then hard-linked into place:
+    the link fails if the name exists, and a crash leaves no half-written file under it.
+    """
+    exists = UsageError(f"{path} exists; keeper never overwrites a key file")
+    if os.path.lexists(path):
+        raise exists
+    tmp = path.with_name(f".{path.name}.{new_lease_id()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except FileExistsError:
+        raise exists from None
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
+
+
+def cmd_new_key(args: argparse.Namespace) -> int:
+    """``keeper rotate-key --new [--output FILE]``: needs no configuration, only makes a key."""
+    from cryptography.fernet import Fernet
+
+    from keeper.crypto import key_id
+
+    # A new key for the operator to put first in encryption_key_file.
+    key = Fernet.generate_key()
+    if args.output:
+        path = Path(args.output)
+        _create_private(path, "# keeper's token encryption key: back it up apart from the "
+                              f"database.\n{key.decode('ascii')}\n")
+        log.info("encryption.key_written", path=str(path), key_id=key_id(key))
+        if args.json:
+            _json({"path": str(path), "key_id": key_id(key)})
+        else:
+            _out(f"wrote a new key (id {key_id(key)}) to {path}")
+    elif args.json:
+        _json({"key": key.decode("ascii"), "key_id": key_id(key)})
+    else:
+        _out(key.decode("ascii"))
+    return EXIT_OK
+
+
 def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
     if args.new:
-        from cryptography.fernet import Fernet
-
-        # A new key for the operator to put first in encryption_key_file.
-        _out(Fernet.generate_key().decode("ascii"))
-        return EXIT_OK
+        return cmd_new_key(args)
     store = open_store(config)
     total = 0
     try:
@@ -481,7 +583,10 @@ def _parser() -> argparse.ArgumentParser:
                  "re-encrypt every token under the first key of encryption_key_file",
                  json_flag=True)
     sp.add_argument("--batch", type=int, default=500, help="grants per transaction")
-    sp.add_argument("--new", action="store_true", help="print a new key and exit")
+    sp.add_argument("--new", action="store_true",
+                    help="make a new key and exit (needs no configuration)")
+    sp.add_argument("--output", metavar="FILE",
+                    help="with --new: write the key to FILE (mode 0600; never overwrites)")
     sp = command("cleanup-avatars", cmd_cleanup_avatars,
                  "remove avatar files no profile points to any more", json_flag=True)
     sp.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
@@ -511,9 +616,14 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
         from keeper.demo import main as demo
 
         return demo(rest)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "output", None) and not args.new:
+        parser.error("--output goes with --new")
     configure("info")
     try:
+        if args.command == "rotate-key" and args.new:
+            return cmd_new_key(args)  # before the configuration: making the first key needs none
         config = load_config(args.config)
         configure(config.log_level)
         return int(args.fn(config, args))
@@ -528,4 +638,27 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        # A file or directory the configuration points to cannot be used; the message names
+        # the file (paths are not secrets) and the system's reason.
+        log.error("command.failed", command=args.command,
+                  error=f"{e.filename or 'a file'}: {e.strerror or type(e).__name__}")
+        unusable = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+        return EXIT_USAGE if isinstance(e, unusable) else EXIT_FAILED
+    except Exception as e:
+        # A bug. One line and exit 1 (systemd may restart); the exception's text is left out,
+        # since it might hold a value that was being handled (a token).
+        log.error("command.crashed", command=args.command, error=type(e).__name__,
+                  where=_where(e))
+        return EXIT_FAILED
+
+
+def _where(error: BaseException) -> str:
+    """``file:line`` where ``error`` was raised: enough to find the bug, no values."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 

@@ -6,6 +6,7 @@ Every problem is a :class:`ConfigError` whose one-line message names the key.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -13,6 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from keeper.errors import ConfigError
 from keeper.quota import Quota, parse_quota
@@ -30,6 +34,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _APPID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: An access token lives 7200 s (WeChat's ``expires_in``); refreshing it earlier than that
+#: would refresh on every sweep.
+ACCESS_TOKEN_LIFE_S = 7200
+#: The longest duration keeper accepts: ten years. Longer ones are typos, and overflow dates.
+MAX_DURATION_S = 3650 * 86400
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Values that look like an AppSecret (32 hex digits) or a Fernet key: never in the file.
 _SECRET_LOOKING = re.compile(r"^(?:[0-9a-fA-F]{32}|[A-Za-z0-9_-]{43}=)$")
 
@@ -38,7 +48,7 @@ def _refuse_secrets(value: object, key: str) -> None:
     """Refuse a configuration file that holds something that looks like a secret."""
     if isinstance(value, Mapping):
         for k, v in value.items():
-            _refuse_secrets(v, f"{key}.{k}" if key else str(k))
+            _refuse_secrets(v, f"{key}.{_key_name(k)}" if key else _key_name(k))
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _refuse_secrets(v, f"{key}[{i}]")
@@ -47,6 +57,28 @@ def _refuse_secrets(value: object, key: str) -> None:
             f"{key}: looks like a secret; secrets never go in the configuration file "
             "(use secret_env, secret_file or encryption_key_file)"
         )
+
+
+def _show(value: object) -> str:
+    """A value for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key_name(name: object) -> str:
+    """A key for an error message: as written when it is a plain name, else quoted (one line)."""
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        return name
+    return _show(name)
+
+
+def _path(value: object, key: str) -> str:
+    """A file or directory name from the configuration."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a path, got {_show(value)}")
+    if "\x00" in value:
+        raise ConfigError(f"{key}: a path cannot hold a NUL character")
+    return value
 
 
 def _credential_key(env: Mapping[str, str]) -> tuple[Path, ...]:
@@ -174,9 +206,13 @@ def parse_duration(value: object, key: str) -> float:
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
-        raise ConfigError(f"{key}: expected seconds or a duration like '15m', got {value!r}")
-    if seconds < 0:
-        raise ConfigError(f"{key}: must not be negative, got {value!r}")
+        raise ConfigError(
+            f"{key}: expected seconds or a duration like '15m', got {_show(value)}"
+        )
+    if math.isnan(seconds) or seconds < 0:
+        raise ConfigError(f"{key}: must not be negative, got {_show(value)}")
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(f"{key}: must be at most 3650 days, got {_show(value)}")
     return seconds
 
 
@@ -196,17 +232,19 @@ class _Table:
     def string(self, name: str, default: str | None) -> str | None:
         value = self.data.pop(name, default)
         if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{self.key(name)}: expected a string, got {value!r}")
+            raise ConfigError(f"{self.key(name)}: expected a string, got {_show(value)}")
         if isinstance(value, str) and not value.strip():
             raise ConfigError(f"{self.key(name)}: must not be empty")
         return value
 
-    def number(self, name: str, default: float, *, positive: bool = True) -> float:
+    def number(self, name: str, default: float, *, most: float) -> float:
+        """A positive number no larger than ``most``."""
         value = self.data.pop(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
-        if positive and value <= 0:
-            raise ConfigError(f"{self.key(name)}: must be positive, got {value!r}")
+            raise ConfigError(f"{self.key(name)}: expected a number, got {_show(value)}")
+        if not 0 < value <= most:  # also refuses nan
+            raise ConfigError(f"{self.key(name)}: expected more than 0 and at most {most:g}, "
+                              f"got {_show(value)}")
         return float(value)
 
     def duration(self, name: str, default: object) -> float:
@@ -214,7 +252,7 @@ class _Table:
 
     def finish(self) -> None:
         if self.data:
-            names = ", ".join(self.key(k) for k in sorted(self.data))
+            names = ", ".join(self.key(_key_name(k)) for k in sorted(self.data))
             raise ConfigError(f"unknown configuration key: {names}")
 
 
@@ -226,16 +264,22 @@ def _quotas(
     quotas = dict(defaults)
     for endpoint, value in data.items():
         if endpoint not in ENDPOINTS:
-            raise ConfigError(f"unknown configuration key: {key}.{endpoint}")
+            raise ConfigError(f"unknown configuration key: {key}.{_key_name(endpoint)}")
         if value in ("none", "", False):
             quotas[endpoint] = None
             continue
         if not isinstance(value, str):
-            raise ConfigError(f"{key}.{endpoint}: expected \"COUNT/PERIOD\", got {value!r}")
+            raise ConfigError(
+                f"{key}.{endpoint}: expected \"COUNT/PERIOD\", got {_show(value)}"
+            )
         try:
-            quotas[endpoint] = parse_quota(value)
-        except ValueError as e:
-            raise ConfigError(f"{key}.{endpoint}: {e}") from None
+            quota = parse_quota(value)
+        except ValueError:
+            raise ConfigError(f"{key}.{endpoint}: expected \"COUNT/PERIOD\" like "
+                              f"'50000/minute' or '20/2 seconds', got {_show(value)}") from None
+        if quota.count > 10**9 or not 0 < quota.period_s <= MAX_DURATION_S:
+            raise ConfigError(f"{key}.{endpoint}: out of range, got {_show(value)}")
+        quotas[endpoint] = quota
     return quotas
 
 
@@ -248,12 +292,16 @@ def _read_secret(app: _Table, env: Mapping[str, str], base: Path) -> tuple[str |
         value = env.get(secret_env, "").strip()
         return (value or None), f"env {secret_env}"
     if secret_file:
-        path = _resolve(secret_file, env, base)
+        # A secret that cannot be read is not fatal here: only `keeper grant` needs it, and it
+        # says why then (the source carries the reason).
+        path = _resolve(_path(secret_file, app.key("secret_file")), env, base)
         try:
             value = path.read_text(encoding="utf-8").strip()
-        except OSError:
-            return None, f"file {path}"
-        return (value or None), f"file {path}"
+        except OSError as e:
+            return None, f"file {path} (cannot be read: {e.strerror})"
+        except UnicodeDecodeError:
+            return None, f"file {path} (not UTF-8 text)"
+        return (value or None), f"file {path}" + ("" if value else " (empty)")
     return None, "none"
 
 
@@ -266,11 +314,11 @@ def _app(raw: object, index: int, env: Mapping[str, str], base: Path,
     if appid is None:
         raise ConfigError(f"apps[{index}].appid: required")
     if not _APPID_RE.match(appid):
-        raise ConfigError(f"apps[{index}].appid: {appid!r} is not an appid")
+        raise ConfigError(f"apps[{index}].appid: {_show(appid)} is not an appid")
     t.prefix = f"apps[{appid}]."
     secret, source = _read_secret(t, env, base)
-    days = t.number("refresh_token_days", 30)
-    at_day = t.number("refresh_at_day", 29)
+    days = t.number("refresh_token_days", 30, most=3650)
+    at_day = t.number("refresh_at_day", 29, most=3650)
     if at_day >= days:
         raise ConfigError(
             f"{t.key('refresh_at_day')}: must be less than refresh_token_days ({days:g}),"
@@ -296,9 +344,29 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         raise ConfigError(f"configuration file {source} does not exist") from None
     except OSError as e:
         raise ConfigError(f"configuration file {source} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"configuration file {source} is not UTF-8 text (at byte {e.start})"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"configuration file {source} is not valid TOML: {e}") from None
-    return build_config(data, env=env, source=source)
+    except RecursionError:
+        raise ConfigError(f"configuration file {source} is nested too deeply") from None
+    try:
+        return build_config(data, env=env, source=source)
+    except RecursionError:
+        raise ConfigError(f"configuration file {source} is nested too deeply") from None
+
+
+def _check_database_url(url: str) -> None:
+    """A URL SQLAlchemy can parse (whether its driver exists is checked when it is used)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError("database_url: not a database URL like "
+                          "'sqlite:///var/keeper.db' or 'postgresql+psycopg://host/db'") from None
+    if "\x00" in url or not parsed.drivername:
+        raise ConfigError("database_url: not a database URL")
 
 
 def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str) -> Config:
@@ -315,9 +383,11 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
     api_base = env.get("KEEPER_API_BASE") or t.string("api_base", "https://api.weixin.qq.com")
     t.pop("api_base", None)
     assert database_url is not None and api_base is not None
-    if not re.match(r"^https?://[^/\s]+", api_base):
-        raise ConfigError(f"api_base: expected an http(s) URL, got {api_base!r}")
-    avatar_dir = t.string("avatar_dir", "var/avatars")
+    _check_database_url(database_url)
+    if not re.match(r"^https?://[^/\s]+", api_base) or _CONTROL.search(api_base):
+        raise ConfigError(f"api_base: expected an http(s) URL, got {_show(api_base)}")
+    avatar_dir = _path(t.pop("avatar_dir", "var/avatars"), "avatar_dir")
+    journal_dir = _path(t.pop("journal_dir", "var/journal"), "journal_dir")
     hosts = t.pop("avatar_hosts", ["wx.qlogo.cn", "thirdwx.qlogo.cn"])
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
         raise ConfigError(f"avatar_hosts: expected a list of host names, got {hosts!r}")
@@ -365,24 +435,29 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
     key_files = t.pop("encryption_key_file", [])
     if isinstance(key_files, str):
         key_files = [key_files]
-    if not isinstance(key_files, list) or not all(isinstance(k, str) and k for k in key_files):
+    if not isinstance(key_files, list):
         raise ConfigError("encryption_key_file: expected a path or a list of paths")
+    key_files = [_path(k, "encryption_key_file") for k in key_files]
     apps = tuple(_app(raw, i, env, base, quotas) for i, raw in enumerate(raw_apps))
     seen: set[str] = set()
     for app in apps:
         if app.appid in seen:
             raise ConfigError(f"apps[{app.appid}]: configured twice")
         seen.add(app.appid)
+    access_margin = t.duration("access_margin", "5m")
+    if access_margin >= ACCESS_TOKEN_LIFE_S:
+        raise ConfigError(f"access_margin: must be shorter than an access token's life "
+                          f"({ACCESS_TOKEN_LIFE_S} s), got {access_margin:g}")
     config = Config(
         database_url=database_url,
         api_base=api_base.rstrip("/"),
-        avatar_dir=Path(avatar_dir or "var/avatars"),
+        avatar_dir=Path(avatar_dir),
         avatar_hosts=tuple(hosts),
         sweep_interval_s=sweep_interval,
         profile_interval_s=t.duration("profile_interval", 86400),
         workers=workers,
         userinfo_lang=lang or "zh_CN",
-        access_margin_s=t.duration("access_margin", "5m"),
+        access_margin_s=access_margin,
         lease_s=lease,
         connect_timeout_s=max(0.001, t.duration("connect_timeout", 3)),
         read_timeout_s=max(0.001, read_timeout),
@@ -394,7 +469,7 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         avatar_max_bytes=avatar_max,
         avatar_keep_when_removed=keep_removed,
         database_timeout_s=database_timeout,
-        journal_dir=Path(t.string("journal_dir", "var/journal") or "var/journal"),
+        journal_dir=Path(journal_dir),
         encryption_key_files=(
             tuple(_resolve(k, env, base) for k in key_files) or _credential_key(env)
         ),

@@ -140,3 +140,73 @@ def test_encryption_key_files_resolve_like_secret_files(tmp_path: Path) -> None:
     c = build({"encryption_key_file": ["keeper.key", "/abs/old.key"]},
               {"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert c.encryption_key_files == (tmp_path / "keeper.key", Path("/abs/old.key"))
+
+
+def test_a_file_that_is_not_utf8_is_one_clear_error_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'userinfo_lang = "\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8") as e:
+        load_config(str(bad), env={})
+    assert str(bad) in str(e.value)
+
+
+def test_a_file_nested_too_deeply_is_one_clear_error(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.toml"):
+        load_config(str(deep), env={})
+
+
+def test_a_secret_file_that_is_not_utf8_only_makes_the_secret_unavailable(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "wx1.secret").write_bytes(b"\xff\xfe secret")
+    c = build({"apps": [{"appid": "wx1", "secret_file": str(tmp_path / "wx1.secret")}]})
+    app = c.app("wx1")
+    assert app.secret is None
+    assert "not UTF-8" in app.secret_source and str(tmp_path / "wx1.secret") in app.secret_source
+
+
+def test_an_unreadable_secret_file_says_why_in_its_source(tmp_path: Path) -> None:
+    c = build({"apps": [{"appid": "wx1", "secret_file": str(tmp_path)}]})  # a directory
+    assert c.app("wx1").secret is None
+    assert "cannot be read" in c.app("wx1").secret_source
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"access_margin": "2h"}, "access_margin"),
+    ({"access_margin": 7200}, "access_margin"),
+    ({"profile_interval": float("inf")}, "profile_interval"),
+    ({"profile_interval": float("nan")}, "profile_interval"),
+    ({"sweep_interval": "9" * 400}, "sweep_interval"),
+    ({"lease": 10**18}, "lease"),
+    ({"apps": [{"appid": "wx1", "refresh_token_days": float("inf")}]},
+     "apps[wx1].refresh_token_days"),
+    ({"apps": [{"appid": "wx1", "refresh_at_day": float("nan")}]},
+     "apps[wx1].refresh_at_day"),
+    ({"quotas": {"refresh": "5/" + "9" * 400 + " seconds"}}, "quotas.refresh"),
+    ({"quotas": {"refresh": "9" * 5000 + "/minute"}}, "quotas.refresh"),
+    ({"avatar_dir": "var/\x00avatars"}, "avatar_dir"),
+    ({"journal_dir": 5}, "journal_dir"),
+    ({"encryption_key_file": ["keeper.key", "a\x00b"]}, "encryption_key_file"),
+    ({"apps": [{"appid": "wx1", "secret_file": "s\x00"}]}, "apps[wx1].secret_file"),
+    ({"database_url": "not a url"}, "database_url"),
+    ({"api_base": "http://host/\x07"}, "api_base"),
+])
+def test_values_out_of_range_are_refused_naming_the_key(
+    data: dict[str, object], key: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        build(data)
+    assert key in str(e.value) and "\n" not in str(e.value)
+    assert len(str(e.value)) < 300
+
+
+def test_an_access_margin_shorter_than_the_token_life_is_taken() -> None:
+    assert build({"access_margin": "119m"}).access_margin_s == 119 * 60
+
+
+def test_unknown_keys_that_are_not_plain_names_are_quoted_on_one_line() -> None:
+    with pytest.raises(ConfigError) as e:
+        build({"": [], "a\nb": 1, "quotas": {}})
+    assert "\n" not in str(e.value) and "'a\\nb'" in str(e.value)
