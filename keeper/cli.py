@@ -394,13 +394,19 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             round((now - datetime.fromisoformat(last["finished_at"])).total_seconds(), 1)
             if last else None
         )
+        # What needs an operator, from the last sweep: apps WeChat refuses (40013, 40125,
+        # 40164, 48004) and answers saying keeper sent a bad parameter (a keeper bug).
+        summary = last["summary"] if last else {}
+        data["apps_rejected"] = summary.get("apps_rejected", [])
+        data["keeper_bug_answers"] = summary.get("keeper_bug_answers", 0)
     finally:
         store.close()
     if args.json:
         _json(data)
         return EXIT_OK
     for key in ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
-                "retrying", "avatars_saved", "avatars_refused", "avatars_missing"):
+                "retrying", "profiles_failing", "avatars_saved", "avatars_refused",
+                "avatars_missing", "apps_rejected", "keeper_bug_answers"):
         _out(f"{key:18} {data[key]}")
     for reason, n in sorted(data["reauth_by_reason"].items()):
         _out(f"  {reason:16} {n}")

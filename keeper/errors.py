@@ -52,6 +52,20 @@ class TransientApiError(ApiError):
     keeper does not know. Never a reason to ask the user to log in again."""
 
 
+class MalformedAnswer(TransientApiError):
+    """WeChat's body is not a JSON object, or lacks what the call must return (a token, a
+    positive ``expires_in``, ``errcode`` 0 from ``/sns/auth``). Transient: tried again later."""
+
+
+class AnswerMismatch(MalformedAnswer):
+    """The answer is about another user (its ``openid`` is not the grant's): refused."""
+
+
+class KeeperBugAnswer(TransientApiError):
+    """WeChat says keeper sent a bad or missing parameter (40002, 40035, 40097, 41001-41009):
+    a keeper bug. Backed off like a transient failure, never a re-authorization."""
+
+
 class QuotaExceeded(TransientApiError):
     """45009 (daily quota) or 45011 (minute quota): the endpoint pauses until its window rolls."""
 
@@ -69,8 +83,8 @@ class ReauthRequired(ApiError):
 
 
 class AppConfigRejected(ApiError):
-    """WeChat rejected the app itself (bad appid or AppSecret, IP not whitelisted): an
-    operator's problem, never a user's."""
+    """WeChat rejected the app itself (bad appid or AppSecret, IP not whitelisted, the API
+    banned for the app): an operator's problem, never a user's."""
 
 
 class BadCode(ApiError):

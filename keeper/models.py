@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from keeper.clean import text_or_none
+
 # Grant states. A grant stays "active" or "expiring" while keeper can keep it alive; "reauth"
 # means WeChat said it is dead and only a new login brings it back.
 ACTIVE = "active"
@@ -21,6 +23,15 @@ REFRESH_TOKEN_EXPIRED = "refresh_token_expired"  # noqa: S105
 AUTHORIZATION_REVOKED = "authorization_revoked"
 REFRESH_TOKEN_EXPIRING = "refresh_token_expiring"  # noqa: S105
 OTHER = "other"
+
+#: Scopes whose grants may read ``/sns/userinfo``: a website's QR login (Open Platform) and an
+#: Official Account page or mobile app that asked for the profile. ``snsapi_base`` alone not.
+PROFILE_SCOPES = frozenset({"snsapi_userinfo", "snsapi_login"})
+
+
+def scopes(scope: str) -> frozenset[str]:
+    """WeChat's comma-separated ``scope`` as a set."""
+    return frozenset(s.strip() for s in scope.split(",") if s.strip())
 
 
 @dataclass(frozen=True)
@@ -43,10 +54,13 @@ class Grant:
     profile_at: datetime | None = None  # last profile read (answered, with or without a profile)
     profile_stop: int | None = None  # errcode that ended profile reads for good (48001)
     lease_id: str | None = None
+    profile_failures: int = 0  # profile reads that failed in a row (tokens unaffected)
+    profile_retry_at: datetime | None = None  # no profile read before this, after a failure
+    profile_error: str | None = None  # what the last failed profile read was, never a secret
 
     @property
     def wants_profile(self) -> bool:
-        return "snsapi_userinfo" in self.scope.split(",") and self.profile_stop is None
+        return bool(scopes(self.scope) & PROFILE_SCOPES) and self.profile_stop is None
 
 
 @dataclass(frozen=True)
@@ -79,25 +93,23 @@ class Profile:
 
     @classmethod
     def from_answer(cls, data: dict[str, Any], fetched_at: datetime) -> Profile:
-        """Tolerant of WeChat's quirks: missing fields, ``sex`` as a string or a number."""
-
-        def text(name: str) -> str | None:
-            value = data.get(name)
-            return None if value is None else str(value)
-
+        """Tolerant of WeChat's quirks: missing fields, numbers as strings, text already
+        cleaned by the client (:mod:`keeper.clean`) and capped here to stored lengths."""
         privilege = data.get("privilege") or []
         if not isinstance(privilege, list):
             privilege = [privilege]
+        sex = data.get("sex")
+        unionid = (text_or_none(data.get("unionid"), 129) or "").strip()
         return cls(
             fetched_at=fetched_at,
-            nickname=text("nickname"),
-            sex=text("sex"),
-            province=text("province"),
-            city=text("city"),
-            country=text("country"),
-            headimgurl=text("headimgurl"),
-            privilege=tuple(str(p) for p in privilege),
-            unionid=(text("unionid") or "").strip() or None,
+            nickname=text_or_none(data.get("nickname"), 256),
+            sex=None if sex in (None, "") else text_or_none(sex, 16),
+            province=text_or_none(data.get("province"), 128),
+            city=text_or_none(data.get("city"), 128),
+            country=text_or_none(data.get("country"), 128),
+            headimgurl=text_or_none(data.get("headimgurl"), 1024),
+            privilege=tuple(p for p in (text_or_none(v, 64) for v in privilege[:16]) if p),
+            unionid=unionid if unionid and len(unionid) <= 128 else None,
         )
 
 

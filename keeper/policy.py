@@ -79,6 +79,8 @@ def profile_due(grant: Grant, clock: Lifetime, now: datetime) -> bool:
     """Whether the profile of ``grant`` should be read at ``now``."""
     if grant.state == REAUTH or not grant.wants_profile:
         return False
+    if grant.profile_retry_at is not None and now < grant.profile_retry_at:
+        return False
     return grant.profile_at is None or now >= grant.profile_at + timedelta(
         seconds=clock.profile_interval_s
     )
@@ -104,6 +106,8 @@ def schedule(grant: Grant, clock: Lifetime) -> Schedule:
         hold = grant.retry_at
         refresh_due, access_due = max(refresh_due, hold), max(access_due, hold)
         profile = max(profile, hold) if profile else None
+    if profile and grant.profile_retry_at:
+        profile = max(profile, grant.profile_retry_at)  # a failed read waits; tokens do not
     return Schedule(refresh_due, access_due, profile)
 
 
@@ -185,3 +189,27 @@ def after_transient(
     if not_before and (not count or not_before > retry):
         retry = not_before
     return replace(grant, failures=failures, retry_at=retry, last_error=kind)
+
+
+#: Profile reads failing in a row before the grant is reported (``profile.failing``, counted
+#: as ``profiles_failing`` in ``keeper status``).
+PROFILE_FAILING_AFTER = 3
+
+
+def after_profile_failure(
+    grant: Grant, kind: str, now: datetime, *, not_before: datetime | None = None,
+    rng: random.Random | None = None,
+) -> Grant:
+    """A profile read failed (transiently, or with an answer keeper cannot use): only the
+    profile waits, with its own backoff; the grant's token refreshes keep their schedule."""
+    failures = grant.profile_failures + 1
+    retry = now + timedelta(seconds=backoff_s(failures, rng))
+    if not_before and not_before > retry:
+        retry = not_before
+    return replace(grant, profile_failures=failures, profile_retry_at=retry, profile_error=kind)
+
+
+def after_profile_read(grant: Grant, fetched_at: datetime) -> Grant:
+    """A profile read answered (with a profile, or with why there is none)."""
+    return replace(grant, profile_at=fetched_at, profile_failures=0, profile_retry_at=None,
+                   profile_error=None)

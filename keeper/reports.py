@@ -12,6 +12,7 @@ from sqlalchemy import Engine, func, insert, select, update
 
 from keeper.db import translate
 from keeper.models import REAUTH, Reauth
+from keeper.policy import PROFILE_FAILING_AFTER
 from keeper.schema import grants, profiles, reauth, sweeps
 
 
@@ -66,6 +67,8 @@ class Reports:
                         live, grants.c.refresh_due_at <= now + timedelta(hours=24)
                     ),
                     func.count().filter(live, grants.c.failures > 0),
+                    func.count().filter(
+                        live, grants.c.profile_failures >= PROFILE_FAILING_AFTER),
                 )
             ).one()
             by_reason: dict[str, int] = {
@@ -90,6 +93,7 @@ class Reports:
             "refresh_due_24h": counts[3],
             "access_expired": counts[2],
             "retrying": counts[4],
+            "profiles_failing": counts[5],
             "avatars_saved": avatars[0],
             "avatars_refused": avatars[1],
             "avatars_missing": avatars[2],

@@ -68,6 +68,9 @@ grants = Table(
     Column("last_error", String(64)),
     Column("profile_at", UTCDateTime),
     Column("profile_stop", Integer),
+    Column("profile_failures", Integer, nullable=False, default=0, server_default="0"),
+    Column("profile_retry_at", UTCDateTime),
+    Column("profile_error", String(64)),
     # When each kind of work falls due (NULL: never). A lease pushes them to the lease's end,
     # so the due queries skip leased grants and a crashed worker's grants come back by themselves.
     Column("refresh_due_at", UTCDateTime),

@@ -192,7 +192,11 @@ def _first_error(*checks: tuple[bool, int]) -> int:
 
 def _json_body(payload: Mapping[str, object]) -> bytes:
     # Raw UTF-8 under a charset-less text/plain, as WeChat sends: clients must decode it as UTF-8.
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a truncated emoji) goes out escaped
+        return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def _api_reply(payload: Mapping[str, object]) -> _Reply:

@@ -30,7 +30,7 @@ DUE_COLUMNS = (grants.c.refresh_due_at, grants.c.access_due_at, grants.c.profile
 _MUTABLE = (
     "unionid", "scope", "access_token", "refresh_token", "access_expires_at",
     "refresh_issued_at", "state", "failures", "retry_at", "last_error", "profile_at",
-    "profile_stop",
+    "profile_stop", "profile_failures", "profile_retry_at", "profile_error",
 )
 
 _PROFILE_FIELDS = (
@@ -70,7 +70,8 @@ def _grant(row: Row[Any] | Mapping[str, Any], cipher: Cipher) -> Grant:
         access_expires_at=m["access_expires_at"], refresh_issued_at=m["refresh_issued_at"],
         state=m["state"], failures=m["failures"], retry_at=m["retry_at"],
         last_error=m["last_error"], profile_at=m["profile_at"], profile_stop=m["profile_stop"],
-        lease_id=m["lease_id"],
+        lease_id=m["lease_id"], profile_failures=m["profile_failures"],
+        profile_retry_at=m["profile_retry_at"], profile_error=m["profile_error"],
     )
 
 
@@ -207,7 +208,8 @@ class Store(Reports, QuotaState, AvatarState):
             })
         stmt = self._insert(grants)
         ex = stmt.excluded
-        keep = {"profile_at", "profile_stop"}
+        keep = {"profile_at", "profile_stop", "profile_failures", "profile_retry_at",
+                "profile_error"}
         stmt = stmt.on_conflict_do_update(
             index_elements=["appid", "openid"],
             set_={

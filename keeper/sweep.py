@@ -104,6 +104,8 @@ class Sweeper:
         self._releases: dict[str, set[int]] = {}
         self._working = 0  # worker threads inside Worker.work
         self._journal_replayed = journal is None
+        #: Apps WeChat refuses (appid → errcode), logged once until WeChat accepts them again.
+        self.rejected_apps: dict[str, int | None] = {}
         #: Set while no sweep runs in this process.
         self.idle = threading.Event()
         self.idle.set()
@@ -257,6 +259,7 @@ class Sweeper:
             for k, v in releases.items():
                 self._releases.setdefault(k, set()).update(v)
         self._journal_replayed = self._journal_replayed or other._journal_replayed
+        self.rejected_apps.update(other.rejected_apps)
 
     def close(self) -> None:
         """End the worker threads (they are daemons; this is for tidy tests)."""
@@ -299,6 +302,7 @@ class _Run:
         self.unavailable = False
         self.stop_seen: float | None = None
         self.db_error: str | None = None  # the database failed: stop claiming, keep results
+        self.bugs: set[tuple[str, int | None]] = set()  # (endpoint, errcode) logged
         self.unsettled = 0  # results taken since the last write
 
     def claim(self) -> None:
@@ -324,10 +328,23 @@ class _Run:
         self.counts.update(r.counts)
         appid = r.grant.appid
         if r.rejected_app is not None and appid not in self.rejected:
-            # One line per app and sweep, not one per user.
             self.rejected.add(appid)
-            log.error("wechat.app_rejected", appid=appid, errcode=r.rejected_app.errcode,
-                      endpoint=r.rejected_app.endpoint, detail=r.rejected_app.detail)
+            rejected = r.rejected_app
+            if self.s.rejected_apps.get(appid) != rejected.errcode:
+                # One line when WeChat starts refusing the app (or refuses it anew), not one
+                # per user or per sweep; the app is skipped for the rest of each sweep.
+                self.s.rejected_apps[appid] = rejected.errcode
+                log.error("wechat.app_rejected", appid=appid, errcode=rejected.errcode,
+                          endpoint=rejected.endpoint, detail=rejected.detail)
+        elif r.rejected_app is None and r.write is not None and appid in self.s.rejected_apps \
+                and any(r.counts[k] for k in _SUCCESSES):
+            log.info("wechat.app_accepted", appid=appid,
+                     after_errcode=self.s.rejected_apps.pop(appid))
+        if r.bug is not None and (r.bug.endpoint, r.bug.errcode) not in self.bugs:
+            # A keeper bug: once per endpoint and code in a sweep.
+            self.bugs.add((r.bug.endpoint, r.bug.errcode))
+            log.error("wechat.keeper_bug", appid=appid, endpoint=r.bug.endpoint,
+                      errcode=r.bug.errcode, detail=r.bug.detail)
         if r.quota_wait is not None and appid not in self.deferred:
             self.deferred.add(appid)
             log.warning("quota.deferred", appid=appid, endpoint=r.quota_wait.endpoint,

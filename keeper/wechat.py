@@ -16,11 +16,14 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from keeper import __version__
+from keeper import __version__, errcodes
+from keeper.clean import MAX_TEXT, clean_json, flag, text_or_none, whole_number
 from keeper.errors import (
     ApiError,
     AppConfigRejected,
     BadCode,
+    KeeperBugAnswer,
+    MalformedAnswer,
     NoProfile,
     QuotaExceeded,
     ReauthRequired,
@@ -59,29 +62,104 @@ def read_capped(resp: requests.Response, max_bytes: int, chunk: int = _CHUNK) ->
     return b"".join(chunks)
 
 
+#: Longest token and id keeper accepts from WeChat (its own are 28-110 characters).
+MAX_TOKEN_CHARS = 512
+MAX_ID_CHARS = 128
+
+
 def classify(endpoint: str, errcode: int, errmsg: str = "") -> ApiError:
-    """The exception for WeChat's ``errcode`` on ``endpoint`` (see the reference's table)."""
+    """The exception for WeChat's ``errcode`` on ``endpoint``: :mod:`keeper.errcodes`' table."""
     detail = errmsg[:120] or "error"
-    if errcode in (45009, 45011):
+    row = errcodes.meaning(endpoint, errcode)
+    kind = row.kind
+    if kind == errcodes.QUOTA:
         return QuotaExceeded(endpoint, errcode, detail)
-    if errcode in (40030, 42002, 42007):
+    if kind == errcodes.REAUTH:
         return ReauthRequired(endpoint, errcode, detail, reason=reauth_reason(errcode))
-    if errcode in (40013, 40125, 40164) or (errcode == 40001 and endpoint == "code"):
+    if kind == errcodes.APP:
         return AppConfigRejected(endpoint, errcode, detail)
-    if endpoint == "code" and errcode in (40029, 40163, 42003):
+    if kind == errcodes.BAD_CODE:
         return BadCode(endpoint, errcode, detail)
-    if errcode in (40014, 42001, 40001) and endpoint in ("auth", "userinfo"):
+    if kind == errcodes.STALE_TOKEN:
         return StaleAccessToken(endpoint, errcode, detail)
-    if errcode == 40003 and endpoint in ("auth", "userinfo"):
-        # The access token is not this openid's: the stored grant is unusable.
-        return ReauthRequired(endpoint, errcode, detail, reason=reauth_reason(errcode))
-    if errcode in (48001, 50001, 50002):
+    if kind == errcodes.PROFILE_ONLY:
         return NoProfile(endpoint, errcode, detail)
-    if 41001 <= errcode <= 41009:
-        return TransientApiError(endpoint, errcode, f"missing parameter (a keeper bug): {detail}")
+    if kind == errcodes.BUG:
+        return KeeperBugAnswer(endpoint, errcode, f"{row.meaning} (a keeper bug): {detail}")
     if errcode == -1:
         return TransientApiError(endpoint, errcode, "system busy")
-    return TransientApiError(endpoint, errcode, f"unknown errcode: {detail}")
+    if row is errcodes.UNKNOWN:
+        return TransientApiError(endpoint, errcode, f"unknown errcode: {detail}")
+    return TransientApiError(endpoint, errcode, f"{row.meaning}: {detail}")
+
+
+def parse_body(
+    endpoint: str, status: int, content_type: str, body: bytes, *, redact: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """WeChat's answer as a cleaned JSON object, or the exception it stands for.
+
+    What WeChat is known to send is parsed: JSON as ``text/plain`` or with an odd charset
+    parameter, raw control characters inside strings, bytes that are not UTF-8, lone surrogate
+    escapes (see :mod:`keeper.clean`). Only a body that is not a JSON object at all is a
+    :class:`MalformedAnswer`. Never raises anything but :class:`ApiError`. ``redact``: values
+    (the request's secrets) masked in an error's ``errmsg``.
+    """
+    if status >= 500:
+        raise TransientApiError(endpoint, None, f"HTTP {status}")
+    if status != 200:
+        raise TransientApiError(endpoint, None, f"HTTP {status} (is api_base right?)")
+    text = body.decode("utf-8", "replace").strip().lstrip("\ufeff")
+    if "html" in content_type.lower() or text.startswith("<"):
+        raise MalformedAnswer(endpoint, None, "answer is HTML, not JSON")
+    try:
+        # strict=False: WeChat sends raw control characters inside strings.
+        data = json.loads(text, strict=False)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise MalformedAnswer(endpoint, None, "answer is not a JSON object (truncated?)")
+    data = clean_json(data)
+    raw = data.get("errcode", 0)
+    errcode = whole_number(raw) if raw is not None else None
+    if errcode is None:
+        raise MalformedAnswer(endpoint, None, "answer has a malformed errcode")
+    data["errcode"] = errcode
+    if errcode != 0:
+        errmsg = text_or_none(data.get("errmsg"), MAX_TEXT) or ""
+        for value in redact:  # before any cut, so no part of a secret survives
+            errmsg = errmsg.replace(value, "[redacted]")
+        raise classify(endpoint, errcode, errmsg[:200])
+    result: dict[str, Any] = data
+    return result
+
+
+def token_answer(endpoint: str, data: dict[str, Any]) -> TokenAnswer:
+    """A code exchange's or refresh's answer, checked: both tokens, the openid and a positive
+    ``expires_in`` must be there, within WeChat's lengths; else :class:`MalformedAnswer`."""
+    access, refresh, openid = (data.get(k) for k in ("access_token", "refresh_token", "openid"))
+    for name, value, cap in (("access_token", access, MAX_TOKEN_CHARS),
+                             ("refresh_token", refresh, MAX_TOKEN_CHARS),
+                             ("openid", openid, MAX_ID_CHARS)):
+        if not isinstance(value, str) or not value.strip():
+            raise MalformedAnswer(endpoint, None, f"answer lacks {name}")
+        if len(value) > cap or not value.isascii() or not value.isprintable() or " " in value:
+            raise MalformedAnswer(endpoint, None, f"answer has a malformed {name}")
+    assert isinstance(access, str) and isinstance(refresh, str) and isinstance(openid, str)
+    expires_in = whole_number(data.get("expires_in"))
+    if expires_in is None or expires_in <= 0:
+        raise MalformedAnswer(endpoint, None, "answer lacks a positive expires_in")
+    unionid = text_or_none(data.get("unionid"), MAX_ID_CHARS + 1)
+    unionid = unionid.strip() if unionid else None
+    scope = text_or_none(data.get("scope"), MAX_ID_CHARS) or ""
+    return TokenAnswer(
+        access_token=access,
+        expires_in_s=min(expires_in, 30 * 86400),
+        refresh_token=refresh,
+        openid=openid,
+        scope=",".join(s.strip() for s in scope.split(",") if s.strip()),
+        unionid=unionid if unionid and len(unionid) <= MAX_ID_CHARS else None,
+        is_snapshotuser=flag(data.get("is_snapshotuser")),
+    )
 
 
 class WeChatClient:
@@ -162,53 +240,9 @@ class WeChatClient:
     def _parse(
         self, endpoint: str, status: int, content_type: str, body: bytes, params: dict[str, str]
     ) -> dict[str, Any]:
-        if status >= 500:
-            raise TransientApiError(endpoint, None, f"HTTP {status}")
-        if status != 200:
-            raise TransientApiError(endpoint, None, f"HTTP {status} (is api_base right?)")
-        text = body.decode("utf-8", "replace").strip()
-        if "html" in content_type.lower() or text.startswith("<"):
-            raise TransientApiError(endpoint, None, "answer is HTML, not JSON")
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise TransientApiError(endpoint, None, "answer is not a JSON object (truncated?)")
-        errcode = data.get("errcode", 0)
-        if not isinstance(errcode, int) or isinstance(errcode, bool):
-            try:
-                errcode = int(errcode)
-            except (TypeError, ValueError):
-                raise TransientApiError(endpoint, None, "answer has a malformed errcode") from None
-        if errcode != 0:
-            errmsg = str(data.get("errmsg", ""))
-            for key in _SECRET_PARAMS:  # WeChat may echo what it was sent
-                if params.get(key):
-                    errmsg = errmsg.replace(params[key], "[redacted]")
-            raise classify(endpoint, errcode, errmsg)
-        return data
-
-    def _token_answer(self, endpoint: str, data: dict[str, Any]) -> TokenAnswer:
-        access, refresh, openid = (data.get(k) for k in ("access_token", "refresh_token", "openid"))
-        if not (isinstance(access, str) and isinstance(refresh, str) and isinstance(openid, str)):
-            raise TransientApiError(endpoint, None, "answer lacks a token or the openid")
-        if not (access and refresh and openid):
-            raise TransientApiError(endpoint, None, "answer has an empty token or openid")
-        try:
-            expires_in = int(data.get("expires_in", 7200))
-        except (TypeError, ValueError):
-            expires_in = 7200
-        unionid = data.get("unionid")
-        return TokenAnswer(
-            access_token=access,
-            expires_in_s=max(0, expires_in),
-            refresh_token=refresh,
-            openid=openid,
-            scope=str(data.get("scope") or ""),
-            unionid=str(unionid).strip() or None if unionid else None,
-            is_snapshotuser=bool(data.get("is_snapshotuser")),
-        )
+        # WeChat may echo what it was sent: those values never reach an error message.
+        echoed = tuple(params[k] for k in _SECRET_PARAMS if params.get(k))
+        return parse_body(endpoint, status, content_type, body, redact=echoed)
 
     def exchange_code(self, appid: str, secret: str, code: str) -> TokenAnswer:
         """``/sns/oauth2/access_token``. Never retried by keeper: a code is single-use."""
@@ -216,7 +250,7 @@ class WeChatClient:
             "code",
             {"appid": appid, "secret": secret, "code": code, "grant_type": "authorization_code"},
         )
-        return self._token_answer("code", data)
+        return token_answer("code", data)
 
     def refresh(self, appid: str, refresh_token: str) -> TokenAnswer:
         """``/sns/oauth2/refresh_token``. The AppSecret is not needed and never sent."""
@@ -224,11 +258,16 @@ class WeChatClient:
             "refresh",
             {"appid": appid, "grant_type": "refresh_token", "refresh_token": refresh_token},
         )
-        return self._token_answer("refresh", data)
+        return token_answer("refresh", data)
 
     def check(self, access_token: str, openid: str) -> None:
-        """``/sns/auth``: returns when the access token is valid, raises otherwise."""
-        self.call("auth", {"access_token": access_token, "openid": openid})
+        """``/sns/auth``: returns when the access token is valid, raises otherwise.
+
+        Valid only for an explicit ``errcode`` 0: ``{}`` is a malformed answer, not a yes.
+        """
+        data = self.call("auth", {"access_token": access_token, "openid": openid})
+        if "errcode" not in data or data["errcode"] != 0:
+            raise MalformedAnswer("auth", None, "answer has no errcode 0")
 
     def userinfo(self, access_token: str, openid: str, lang: str) -> dict[str, Any]:
         """``/sns/userinfo``: the profile answer as WeChat gave it."""

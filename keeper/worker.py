@@ -17,7 +17,9 @@ import structlog
 
 from keeper.config import AppConfig, Config
 from keeper.errors import (
+    AnswerMismatch,
     AppConfigRejected,
+    KeeperBugAnswer,
     NoProfile,
     QuotaExceeded,
     ReauthRequired,
@@ -29,7 +31,10 @@ from keeper.limiter import QuotaGate, QuotaWait, Stopped
 from keeper.models import Grant, Profile, Reauth
 from keeper.policy import (
     ACCESS,
+    PROFILE_FAILING_AFTER,
     Lifetime,
+    after_profile_failure,
+    after_profile_read,
     after_reauth,
     after_refresh,
     after_transient,
@@ -62,7 +67,8 @@ class Result:
     """What working one grant produced: a write, or a lease to give back, and counts.
 
     ``db_error``: the database failed during the work (the quota gate reads it); whatever
-    WeChat had answered before is still in ``write``.
+    WeChat had answered before is still in ``write``. ``bug``: WeChat said keeper sent a bad
+    parameter (the sweep logs it once per endpoint and code).
     """
 
     grant: Grant
@@ -71,6 +77,7 @@ class Result:
     rejected_app: AppConfigRejected | None = None
     quota_wait: QuotaWait | None = None
     db_error: str | None = None
+    bug: KeeperBugAnswer | None = None
 
 
 @dataclass
@@ -82,6 +89,7 @@ class _Progress:
     profile: Profile | None = None
     record: Reauth | None = None
     clear: bool = False
+    stage: str = "refresh"  # the call under way: "refresh" or "profile"
 
 
 class Worker:
@@ -103,8 +111,14 @@ class Worker:
 
     def _refresh(self, p: _Progress, counts: Counter[str], reason: str) -> None:
         g = p.grant
+        p.stage = "refresh"
         self.gate.acquire(g.appid, "refresh", max_wait_s=QUOTA_MAX_WAIT_S)
         answer = self.client.refresh(g.appid, g.refresh_token)
+        if answer.openid != g.openid:
+            # Never store (or hand out) another user's token as this one's.
+            log.error("wechat.openid_mismatch", appid=g.appid, openid=g.openid,
+                      answered_openid=answer.openid, endpoint="refresh")
+            raise AnswerMismatch("refresh", None, "answer is about another openid")
         now = self.clock()
         result = after_refresh(g, answer, self.clocks[g.appid], now)
         # From here on the new tokens travel with the grant until they are committed.
@@ -119,37 +133,57 @@ class Worker:
             log.info("reauth.recorded", appid=g.appid, openid=g.openid,
                      reason=result.reauth.reason, errcode=None)
 
-    def _userinfo(self, g: Grant) -> Profile:
+    def _userinfo(self, p: _Progress) -> Profile:
+        g = p.grant
+        p.stage = "profile"
         self.gate.acquire(g.appid, "userinfo", max_wait_s=QUOTA_MAX_WAIT_S)
         data = self.client.userinfo(g.access_token, g.openid, self.config.userinfo_lang)
+        answered = data.get("openid")
+        if answered is not None and answered != g.openid:
+            log.error("wechat.openid_mismatch", appid=g.appid, openid=g.openid,
+                      answered_openid=str(answered)[:128], endpoint="userinfo")
+            raise AnswerMismatch("userinfo", None, "answer is about another openid")
         return Profile.from_answer(data, self.clock())
 
     def _profile(self, p: _Progress, counts: Counter[str]) -> None:
         try:
             try:
-                profile = self._userinfo(p.grant)
+                profile = self._userinfo(p)
             except StaleAccessToken:
                 # WeChat no longer takes this access token: refresh it, then try once more.
                 counts["stale_access_tokens"] += 1
                 self._refresh(p, counts, ACCESS)
                 try:
-                    profile = self._userinfo(p.grant)
+                    profile = self._userinfo(p)
                 except StaleAccessToken as e:
                     # Refused again right after a refresh: not the user's fault, not ours to
-                    # settle now. The refresh is kept; the profile is read next time.
+                    # settle now. The refresh is kept; the profile is read later.
                     raise TransientApiError(e.endpoint, e.errcode, "access token refused "
                                             "right after a refresh") from None
         except NoProfile as e:
             now = self.clock()
             stop = e.errcode if e.errcode == 48001 else None
             counts["no_profile"] += 1
-            p.grant = replace(p.grant, profile_at=now, profile_stop=stop)
+            p.grant = replace(after_profile_read(p.grant, now), profile_stop=stop)
             p.profile, p.answered = Profile(fetched_at=now, errcode=e.errcode), True
             return
         counts["profiles_fetched"] += 1
-        p.grant = replace(p.grant, profile_at=profile.fetched_at,
+        p.grant = replace(after_profile_read(p.grant, profile.fetched_at),
                           unionid=profile.unionid or p.grant.unionid)
         p.profile, p.answered = profile, True
+
+    def _profile_failed(self, p: _Progress, kind: str, counts: Counter[str],
+                        not_before: datetime | None = None) -> None:
+        """Only the profile waits: the grant's token refreshes keep their schedule."""
+        before = p.grant.profile_failures
+        p.grant = after_profile_failure(p.grant, kind, self.clock(), not_before=not_before,
+                                        rng=self.rng)
+        p.answered = True
+        counts["profile_failures"] += 1
+        if before < PROFILE_FAILING_AFTER <= p.grant.profile_failures:
+            # Once, when it starts: the answer keeps being unusable for this user.
+            log.warning("profile.failing", appid=p.grant.appid, openid=p.grant.openid,
+                        failures=p.grant.profile_failures, error=kind)
 
     def work(
         self, grant: Grant, *, profile_reads: bool = True, force_refresh: bool = False
@@ -157,8 +191,9 @@ class Worker:
         """Bring one leased grant up to date; never raises.
 
         Whatever fails part-way (WeChat, the quota gate's database, a bug), what WeChat
-        answered before is returned in ``write``, to be stored. ``profile_reads=False``:
-        tokens only (``keeper token``); ``force_refresh``: refresh even when nothing is due.
+        answered before is returned in ``write``, to be stored. A failed profile read delays
+        only the profile. ``profile_reads=False``: tokens only (``keeper token``);
+        ``force_refresh``: refresh even when nothing is due.
         """
         result = Result(grant)
         counts = result.counts
@@ -186,8 +221,11 @@ class Worker:
             except StoreError as db:  # the pause is not shared; this grant still waits
                 result.db_error = str(db)
                 until = self.clock() + timedelta(seconds=60)
-            p.grant = after_transient(p.grant, str(e.errcode), self.clock(), not_before=until,
-                                      count=False)
+            if p.stage == "profile":
+                self._profile_failed(p, str(e.errcode), counts, not_before=until)
+            else:
+                p.grant = after_transient(p.grant, str(e.errcode), self.clock(),
+                                          not_before=until, count=False)
         except AppConfigRejected as e:
             counts["transient_failures"] += 1
             result.rejected_app = e
@@ -196,9 +234,15 @@ class Worker:
         except TransientApiError as e:
             counts["transient_failures"] += 1
             kind = str(e.errcode) if e.errcode is not None else e.detail[:64]
+            if isinstance(e, KeeperBugAnswer):
+                counts["keeper_bug_answers"] += 1
+                result.bug = e
             log.debug("wechat.transient", appid=grant.appid, openid=grant.openid,
                       endpoint=e.endpoint, errcode=e.errcode, detail=e.detail)
-            p.grant = after_transient(p.grant, kind, self.clock(), rng=self.rng)
+            if p.stage == "profile":
+                self._profile_failed(p, kind, counts)
+            else:
+                p.grant = after_transient(p.grant, kind, self.clock(), rng=self.rng)
         except QuotaWait as e:
             result.quota_wait = e
             counts["quota_deferred"] += 1

@@ -11,9 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from keeper import errcodes
 from keeper.errors import (
     AppConfigRejected,
     BadCode,
+    KeeperBugAnswer,
     NoProfile,
     QuotaExceeded,
     ReauthRequired,
@@ -37,22 +39,51 @@ def client(sim: Simulator) -> Iterator[WeChatClient]:
     c.close()
 
 
-@pytest.mark.parametrize(("endpoint", "errcode", "kind"), [
-    ("refresh", -1, TransientApiError), ("refresh", 45009, QuotaExceeded),
-    ("refresh", 45011, QuotaExceeded), ("refresh", 40030, ReauthRequired),
-    ("refresh", 42002, ReauthRequired), ("refresh", 42007, ReauthRequired),
-    ("code", 40013, AppConfigRejected), ("refresh", 40125, AppConfigRejected),
-    ("code", 40164, AppConfigRejected), ("code", 40001, AppConfigRejected),
-    ("code", 40029, BadCode), ("code", 40163, BadCode), ("code", 42003, BadCode),
-    ("userinfo", 40014, StaleAccessToken), ("userinfo", 42001, StaleAccessToken),
-    ("userinfo", 40001, StaleAccessToken), ("auth", 42001, StaleAccessToken),
-    ("userinfo", 48001, NoProfile), ("userinfo", 50001, NoProfile),
-    ("userinfo", 50002, NoProfile), ("refresh", 41002, TransientApiError),
-    ("refresh", 99999, TransientApiError), ("userinfo", 40003, ReauthRequired),
-])
-def test_every_errcode_has_its_class(endpoint: str, errcode: int, kind: type) -> None:
+KIND_CLASS = {
+    errcodes.REAUTH: ReauthRequired, errcodes.BAD_CODE: BadCode,
+    errcodes.STALE_TOKEN: StaleAccessToken, errcodes.PROFILE_ONLY: NoProfile,
+    errcodes.APP: AppConfigRejected, errcodes.QUOTA: QuotaExceeded,
+    errcodes.TRANSIENT: TransientApiError, errcodes.BUG: KeeperBugAnswer,
+}
+ROWS = [(endpoint, code, row.kind) for row in errcodes.TABLE for code in row.codes
+        for endpoint in row.endpoints]
+
+
+@pytest.mark.parametrize(("endpoint", "errcode", "kind"), ROWS)
+def test_every_row_of_the_errcode_table_has_its_class(
+    endpoint: str, errcode: int, kind: str
+) -> None:
     error = classify(endpoint, errcode, "msg")
-    assert type(error) is kind and error.errcode == errcode
+    assert type(error) is KIND_CLASS[kind] and error.errcode == errcode
+    assert error.endpoint == endpoint
+
+
+@pytest.mark.parametrize("endpoint", errcodes.ENDPOINTS)
+@pytest.mark.parametrize("errcode", [99999, 12345, 0x7FFFFFFF, -2])
+def test_an_unknown_errcode_is_transient_and_named(endpoint: str, errcode: int) -> None:
+    error = classify(endpoint, errcode, "whatever")
+    assert type(error) is TransientApiError and "unknown errcode" in str(error)
+
+
+def test_the_table_has_no_contradiction() -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for row in errcodes.TABLE:
+        assert row.kind in errcodes.KINDS and row.meaning and row.action
+        for code in row.codes:
+            for endpoint in row.endpoints:
+                assert (endpoint, code) not in seen, (endpoint, code)
+                seen[(endpoint, code)] = row.kind
+    # What the issue names, by class.
+    for code in (40030, 42002, 42007):
+        assert all(seen[(e, code)] == errcodes.REAUTH for e in errcodes.ENDPOINTS)
+    for code in (40013, 40125, 40164, 48004):
+        assert seen[("refresh", code)] == errcodes.APP
+    for code in (40002, 40035, 40097, *range(41001, 41010)):
+        assert seen[("refresh", code)] == errcodes.BUG
+    for code in (48001, 50001, 50002):
+        assert seen[("userinfo", code)] == errcodes.PROFILE_ONLY
+        assert seen[("refresh", code)] == errcodes.TRANSIENT
+
 
 
 def test_quota_errors_are_transient_and_reauth_ones_are_not() -> None:
