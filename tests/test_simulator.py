@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import requests
 from PIL import Image
 
 from keeper import simulator as simulator_module
+from keeper.sim_answers import ERRCODES
 from keeper.simulator import (
     HOSTILE_KINDS,
     HOSTILE_OK_KEY,
@@ -35,6 +37,7 @@ OTHER_APPID, OTHER_SECRET = "wx-app-2", "app-secret-2"
 T0 = 1_700_000_000.0  # a multiple of 2 s, so "3/2 seconds" windows start exactly here
 DAY_S = 86400.0
 REPO = Path(__file__).resolve().parents[1]
+RID = re.compile(r", rid: [0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}")
 
 
 class Clock:
@@ -137,7 +140,7 @@ def test_a_code_becomes_a_grant_the_simulator_then_honours(
     answer = exchange(http, sim, code)
     assert answer["expires_in"] == 7200
     assert (answer["openid"], answer["scope"], answer["unionid"]) == (
-        "o-new", "snsapi_userinfo", "u-new")
+        "o-new", "snsapi_login", "u-new")  # a website's QR login, the default
     assert "is_snapshotuser" not in answer
     assert auth(http, sim, answer["access_token"], "o-new") == {"errcode": 0, "errmsg": "ok"}
     assert refresh(http, sim, answer["refresh_token"])["access_token"] == answer["access_token"]
@@ -288,10 +291,11 @@ def test_auth_checks_token_openid_and_expiry(sim: Simulator, http: requests.Sess
     assert errcode(call(http, sim, "/sns/auth", access_token=access)) == 41009
 
 
-def test_userinfo_merges_the_grant_profile_over_defaults(
+def test_userinfo_merges_the_grant_profile_over_the_legacy_profile(
         sim: Simulator, http: requests.Session) -> None:
     profile = {"nickname": "小明", "sex": "2"}
-    access, _ = add_grant(sim, "o-user-4242", unionid="u-42", profile=profile)
+    access, _ = add_grant(sim, "o-user-4242", unionid="u-42", profile=profile,
+                          legacy_profile=True)
     answer = userinfo(http, sim, access, "o-user-4242")
     assert answer["nickname"] == "小明"
     assert answer["sex"] == "2"  # WeChat has sent sex as a string
@@ -301,7 +305,7 @@ def test_userinfo_merges_the_grant_profile_over_defaults(
     assert answer["headimgurl"].endswith("/132")
     english = userinfo(http, sim, access, "o-user-4242", lang="en")
     assert english["city"] == "Shenzhen"
-    plain, _ = add_grant(sim, "o-plain-777777")
+    plain, _ = add_grant(sim, "o-plain-777777", legacy_profile=True)
     assert userinfo(http, sim, plain, "o-plain-777777")["nickname"] == "user-777777"
     assert sim.stats(detail=True)["userinfo_by_openid"] == {"o-user-4242": 2, "o-plain-777777": 1}
 
@@ -649,7 +653,9 @@ def test_endpoints_without_a_quota_measure_windows_of_60_s(
 def test_any_errcode_can_be_forced(sim: Simulator, http: requests.Session, code: int) -> None:
     _, refresh_token = add_grant(sim)
     sim.force("refresh", code)
-    assert refresh(http, sim, refresh_token) == {"errcode": code, "errmsg": "simulated"}
+    answer = refresh(http, sim, refresh_token)
+    assert answer["errcode"] == code
+    assert answer["errmsg"].startswith(ERRCODES[code].errmsg + ", rid: ")
     assert "access_token" in refresh(http, sim, refresh_token)
 
 
@@ -658,7 +664,8 @@ def test_forced_failure_kinds(sim: Simulator, http: requests.Session) -> None:
     url = f"{sim.url}/sns/auth?access_token={access}&openid=o-user-0001"
     for kind in ("-1", "502", "truncated", "html"):
         sim.force("auth", kind)
-    assert http.get(url, timeout=5).json() == {"errcode": -1, "errmsg": "system error"}
+    busy = http.get(url, timeout=5).json()
+    assert busy["errcode"] == -1 and RID.fullmatch(busy["errmsg"].removeprefix("system error"))
     gateway = http.get(url, timeout=5)
     assert (gateway.status_code, gateway.headers["Content-Type"]) == (502, "text/html")
     truncated = http.get(url, timeout=5)
