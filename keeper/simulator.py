@@ -17,7 +17,6 @@ durations are seconds unless their name says otherwise.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import ipaddress
 import json
@@ -27,12 +26,10 @@ import secrets
 import signal
 import socket
 import socketserver
-import struct
 import sys
 import threading
 import time
 import traceback
-import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +37,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from keeper.sim_answers import (
+    ODD_ANSWERS,
+    ODD_BY_NAME,
+    OddAnswer,
+    describe,
+    errmsg,
+    make_rid,
+    unionid_field,
+    with_rid,
+)
+from keeper.sim_images import (
+    GIF_1X1,
+    JPEG_1X1,
+    PNG_SIGNATURE,
+    WEBP_1X1,
+    avatar_png,
+    bomb_png,
+)
 
 ENDPOINTS: tuple[str, ...] = ("code", "refresh", "auth", "userinfo")
 FAILURE_KINDS: frozenset[str] = frozenset({"-1", "502", "truncated", "timeout", "html"})
@@ -58,23 +74,11 @@ HOSTILE_OK_KEY = "hostile-redirect-ok"
 _HOSTILE_OK_OWNER = "\x00hostile"
 _ENDLESS_CHUNK = 64 * 1024
 _ENDLESS_WRITE_TIMEOUT_S = 10.0  # a client that neither reads nor hangs up is given up on
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DAY_S = 86400.0
 _UNQUOTED_WINDOW_S = 60.0
 _UNKNOWN_APP = "-"
 _PATHS = {"/sns/oauth2/access_token": "code", "/sns/oauth2/refresh_token": "refresh",
           "/sns/auth": "auth", "/sns/userinfo": "userinfo"}
-_ERRMSG: dict[int, str] = {
-    -1: "system error", 40002: "invalid grant_type", 40003: "invalid openid",
-    40001: "invalid credential, access_token is invalid or not latest",
-    40013: "invalid appid", 40029: "invalid code", 40030: "invalid refresh_token",
-    40125: "invalid appsecret", 40163: "code been used", 41001: "access_token missing",
-    41002: "appid missing", 41003: "refresh_token missing", 41004: "appsecret missing",
-    41008: "missing code", 41009: "missing openid", 42001: "access_token expired",
-    42002: "refresh_token expired", 42003: "code expired", 48001: "api unauthorized",
-    42007: "the access_token and refresh_token are invalid, user need to reauthorize",
-    45011: "api minute-quota reach limit mustslow down this moment",
-}
 _IMAGE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _HOP_RE = re.compile(r"[0-9]{1,9}")
 _QUOTA_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*$")
@@ -137,6 +141,7 @@ class _Grant:
     state: str = "ok"
     profile: dict[str, object] | None = None
     rotate: bool | None = None
+    legacy_profile: bool = False  # answer the full pre-2021 profile (sex, province, city...)
 
 
 @dataclass(slots=True, eq=False)
@@ -147,6 +152,7 @@ class _Code:
     unionid: str | None
     snapshot: bool
     expires_at: float
+    legacy_profile: bool = False
     used: bool = False
 
 
@@ -181,8 +187,9 @@ class _Reply:
     stream: Callable[[], Iterator[bytes]] | None = None
 
 
-def _error(errcode: int, errmsg: str | None = None) -> dict[str, object]:
-    return {"errcode": errcode, "errmsg": errmsg or _ERRMSG.get(errcode, "simulated")}
+def _error(errcode: int, text: str | None = None) -> dict[str, object]:
+    """An error body; ``_api`` appends the rid to its errmsg on the way out."""
+    return {"errcode": errcode, "errmsg": text or errmsg(errcode)}
 
 
 def _first_error(*checks: tuple[bool, int]) -> int:
@@ -220,62 +227,6 @@ def _default_image_key(openid: str) -> str:
     return hashlib.blake2b(openid.encode(), digest_size=15).hexdigest()
 
 
-def _png(width: int, height: int, colour_type: int, pixels: bytes) -> bytes:
-    """A PNG of 8-bit samples; ``pixels`` are the raw rows (each led by its filter byte)."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-        return struct.pack(">I", len(data)) + tag + data + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    return (_PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixels, 9))
-            + chunk(b"IEND", b""))
-
-
-@functools.lru_cache(maxsize=256)
-def avatar_png(image_key: str, size_px: int) -> bytes:
-    """A valid ``size_px`` x ``size_px`` solid-colour RGB PNG, its colour derived from the key."""
-    rgb = hashlib.blake2b(image_key.encode(), digest_size=3).digest()
-    raw = (b"\x00" + rgb * size_px) * size_px  # each row: filter type 0, then its pixels
-    return _png(size_px, size_px, 2, raw)
-
-
-def bomb_png(side_px: int = 30000) -> bytes:
-    """A few hundred bytes of 8-bit grayscale PNG whose header claims ``side_px`` squared pixels.
-
-    Its IDAT holds the first 16 rows only: a decoder that trusts the header allocates ~900 MB
-    (at 30000) before it finds out; one that checks the header first refuses it unread.
-    """
-    return _png(side_px, side_px, 0, (b"\x00" * (1 + side_px)) * 16)
-
-
-# Tiny valid images in formats other than PNG (each decodes to one pixel).
-GIF_1X1 = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00"
-           b"\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
-WEBP_1X1 = (b"RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00/\x00\x00\x00\x10\x07\x10\x11\x11"
-            b"\x88\x88\xfe\x07\x00")  # lossless (VP8L)
-
-
-def _jpeg_1x1() -> bytes:
-    """A baseline JPEG of one mid-grey pixel: one 8x8 block whose DC diff is 0, then EOB."""
-
-    def segment(marker: int, data: bytes) -> bytes:
-        return bytes((0xFF, marker)) + struct.pack(">H", len(data) + 2) + data
-
-    one_code = bytes([1] + [0] * 15) + b"\x00"  # a Huffman table of one 1-bit code, for 0
-    return (b"\xff\xd8"  # SOI
-            + segment(0xDB, b"\x00" + b"\x01" * 64)  # DQT: table 0, all ones
-            + segment(0xC0, struct.pack(">BHHB", 8, 1, 1, 1) + b"\x01\x11\x00")  # SOF0 1x1 grey
-            + segment(0xC4, b"\x00" + one_code)  # DHT: DC table 0, category 0 = "0"
-            + segment(0xC4, b"\x10" + one_code)  # DHT: AC table 0, EOB = "0"
-            + segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")  # SOS: component 1, tables 0/0
-            + b"\x3f"  # "0" (DC diff 0), "0" (EOB), padded with ones
-            + b"\xff\xd9")  # EOI
-
-
-JPEG_1X1 = _jpeg_1x1()
-
-
 def _window_maxima(arrivals: Sequence[float], period_s: float) -> tuple[int, int]:
     """(most arrivals in one epoch-aligned window, most in any half-open period_s interval)."""
     times = sorted(arrivals)
@@ -292,8 +243,15 @@ def _window_maxima(arrivals: Sequence[float], period_s: float) -> tuple[int, int
 
 
 def _normalize_answer(answer: int | str) -> int | str:
+    """An errcode (int), a failure kind or the name of an ODD_ANSWERS entry (str)."""
     if isinstance(answer, bool):
-        raise TypeError("answer must be an errcode or a failure kind, not a bool")
+        raise TypeError("answer must be an errcode, a failure kind or an answer name, not a bool")
+    if isinstance(answer, str) and answer in ODD_BY_NAME:
+        odd = ODD_BY_NAME[answer]
+        if odd.errcode is not None and odd.name == f"errcode_{odd.errcode}":
+            answer = odd.errcode  # exactly what forcing the errcode serves
+        else:
+            return answer
     if isinstance(answer, int):
         return "-1" if answer == -1 else answer
     if answer in FAILURE_KINDS:
@@ -301,8 +259,8 @@ def _normalize_answer(answer: int | str) -> int | str:
     try:
         return int(answer)
     except ValueError:
-        raise ValueError(f"answer {answer!r}: not an errcode nor one of {sorted(FAILURE_KINDS)}"
-                         ) from None
+        raise ValueError(f"answer {answer!r}: not an errcode, nor one of "
+                         f"{sorted(FAILURE_KINDS)}, nor an ODD_ANSWERS name") from None
 
 
 def _check_rates(rates: Mapping[str, float]) -> dict[str, float]:
@@ -344,6 +302,15 @@ class Simulator:
     connection is closed. ``seed``: seeds the random failures. ``clock``: returns Unix seconds.
     ``avatar_change_every``: when N > 0, a user changes avatar (gets a new image key, the old
     URL 404s) just before every Nth successful userinfo answer about them; 0 = never.
+    ``legacy_profiles``: every user's profile is the full pre-2021 one (sex 1, a province, city
+    and country) instead of today's common case (sex 0, region fields empty); per user, pass
+    ``legacy_profile=True`` to add_grant or issue_code.
+
+    As WeChat does today: every error's errmsg ends in ``, rid: <hex>-<hex>-<hex>``; a code's
+    scope is ``snsapi_login`` (a website's QR login) unless given; a newer grant of the same
+    user in the same app (a code exchange, or add_grant) replaces the older one's tokens, so the
+    older refresh token answers 40030. ``script()`` serves a user the odd answers of
+    ``keeper.sim_answers.ODD_ANSWERS`` (or any errcode) on chosen endpoints.
 
     Avatar (``/mmopen/``) and hostile (``/hostile/``) requests are not API calls: they are
     neither counted in the endpoint figures nor ever given a forced or random failure.
@@ -354,7 +321,7 @@ class Simulator:
                  quotas: dict[str, SimQuota] | None = None,
                  failure_rates: dict[str, float] | None = None, timeout_sleep_s: float = 5.0,
                  seed: int | None = None, clock: Callable[[], float] = time.time,
-                 avatar_change_every: int = 0) -> None:
+                 avatar_change_every: int = 0, legacy_profiles: bool = False) -> None:
         self._address = (host, port)
         self._latency_s = latency_s
         self._rotate = rotate_refresh_tokens
@@ -366,12 +333,16 @@ class Simulator:
         self._timeout_sleep_s = timeout_sleep_s
         self._avatar_change_every = _check_every(avatar_change_every)
         self._rng = random.Random(seed)
+        # Apart from _rng, so that rids do not shift the seeded sequence of random failures.
+        self._rid_rng = random.Random(None if seed is None else seed + 1)
         self._clock = clock
+        self._legacy_profiles = legacy_profiles
         # One lock guards the state below; a request holds it for a few dict operations only.
         self._lock = threading.Lock()
         self._apps: dict[str, str] = {}
         self._by_access: dict[str, _Grant] = {}
         self._by_refresh: dict[str, _Grant] = {}
+        self._by_user: dict[tuple[str, str], _Grant] = {}  # (appid, openid) -> the latest grant
         self._codes: dict[str, _Code] = {}
         self._image_key: dict[str, str] = {}  # openid -> current key, "" for no avatar
         self._image_owner: dict[str, str] = {}  # key -> openid; stale once that user moves on
@@ -388,6 +359,7 @@ class Simulator:
         self._avatars = {"served": 0, "not_found": 0}
         self._avatar_downloads: dict[str, int] = {}  # image key -> avatars served
         self._hostile: dict[str, int] = {}  # kind -> requests
+        self._scripted: dict[str, int] = {}  # ODD_ANSWERS name -> times served
         self._codes_issued = 0
         self._logic: dict[str, Callable[[dict[str, str], float], dict[str, object]]] = {
             "code": self._exchange_code, "refresh": self._refresh, "auth": self._auth,
@@ -454,18 +426,23 @@ class Simulator:
     def add_grant(self, *, appid: str, openid: str, access_token: str, refresh_token: str,
                   access_expires_at: float, refresh_issued_at: float,
                   scope: str = "snsapi_userinfo", unionid: str | None = None, state: str = "ok",
-                  profile: dict[str, object] | None = None, rotate: bool | None = None) -> None:
+                  profile: dict[str, object] | None = None, rotate: bool | None = None,
+                  legacy_profile: bool = False) -> None:
         """Make the simulator know a grant, as if the user had logged in earlier.
 
         ``access_expires_at`` and ``refresh_issued_at`` are Unix seconds. ``state``: "ok",
         "revoked" (42007 everywhere), "invalid" (refresh answers 40030) or "snapshot" (userinfo
         answers 48001). ``rotate`` overrides the simulator-wide ``rotate_refresh_tokens``.
+        ``profile`` fields are merged over the default profile (sex 0, empty region fields);
+        ``legacy_profile``: the default is the full pre-2021 profile instead. A grant of the
+        same user in the same app that the simulator already knows is replaced: its tokens die.
         """
         self.add_grants([{
             "appid": appid, "openid": openid, "access_token": access_token,
             "refresh_token": refresh_token, "access_expires_at": access_expires_at,
             "refresh_issued_at": refresh_issued_at, "scope": scope, "unionid": unionid,
             "state": state, "profile": profile, "rotate": rotate,
+            "legacy_profile": legacy_profile,
         }])
 
     def add_grants(self, grants: Iterable[Mapping[str, Any]]) -> int:
@@ -477,11 +454,22 @@ class Simulator:
         return len(built)
 
     def _store_grant(self, grant: _Grant) -> None:
+        older = self._by_user.get((grant.appid, grant.openid))
+        if older is not None and older is not grant:
+            self._forget_tokens(older)
+        self._by_user[(grant.appid, grant.openid)] = grant
         self._by_access[grant.access_token] = grant
         self._by_refresh[grant.refresh_token] = grant
         if grant.openid not in self._image_key:
             key = _default_image_key(grant.openid)
             self._image_key[grant.openid], self._image_owner[key] = key, grant.openid
+
+    def _forget_tokens(self, grant: _Grant) -> None:
+        """The grant's tokens stop working (lock held): 40001 and 40030 from now on."""
+        if self._by_access.get(grant.access_token) is grant:
+            del self._by_access[grant.access_token]
+        if self._by_refresh.get(grant.refresh_token) is grant:
+            del self._by_refresh[grant.refresh_token]
 
     def current_tokens(self) -> dict[str, tuple[str, str]]:
         """openid → (access token, refresh token) as WeChat holds them now: what a keeper
@@ -490,14 +478,20 @@ class Simulator:
             return {g.openid: (g.access_token, g.refresh_token)
                     for g in self._by_refresh.values()}
 
-    def issue_code(self, *, appid: str, openid: str, scope: str = "snsapi_userinfo",
+    def issue_code(self, *, appid: str, openid: str, scope: str = "snsapi_login",
                    unionid: str | None = None, snapshot: bool = False,
-                   ttl_s: float = 300.0) -> str:
-        """A fresh login code, as WeChat passes to the app's callback; usable for ttl_s."""
+                   ttl_s: float = 300.0, legacy_profile: bool = False) -> str:
+        """A fresh login code, as WeChat passes to the app's callback; usable for ttl_s.
+
+        ``scope`` defaults to ``snsapi_login``, what a website's QR login grants (an Official
+        Account page grants ``snsapi_base`` or ``snsapi_userinfo``). Exchanging the code when
+        the simulator already holds a grant of this user in this app replaces that grant's
+        tokens (its old refresh token then answers 40030), as a new authorization does.
+        """
         code = secrets.token_hex(16)
         with self._lock:
             self._codes[code] = _Code(appid, openid, scope, unionid, snapshot,
-                                      self._clock() + ttl_s)
+                                      self._clock() + ttl_s, legacy_profile)
             self._codes_issued += 1
         return code
 
@@ -505,15 +499,33 @@ class Simulator:
               openid: str | None = None) -> None:
         """Answer the next ``count`` requests to ``endpoint`` with ``answer``.
 
-        ``answer`` is an errcode (sent as ``{"errcode": N, "errmsg": "simulated"}``) or a failure
-        kind. With ``openid``, only that user's requests match (refresh: the token's owner; code:
-        the code's user). Forced answers come before random failures, first queued first used.
+        ``answer`` is an errcode (sent as ``{"errcode": N, "errmsg": "<WeChat's text>, rid:
+        …"}``), a failure kind, or the name of an ``ODD_ANSWERS`` entry (see script()). With
+        ``openid``, only that user's requests match (refresh: the token's owner; code: the
+        code's user; auth and userinfo: the openid asked about). Forced answers come before
+        random failures, first queued first used.
         """
         if count < 1:
             raise ValueError("count must be at least 1")
         forced = _Forced(_normalize_answer(answer), count, openid)
+        odd = ODD_BY_NAME.get(forced.answer) if isinstance(forced.answer, str) else None
+        if odd is not None and endpoint not in odd.endpoints:
+            raise ValueError(f"answer {odd.name!r} is for {odd.endpoints}, not {endpoint!r}")
         with self._lock:
             self._forced.setdefault(_check_endpoint(endpoint), []).append(forced)
+
+    def script(self, openid: str, endpoint: str, answer: int | str, *, count: int = 1) -> None:
+        """Answer ``openid``'s next ``count`` calls to ``endpoint`` with ``answer``.
+
+        ``answer``: an ``ODD_ANSWERS`` name (e.g. ``"profile_control_chars"``,
+        ``"tokens_application_json"``, ``"errcode_40030"``), any errcode (``40030``, ``-1``,
+        ``99999``: WeChat's errmsg with a rid) or a failure kind (``"502"``, ``"timeout"``...).
+        An entry that ``perform``s does the real work first (the code is consumed, the refresh
+        done and the token rotated if rotation is on) and dresses its result; when that work
+        fails (e.g. the token is dead), the real error is the answer. Same as
+        ``force(endpoint, answer, count=count, openid=openid)``.
+        """
+        self.force(endpoint, answer, count=count, openid=openid)
 
     def set_avatar(self, openid: str, image_key: str | None) -> None:
         """Change a user's avatar (None or "": no avatar); the old avatar URL starts to 404.
@@ -550,7 +562,8 @@ class Simulator:
                   failure_rates: dict[str, float] | None = None,
                   rotate_refresh_tokens: bool | None = None,
                   quotas: Mapping[str, SimQuota | None] | None = None,
-                  avatar_change_every: int | None = None) -> None:
+                  avatar_change_every: int | None = None,
+                  legacy_profiles: bool | None = None) -> None:
         """Change knobs while serving; None leaves one as it is. ``failure_rates`` replace the
         old ones; ``quotas`` are merged (a None quota removes it) and restart the windows;
         ``avatar_change_every`` restarts each user's count of profile reads."""
@@ -563,6 +576,8 @@ class Simulator:
             self._failure_rates = self._failure_rates if rates is None else rates
             if rotate_refresh_tokens is not None:
                 self._rotate = rotate_refresh_tokens
+            if legacy_profiles is not None:
+                self._legacy_profiles = legacy_profiles
             if every is not None:
                 self._avatar_change_every = every
                 self._profile_reads.clear()
@@ -591,6 +606,7 @@ class Simulator:
                 "avatars_not_found": self._avatars["not_found"],
                 "hostile_requests": dict(sorted(self._hostile.items())),
                 "codes_issued": self._codes_issued,
+                "scripted_served": dict(sorted(self._scripted.items())),
             }
             if detail:
                 result["refreshes_by_openid"] = dict(self._by_openid["refresh"])
@@ -629,6 +645,7 @@ class Simulator:
             self._avatars = {"served": 0, "not_found": 0}
             self._avatar_downloads.clear()
             self._hostile.clear()
+            self._scripted.clear()
             self._codes_issued = 0
 
     # -- request handling (called by _Handler) -----------------------------------------------
@@ -661,34 +678,100 @@ class Simulator:
                 counter.secret_sent += 1  # WeChat's refresh takes no secret: sending it leaks it
             if self._over_quota(appid, endpoint, now):
                 counter.quota_rejected += 1
-                return _api_reply(_error(45011))
+                return self._reply(_error(45011), now)
             failure = self._pick_failure(endpoint, openid)
+            if isinstance(failure, str) and failure in ODD_BY_NAME:
+                return self._odd(endpoint, ODD_BY_NAME[failure], params, now, counter)
             if failure is None:
-                payload = (self._userinfo(params, now, answered=True) if endpoint == "userinfo"
-                           else self._logic[endpoint](params, now))
-                outcome = str(payload.get("errcode") or "")
-                if not outcome:
-                    by_openid = self._by_openid.get(endpoint)
-                    if by_openid is not None:
-                        user = str(payload["openid"])
-                        by_openid[user] = by_openid.get(user, 0) + 1
-                    counter.ok += 1
-                else:
-                    counter.errors[outcome] = counter.errors.get(outcome, 0) + 1
-                return _api_reply(payload)
+                payload = self._perform(endpoint, params, now)
+                self._count(endpoint, counter, payload)
+                return self._reply(payload, now)
             counter.errors[str(failure)] = counter.errors.get(str(failure), 0) + 1
             if failure in ("truncated", "timeout"):
                 # The server did the work and the answer got lost on the way back: a rotated
                 # refresh token or a consumed code is gone for the client, as with WeChat.
                 return _failure_reply(failure, self._logic[endpoint](params, now),
-                                      self._timeout_sleep_s)
+                                      self._timeout_sleep_s, "")
             if endpoint == "code" and isinstance(failure, str):
-                # WeChat consumes a code even when it answers -1 (a retry gets 40163): this is
-                # why a code exchange must never be retried.
-                code = self._codes.get(params.get("code", ""))
-                if code is not None and code.appid == params.get("appid"):
-                    code.used = True
-        return _failure_reply(failure, {}, 0.0)
+                self._consume_code(params)
+            rid = make_rid(now, self._rid_rng)
+        return _failure_reply(failure, {}, 0.0, rid)
+
+    def _perform(self, endpoint: str, params: dict[str, str], now: float) -> dict[str, object]:
+        """The real answer to a call that reaches the client (lock held)."""
+        if endpoint == "userinfo":
+            return self._userinfo(params, now, answered=True)
+        return self._logic[endpoint](params, now)
+
+    def _count(self, endpoint: str, counter: _Counter, payload: Mapping[str, object]) -> None:
+        outcome = str(payload.get("errcode") or "")
+        if outcome:
+            counter.errors[outcome] = counter.errors.get(outcome, 0) + 1
+            return
+        by_openid = self._by_openid.get(endpoint)
+        if by_openid is not None:
+            user = str(payload["openid"])
+            by_openid[user] = by_openid.get(user, 0) + 1
+        counter.ok += 1
+
+    def _reply(self, payload: dict[str, object], now: float) -> _Reply:
+        """The API answer; an error's errmsg gets a rid, as WeChat's do today (lock held)."""
+        if payload.get("errcode"):
+            payload["errmsg"] = with_rid(str(payload.get("errmsg", "")),
+                                         make_rid(now, self._rid_rng))
+        return _api_reply(payload)
+
+    def _consume_code(self, params: dict[str, str]) -> None:
+        # WeChat consumes a code even when it answers -1 (a retry gets 40163): this is why a
+        # code exchange must never be retried.
+        code = self._codes.get(params.get("code", ""))
+        if code is not None and code.appid == params.get("appid"):
+            code.used = True
+
+    def _odd(self, endpoint: str, odd: OddAnswer, params: dict[str, str], now: float,
+             counter: _Counter) -> _Reply:
+        """A scripted ODD_ANSWERS entry (lock held): performed first when it says so, then its
+        body, placeholders filled from the result (or from the state as it stands)."""
+        self._scripted[odd.name] = self._scripted.get(odd.name, 0) + 1
+        values = {"rid": make_rid(now, self._rid_rng), "other_openid": "o" + secrets.token_hex(14),
+                  "fake_access_token": _token("AT"), "fake_refresh_token": _token("RT"),
+                  "expires_in": str(ACCESS_TOKEN_LIFETIME_S), "is_snapshotuser": "0"}
+        if odd.perform:
+            payload = self._perform(endpoint, params, now)
+            self._count(endpoint, counter, payload)
+            if payload.get("errcode"):
+                return self._reply(payload, now)  # nothing to dress: the real error it is
+            values.update({key: str(value) for key, value in payload.items()
+                           if isinstance(value, str | int) and not isinstance(value, bool)})
+            values["unionid_field"] = unionid_field(str(payload.get("unionid") or "") or None)
+        else:
+            key = odd.name if odd.errcode is None else str(odd.errcode)
+            counter.errors[key] = counter.errors.get(key, 0) + 1
+            values.update(self._as_it_stands(endpoint, params))
+        return _Reply(200, odd.content_type, odd.render(values))
+
+    def _as_it_stands(self, endpoint: str, params: dict[str, str]) -> dict[str, str]:
+        """Placeholder values for an answer that changes nothing (lock held): the asker's
+        tokens as they are (tokens never issued for a code, which is consumed)."""
+        grant: _Grant | None = None
+        if endpoint == "code":
+            self._consume_code(params)
+            code = self._codes.get(params.get("code", ""))
+            return {"openid": code.openid if code else "", "scope": code.scope if code else "",
+                    "unionid_field": unionid_field(code.unionid if code else None),
+                    "access_token": _token("AT"), "refresh_token": _token("RT"),
+                    "headimgurl": ""}
+        if endpoint == "refresh":
+            grant = self._by_refresh.get(params.get("refresh_token", ""))
+        else:
+            grant = self._by_access.get(params.get("access_token", ""))
+        openid = grant.openid if grant else params.get("openid", "")
+        return {"openid": openid, "scope": grant.scope if grant else "",
+                "unionid_field": unionid_field(grant.unionid if grant else None),
+                "access_token": grant.access_token if grant else params.get("access_token", ""),
+                "refresh_token": (grant.refresh_token if grant
+                                  else params.get("refresh_token", "")),
+                "headimgurl": self._headimgurl(openid)}
 
     def _subject(self, endpoint: str, params: dict[str, str]) -> tuple[str, str | None]:
         """(the app the call counts against, the user a forced answer may be aimed at)."""
@@ -744,9 +827,19 @@ class Simulator:
         if errcode or code is None:
             return _error(errcode)
         code.used = True
-        grant = _Grant(appid, code.openid, _token("AT"), _token("RT"),
-                       now + ACCESS_TOKEN_LIFETIME_S, now, code.scope, code.unionid,
-                       "snapshot" if code.snapshot else "ok")
+        grant = self._by_user.get((appid, code.openid))
+        if grant is None:
+            grant = _Grant(appid, code.openid, "", "", 0.0, 0.0,
+                           legacy_profile=code.legacy_profile)
+        else:
+            # A new authorization of a user WeChat knows: the older tokens die with it (the
+            # older refresh token then answers 40030); the user's profile stays theirs.
+            self._forget_tokens(grant)
+            grant.legacy_profile = grant.legacy_profile or code.legacy_profile
+        grant.access_token, grant.refresh_token = _token("AT"), _token("RT")
+        grant.access_expires_at, grant.refresh_issued_at = now + ACCESS_TOKEN_LIFETIME_S, now
+        grant.scope, grant.unionid = code.scope, code.unionid
+        grant.state = "snapshot" if code.snapshot else "ok"
         self._store_grant(grant)
         payload = _token_payload(grant)
         if grant.unionid:
@@ -814,21 +907,30 @@ class Simulator:
             reads = self._profile_reads[grant.openid] = self._profile_reads.get(grant.openid, 0) + 1
             if reads % self._avatar_change_every == 0:
                 self._change_avatar(grant.openid)
-        key = self._image_key.get(grant.openid, "")
-        headimgurl = self._avatar_urls.get(grant.openid)
-        if headimgurl is None:
-            headimgurl = f"{self._url}/mmopen/{key}/132" if key else ""
-        english = params.get("lang") == "en"  # zh_CN (the default) and zh_TW answer in Chinese
         payload: dict[str, object] = {
-            "openid": grant.openid, "nickname": f"user-{grant.openid[-6:]}", "sex": 1,
-            "province": "Guangdong" if english else "广东",
-            "city": "Shenzhen" if english else "深圳", "country": "CN" if english else "中国",
-            "headimgurl": headimgurl, "privilege": [],
+            "openid": grant.openid, "nickname": f"user-{grant.openid[-6:]}", "sex": 0,
+            "province": "", "city": "", "country": "",
+            "headimgurl": self._headimgurl(grant.openid), "privilege": [],
         }
+        if grant.legacy_profile or self._legacy_profiles:
+            # Before late 2021 WeChat gave sex and region; zh_CN (the default) and zh_TW in
+            # Chinese.
+            english = params.get("lang") == "en"
+            payload.update({"sex": 1, "province": "Guangdong" if english else "广东",
+                            "city": "Shenzhen" if english else "深圳",
+                            "country": "CN" if english else "中国"})
         if grant.unionid:
             payload["unionid"] = grant.unionid
         payload.update(grant.profile or {})
         return payload
+
+    def _headimgurl(self, openid: str) -> str:
+        """The user's headimgurl as userinfo gives it (lock held)."""
+        url = self._avatar_urls.get(openid)
+        if url is None:
+            key = self._image_key.get(openid, "")
+            url = f"{self._url}/mmopen/{key}/132" if key else ""
+        return url
 
     def _change_avatar(self, openid: str) -> None:
         """A new image key for the user (lock held); the old key is forgotten, so it 404s."""
@@ -871,6 +973,8 @@ class Simulator:
         if method == "GET" and route == "stats":
             detail = dict(parse_qsl(query)).get("detail", "") in ("1", "true", "yes")
             return _admin_reply(self.stats(detail=detail))
+        if method == "GET" and route == "answers":
+            return _admin_reply({"answers": [describe(answer) for answer in ODD_ANSWERS]})
         if method != "POST" or route not in _ADMIN_POSTS:
             return _admin_reply({"error": f"no {method} /_sim/{route}"}, 404)
         try:
@@ -898,14 +1002,15 @@ def _figures(counter: _Counter, quota: SimQuota | None, fixed: int,
     }
 
 
-def _failure_reply(failure: int | str, payload: Mapping[str, object], stall_s: float) -> _Reply:
+def _failure_reply(failure: int | str, payload: Mapping[str, object], stall_s: float,
+                   rid: str) -> _Reply:
     if isinstance(failure, int):
-        return _api_reply(_error(failure, "simulated"))
+        return _api_reply(_error(failure, with_rid(errmsg(failure), rid)))
     if failure == "truncated":
         body = _json_body(payload)
         return _Reply(200, "text/plain", body[: len(body) // 2])
     return {
-        "-1": _api_reply(_error(-1)),
+        "-1": _api_reply(_error(-1, with_rid(errmsg(-1), rid))),
         "502": _Reply(502, "text/html", _HTML_502),
         "html": _Reply(200, "text/html", _HTML_PAGE),
     }.get(failure) or _Reply(0, "", b"", stall_s=stall_s, close=True)  # "timeout"
@@ -919,7 +1024,7 @@ def _endless_png() -> Iterator[bytes]:
     """A PNG signature, then zeros: HOSTILE_ENDLESS_MAX_BYTES in all, unless the client hangs
     up first (the handler stops at the first failed write)."""
     zeros = bytes(_ENDLESS_CHUNK)
-    yield _PNG_SIGNATURE + zeros[len(_PNG_SIGNATURE):]
+    yield PNG_SIGNATURE + zeros[len(PNG_SIGNATURE):]
     for _ in range(HOSTILE_ENDLESS_MAX_BYTES // _ENDLESS_CHUNK - 1):
         yield zeros
 
@@ -950,7 +1055,7 @@ def _pick(data: Mapping[str, Any], *names: str) -> dict[str, Any]:
 def _admin_config(sim: Simulator, data: dict[str, Any]) -> None:
     quotas = data.get("quotas")
     sim.configure(**_pick(data, "latency_s", "failure_rates", "rotate_refresh_tokens",
-                          "avatar_change_every"),
+                          "avatar_change_every", "legacy_profiles"),
                   quotas=None if quotas is None else {
                       endpoint: None if text is None else parse_quota(str(text))
                       for endpoint, text in dict(quotas).items()})
@@ -970,9 +1075,11 @@ _ADMIN_POSTS: dict[str, Callable[[Simulator, dict[str, Any]], Mapping[str, objec
     "apps": lambda sim, data: sim.add_app(str(data["appid"]), str(data["secret"])),
     "grants": lambda sim, data: {"added": sim.add_grants(list(data["grants"]))},
     "codes": lambda sim, data: {"code": sim.issue_code(**_pick(
-        data, "appid", "openid", "scope", "unionid", "snapshot", "ttl_s"))},
+        data, "appid", "openid", "scope", "unionid", "snapshot", "ttl_s", "legacy_profile"))},
     "force": lambda sim, data: sim.force(str(data["endpoint"]), data["answer"],
                                          **_pick(data, "count", "openid")),
+    "script": lambda sim, data: sim.script(str(data["openid"]), str(data["endpoint"]),
+                                           data["answer"], **_pick(data, "count")),
     "avatar": lambda sim, data: _admin_avatar(sim, data),
     "config": _admin_config,
     "reset-stats": lambda sim, data: sim.reset_stats(),
@@ -1084,7 +1191,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--avatar-change-every", type=int, default=0, metavar="N",
                         help="a user changes avatar before every Nth profile read (0: never)")
+    parser.add_argument("--legacy-profiles", action="store_true",
+                        help="answer the full pre-2021 profile (sex, province, city, country)")
+    parser.add_argument("--script", action="append", default=[],
+                        metavar="OPENID:ENDPOINT:ANSWER[:COUNT]",
+                        help="serve that user an odd answer (a name from --list-answers), an "
+                             "errcode or a failure kind on ENDPOINT, COUNT times (default 1)")
+    parser.add_argument("--list-answers", action="store_true",
+                        help="print the corpus of odd answers as JSON lines and exit")
     args = parser.parse_args(argv)
+    if args.list_answers:
+        for entry in ODD_ANSWERS:
+            print(json.dumps(describe(entry), ensure_ascii=False))
+        return 0
     if not _is_loopback(args.host):
         parser.error(f"--host {args.host} is not a loopback address: the simulator is a test tool")
     try:
@@ -1096,7 +1215,11 @@ def main(argv: list[str] | None = None) -> int:
                         rotate_refresh_tokens=args.rotate,
                         refresh_token_days=args.refresh_token_days, quotas=quotas,
                         failure_rates={kind: float(rate) for kind, rate in pairs["fail"]},
-                        seed=args.seed, avatar_change_every=args.avatar_change_every)
+                        seed=args.seed, avatar_change_every=args.avatar_change_every,
+                        legacy_profiles=args.legacy_profiles)
+        for text in args.script:
+            openid, endpoint, answer, count = _script_option(text)
+            sim.script(openid, endpoint, answer, count=count)
     except ValueError as exc:
         parser.error(str(exc))
     for appid, secret in pairs["app"]:
@@ -1117,6 +1240,21 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _script_option(value: str) -> tuple[str, str, str, int]:
+    """``OPENID:ENDPOINT:ANSWER[:COUNT]``, split from the right (an openid may hold colons;
+    an answer such as ``-1`` or ``errcode_40030`` holds none)."""
+    parts = value.rsplit(":", 3)
+    if len(parts) == 4 and parts[3].isdigit() and parts[1] in ENDPOINTS:
+        openid, endpoint, answer, count = parts[0], parts[1], parts[2], int(parts[3])
+    else:
+        parts = value.rsplit(":", 2)
+        if len(parts) != 3 or parts[1] not in ENDPOINTS or not parts[0] or not parts[2]:
+            raise ValueError(f"--script {value!r}: expected OPENID:ENDPOINT:ANSWER[:COUNT] with "
+                             f"ENDPOINT one of {ENDPOINTS}")
+        openid, endpoint, answer, count = parts[0], parts[1], parts[2], 1
+    return openid, endpoint, answer, count
 
 
 def _pair(value: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import requests
 from PIL import Image
 
 from keeper import simulator as simulator_module
+from keeper.sim_answers import ERRCODES, ODD_ANSWERS, ODD_BY_NAME
 from keeper.simulator import (
     HOSTILE_KINDS,
     HOSTILE_OK_KEY,
@@ -35,6 +37,7 @@ OTHER_APPID, OTHER_SECRET = "wx-app-2", "app-secret-2"
 T0 = 1_700_000_000.0  # a multiple of 2 s, so "3/2 seconds" windows start exactly here
 DAY_S = 86400.0
 REPO = Path(__file__).resolve().parents[1]
+RID = re.compile(r", rid: [0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}")
 
 
 class Clock:
@@ -137,7 +140,7 @@ def test_a_code_becomes_a_grant_the_simulator_then_honours(
     answer = exchange(http, sim, code)
     assert answer["expires_in"] == 7200
     assert (answer["openid"], answer["scope"], answer["unionid"]) == (
-        "o-new", "snsapi_userinfo", "u-new")
+        "o-new", "snsapi_login", "u-new")  # a website's QR login, the default
     assert "is_snapshotuser" not in answer
     assert auth(http, sim, answer["access_token"], "o-new") == {"errcode": 0, "errmsg": "ok"}
     assert refresh(http, sim, answer["refresh_token"])["access_token"] == answer["access_token"]
@@ -288,10 +291,11 @@ def test_auth_checks_token_openid_and_expiry(sim: Simulator, http: requests.Sess
     assert errcode(call(http, sim, "/sns/auth", access_token=access)) == 41009
 
 
-def test_userinfo_merges_the_grant_profile_over_defaults(
+def test_userinfo_merges_the_grant_profile_over_the_legacy_profile(
         sim: Simulator, http: requests.Session) -> None:
     profile = {"nickname": "小明", "sex": "2"}
-    access, _ = add_grant(sim, "o-user-4242", unionid="u-42", profile=profile)
+    access, _ = add_grant(sim, "o-user-4242", unionid="u-42", profile=profile,
+                          legacy_profile=True)
     answer = userinfo(http, sim, access, "o-user-4242")
     assert answer["nickname"] == "小明"
     assert answer["sex"] == "2"  # WeChat has sent sex as a string
@@ -301,7 +305,7 @@ def test_userinfo_merges_the_grant_profile_over_defaults(
     assert answer["headimgurl"].endswith("/132")
     english = userinfo(http, sim, access, "o-user-4242", lang="en")
     assert english["city"] == "Shenzhen"
-    plain, _ = add_grant(sim, "o-plain-777777")
+    plain, _ = add_grant(sim, "o-plain-777777", legacy_profile=True)
     assert userinfo(http, sim, plain, "o-plain-777777")["nickname"] == "user-777777"
     assert sim.stats(detail=True)["userinfo_by_openid"] == {"o-user-4242": 2, "o-plain-777777": 1}
 
@@ -649,7 +653,9 @@ def test_endpoints_without_a_quota_measure_windows_of_60_s(
 def test_any_errcode_can_be_forced(sim: Simulator, http: requests.Session, code: int) -> None:
     _, refresh_token = add_grant(sim)
     sim.force("refresh", code)
-    assert refresh(http, sim, refresh_token) == {"errcode": code, "errmsg": "simulated"}
+    answer = refresh(http, sim, refresh_token)
+    assert answer["errcode"] == code
+    assert answer["errmsg"].startswith(ERRCODES[code].errmsg + ", rid: ")
     assert "access_token" in refresh(http, sim, refresh_token)
 
 
@@ -658,7 +664,8 @@ def test_forced_failure_kinds(sim: Simulator, http: requests.Session) -> None:
     url = f"{sim.url}/sns/auth?access_token={access}&openid=o-user-0001"
     for kind in ("-1", "502", "truncated", "html"):
         sim.force("auth", kind)
-    assert http.get(url, timeout=5).json() == {"errcode": -1, "errmsg": "system error"}
+    busy = http.get(url, timeout=5).json()
+    assert busy["errcode"] == -1 and RID.fullmatch(busy["errmsg"].removeprefix("system error"))
     gateway = http.get(url, timeout=5)
     assert (gateway.status_code, gateway.headers["Content-Type"]) == (502, "text/html")
     truncated = http.get(url, timeout=5)
@@ -837,8 +844,303 @@ def test_the_simulate_command_prints_its_url_and_stops_on_sigterm() -> None:
 @pytest.mark.parametrize("argv", [["--host", "0.0.0.0"],  # noqa: S104 (must be refused)
                                   ["--host", "192.168.1.2"], ["--host", "example.com"],
                                   ["--quota", "refresh=lots"], ["--quota", "token=5/s"],
-                                  ["--fail", "slow=0.1"], ["--app", "no-secret"]])
+                                  ["--fail", "slow=0.1"], ["--app", "no-secret"],
+                                  ["--script", "o-1:token:-1"], ["--script", "o-1:auth"],
+                                  ["--script", "o-1:auth:profile_nul"],
+                                  ["--script", "o-1:auth:nope"]])
 def test_the_simulate_command_refuses_bad_options(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == 2
+
+
+# -- WeChat as it answers today ---------------------------------------------------------------
+
+
+def raw_call(http: requests.Session, sim: Simulator, endpoint: str,
+             params: dict[str, str]) -> requests.Response:
+    path = {"code": "/sns/oauth2/access_token", "refresh": "/sns/oauth2/refresh_token",
+            "auth": "/sns/auth", "userinfo": "/sns/userinfo"}[endpoint]
+    response = http.get(sim.url + path, params=params, timeout=5)
+    assert response.status_code == 200
+    return response
+
+
+def test_profiles_come_with_sex_0_and_empty_region_by_default(
+        sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim, "o-user-1234", unionid="u-1234")
+    answer = userinfo(http, sim, access, "o-user-1234")
+    assert {k: answer[k] for k in ("sex", "province", "city", "country")} == {
+        "sex": 0, "province": "", "city": "", "country": ""}
+    assert answer["nickname"] == "user-r-1234" and answer["unionid"] == "u-1234"
+    assert userinfo(http, sim, access, "o-user-1234", lang="en")["city"] == ""
+    sim.configure(legacy_profiles=True)  # the whole simulator answers as before 2021
+    assert userinfo(http, sim, access, "o-user-1234")["province"] == "广东"
+
+
+def test_every_error_carries_a_rid_led_by_the_time(
+        make_sim: Callable[..., Simulator], http: requests.Session) -> None:
+    sim = make_sim(quotas={"refresh": parse_quota("1/minute")})
+    answers = [refresh(http, sim, "RT-nobody"), refresh(http, sim, "RT-nobody"),
+               auth(http, sim, "AT-nobody", "o-1"),
+               exchange(http, sim, "no-such-code")]
+    assert [errcode(a) for a in answers] == [40030, 45011, 40001, 40029]
+    for answer in answers:
+        text, rid = answer["errmsg"].split(", rid: ")
+        assert text == ERRCODES[errcode(answer)].errmsg
+        assert RID.fullmatch(", rid: " + rid) and int(rid[:8], 16) == int(T0)
+    assert len({a["errmsg"] for a in answers}) == 4  # each request its own rid
+    access, _ = add_grant(sim)
+    assert auth(http, sim, access, "o-user-0001") == {"errcode": 0, "errmsg": "ok"}
+
+
+def test_a_newer_grant_of_the_same_user_kills_the_older_tokens(
+        sim: Simulator, http: requests.Session) -> None:
+    old_access, old_refresh = add_grant(sim, "o-twice", unionid="u-twice")
+    other_app = "RT-o-twice-2"  # the same user in another app: untouched by a login to this one
+    add_grant(sim, "o-twice", appid=OTHER_APPID, access_token="AT-o-twice-2",
+              refresh_token=other_app)
+    sim.set_avatar("o-twice", "face")
+    new = exchange(http, sim, sim.issue_code(appid=APPID, openid="o-twice", unionid="u-twice"))
+    assert (new["openid"], new["scope"]) == ("o-twice", "snsapi_login")
+    assert errcode(refresh(http, sim, old_refresh)) == 40030
+    assert errcode(auth(http, sim, old_access, "o-twice")) == 40001
+    assert refresh(http, sim, new["refresh_token"])["access_token"] == new["access_token"]
+    assert userinfo(http, sim, new["access_token"], "o-twice")["headimgurl"].endswith(
+        "/mmopen/face/132")  # still the same user
+    assert sim.current_tokens()["o-twice"] in {(new["access_token"], new["refresh_token"]),
+                                               ("AT-o-twice-2", other_app)}
+    assert "access_token" in call(http, sim, "/sns/oauth2/refresh_token", appid=OTHER_APPID,
+                                  grant_type="refresh_token", refresh_token=other_app)
+    # A revoked user who logs in again is whole again; so is a grant added anew.
+    _, revoked = add_grant(sim, "o-back", state="revoked")
+    again = exchange(http, sim, sim.issue_code(appid=APPID, openid="o-back"))
+    assert errcode(refresh(http, sim, revoked)) == 40030
+    assert "access_token" in refresh(http, sim, again["refresh_token"])
+    add_grant(sim, "o-back", refresh_token="RT-o-back-2")
+    assert errcode(refresh(http, sim, again["refresh_token"])) == 40030
+
+
+def test_errcodes_can_be_scripted_per_user_and_endpoint(
+        sim: Simulator, http: requests.Session) -> None:
+    access, refresh_token = add_grant(sim, "o-me")
+    other_access, other_refresh = add_grant(sim, "o-you")
+    params = {
+        "code": {"appid": APPID, "secret": SECRET, "code": "c",
+                 "grant_type": "authorization_code"},
+        "refresh": {"appid": APPID, "grant_type": "refresh_token",
+                    "refresh_token": refresh_token},
+        "auth": {"access_token": access, "openid": "o-me"},
+        "userinfo": {"access_token": access, "openid": "o-me"},
+    }
+    for endpoint in ("code", "refresh", "auth", "userinfo"):
+        for code in ERRCODES:
+            if endpoint == "code":
+                params["code"]["code"] = sim.issue_code(appid=APPID, openid="o-me")
+            sim.script("o-me", endpoint, code)
+            if code in (40030, -1):
+                sim.script("o-me", endpoint, f"errcode_{code}")  # the corpus name: the same
+            for _ in range(2 if code in (40030, -1) else 1):
+                answer = json.loads(raw_call(http, sim, endpoint, params[endpoint]).content)
+                assert answer["errcode"] == code, (endpoint, code)
+                assert RID.fullmatch(answer["errmsg"].removeprefix(ERRCODES[code].errmsg))
+    # Nobody else was touched, and o-me's script is used up.
+    assert "access_token" in refresh(http, sim, other_refresh)
+    assert errcode(auth(http, sim, other_access, "o-you")) == 0
+    assert "access_token" in refresh(http, sim, refresh_token)
+    sim.script("o-me", "refresh", 50002, count=2)
+    assert [errcode(refresh(http, sim, refresh_token)) for _ in range(3)] == [50002, 50002, 0]
+    with pytest.raises(ValueError, match="ODD_ANSWERS"):
+        sim.script("o-me", "refresh", "no-such-answer")
+    with pytest.raises(ValueError, match="not 'refresh'"):
+        sim.script("o-me", "refresh", "profile_nul")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_PLACEHOLDER = re.compile(rb"\{[a-z_]+\}")
+
+
+def cleaned(text: str) -> str:
+    """The corpus's cleaning rule: lone surrogates and control characters (Cc) removed."""
+    return _CONTROL.sub("", "".join(ch for ch in text if not 0xD800 <= ord(ch) <= 0xDFFF))
+
+
+def read_body(body: bytes) -> Any:
+    """What a lenient client reads: UTF-8 (bad bytes replaced), raw control characters allowed."""
+    return json.loads(body.decode("utf-8", "replace"), strict=False)
+
+
+@pytest.mark.parametrize(("name", "endpoint"), [
+    (answer.name, endpoint) for answer in ODD_ANSWERS for endpoint in answer.endpoints])
+def test_every_odd_answer_is_served_as_written(
+        make_sim: Callable[..., Simulator], http: requests.Session, name: str,
+        endpoint: str) -> None:
+    odd = ODD_BY_NAME[name]
+    sim = make_sim(rotate_refresh_tokens=True)
+    access, refresh_token = add_grant(sim, "o-odd", unionid="u-odd", access_in_s=0)
+    fresh = refresh(http, sim, refresh_token)  # a live access token, a rotated refresh token
+    access, refresh_token = fresh["access_token"], fresh["refresh_token"]
+    code = sim.issue_code(appid=APPID, openid="o-odd", unionid="u-odd")
+    params = {
+        "code": {"appid": APPID, "secret": SECRET, "code": code,
+                 "grant_type": "authorization_code"},
+        "refresh": {"appid": APPID, "grant_type": "refresh_token",
+                    "refresh_token": refresh_token},
+        "auth": {"access_token": access, "openid": "o-odd"},
+        "userinfo": {"access_token": access, "openid": "o-odd"},
+    }[endpoint]
+    sim.script("o-odd", endpoint, name)
+    response = raw_call(http, sim, endpoint, params)
+    assert response.headers["Content-Type"] == odd.content_type
+    body = response.content
+    assert not _PLACEHOLDER.search(body), body  # every placeholder filled
+    assert sim.stats()["scripted_served"] == ({name: 1} if odd.errcode is None or not
+                                              name.startswith("errcode_") else {})
+    if odd.conclusion(endpoint) == "malformed" and not body.startswith(b"{"):
+        return
+    answer = read_body(body)
+    assert isinstance(answer, dict)
+    if odd.errcode is not None:
+        assert answer["errcode"] == odd.errcode
+        return
+    if odd.expect in ("tokens", "profile"):
+        assert answer["openid"] == "o-odd"
+        # WeChat's refresh answer carries no unionid; the code's and the profile do.
+        assert answer.get("unionid") == (None if endpoint == "refresh" else "u-odd")
+    if odd.expect == "mismatch":
+        assert answer["openid"] not in ("o-odd", "")
+    if odd.expect == "profile":
+        assert answer["headimgurl"].startswith(f"{sim.url}/mmopen/")
+        for key, value in odd.fields.items():
+            got = answer[key]
+            assert (cleaned(got) if isinstance(got, str) and key != "sex" else int(got)) == value
+    if odd.expect == "tokens":
+        assert int(answer["expires_in"]) == 7200
+        assert {k: int(answer[k]) for k in odd.fields} == odd.fields
+        # Performed: the tokens in the body are the ones WeChat now holds.
+        assert sim.current_tokens()["o-odd"] == (answer["access_token"], answer["refresh_token"])
+        if endpoint == "refresh":
+            assert answer["refresh_token"] != refresh_token  # rotated, and not lost
+            assert errcode(refresh(http, sim, refresh_token)) == 40030
+    elif endpoint == "refresh":
+        # Not performed: the asker's stored tokens are still good.
+        assert sim.current_tokens()["o-odd"] == (access, refresh_token)
+        assert "access_token" in refresh(http, sim, refresh_token)
+    if endpoint == "code":
+        assert errcode(exchange(http, sim, code)) == 40163  # consumed all the same
+
+
+def test_odd_profiles_hold_the_bytes_they_are_named_for(
+        sim: Simulator, http: requests.Session) -> None:
+    access, _ = add_grant(sim, "o-odd")
+    bodies = {}
+    for name in ("profile_control_chars", "profile_gbk_nickname", "profile_lone_surrogate",
+                 "profile_nul", "profile_private_use", "profile_sex_as_string"):
+        sim.script("o-odd", "userinfo", name)
+        bodies[name] = raw_call(http, sim, "userinfo",
+                                {"access_token": access, "openid": "o-odd"}).content
+    control = bodies["profile_control_chars"]
+    assert b'"nickname":"\x14' in control and b'"city":"\x08"' in control
+    assert b"\xe5\xb9\xbf\n\xe4\xb8\x9c" in control  # 广\n东, a raw newline
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(control)  # strict JSON refuses it
+    assert "张三".encode("gbk") in bodies["profile_gbk_nickname"]
+    with pytest.raises(UnicodeDecodeError):
+        bodies["profile_gbk_nickname"].decode("utf-8")
+    surrogate = json.loads(bodies["profile_lone_surrogate"])["nickname"]
+    assert surrogate == "小明\ud83d"
+    with pytest.raises(UnicodeEncodeError):
+        surrogate.encode("utf-8")
+    assert json.loads(bodies["profile_nul"])["nickname"] == "小\x00明"
+    assert json.loads(bodies["profile_private_use"])["nickname"] == "\ue412小明\ue056"
+    assert json.loads(bodies["profile_sex_as_string"])["sex"] == "1"
+    assert sim.stats(detail=True)["userinfo_by_openid"] == {"o-odd": 6}  # all performed
+
+
+def test_a_scripted_answer_that_performs_gives_the_real_error_when_the_call_fails(
+        sim: Simulator, http: requests.Session) -> None:
+    _, refresh_token = add_grant(sim, "o-late", refresh_age_s=31 * DAY_S)
+    sim.script("o-late", "refresh", "tokens_application_json")
+    assert errcode(refresh(http, sim, refresh_token)) == 42002
+    assert sim.stats()["scripted_served"] == {"tokens_application_json": 1}
+
+
+def test_every_corpus_entry_says_where_it_comes_from() -> None:
+    endpoints = {"code", "refresh", "auth", "userinfo"}
+    conclusions = {"tokens", "profile", "valid", "malformed", "mismatch", "transient", "quota",
+                   "config", "app_banned", "bug", "login_again", "reauth", "refresh_access",
+                   "stop_token", "no_profile", "profile_refused", "unknown"}
+    for odd in ODD_ANSWERS:
+        assert odd.source and set(odd.endpoints) <= endpoints, odd.name
+        assert {odd.conclusion(e) for e in odd.endpoints} <= conclusions, odd.name
+        assert odd.name not in simulator_module.FAILURE_KINDS
+        if odd.expect == "reauth":
+            assert odd.fields["reason"] in ("refresh_token_invalid", "refresh_token_expired",
+                                            "authorization_revoked")
+    table = {40030, 42002, 42007, 40029, 40163, 42003, 40003, 48001, 50001, 50002, 40013,
+             40125, 40164, 48004, 45009, 45011, -1, 40002, 40035, 40097, 40001, 40014, 42001,
+             *range(41001, 41010)}
+    assert table < set(ERRCODES)  # and one unknown code
+    assert {f"errcode_{code}" for code in ERRCODES} <= set(ODD_BY_NAME)
+
+
+def test_the_admin_api_lists_and_scripts_odd_answers(
+        sim: Simulator, http: requests.Session) -> None:
+    admin = f"{sim.url}/_sim"
+    listed = http.get(f"{admin}/answers", timeout=5).json()["answers"]
+    assert [entry["name"] for entry in listed] == [odd.name for odd in ODD_ANSWERS]
+    control = next(entry for entry in listed if entry["name"] == "profile_control_chars")
+    assert control["endpoints"] == ["userinfo"] and control["expect"] == "profile"
+    assert "\\x14" in control["body"] or "\x14" in control["body"]
+    access, refresh_token = add_grant(sim, "o-remote")
+    assert http.post(f"{admin}/script", json={"openid": "o-remote", "endpoint": "refresh",
+                                              "answer": 42007, "count": 2},
+                     timeout=5).json() == {"ok": True}
+    assert [errcode(refresh(http, sim, refresh_token)) for _ in range(3)] == [42007, 42007, 0]
+    http.post(f"{admin}/script", json={"openid": "o-remote", "endpoint": "auth",
+                                       "answer": "auth_empty_object"}, timeout=5)
+    assert auth(http, sim, access, "o-remote") == {}
+    bad = http.post(f"{admin}/script", json={"openid": "o-remote", "endpoint": "auth",
+                                             "answer": "nope"}, timeout=5)
+    assert bad.status_code == 400 and "ODD_ANSWERS" in bad.json()["error"]
+    code = http.post(f"{admin}/codes", json={"appid": APPID, "openid": "o-old",
+                                             "legacy_profile": True}, timeout=5).json()["code"]
+    grant = exchange(http, sim, code)
+    assert userinfo(http, sim, grant["access_token"], "o-old")["city"] == "深圳"
+
+
+def test_the_simulate_command_lists_the_corpus() -> None:
+    listed = subprocess.run([sys.executable, "-m", "keeper.simulator", "--list-answers"],
+                            cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
+    names = [json.loads(line)["name"] for line in listed.stdout.splitlines()]
+    assert names == [odd.name for odd in ODD_ANSWERS]
+
+
+def test_the_simulate_command_scripts_answers() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keeper.simulator", "--app", "wx-cli=s3cret",
+         "--script", "o:1:refresh:-1:2", "--script", "o:1:userinfo:profile_nul",
+         "--legacy-profiles"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = json.loads(process.stdout.readline())["url"]
+        grant = {"appid": "wx-cli", "openid": "o:1", "access_token": "AT-x",
+                 "refresh_token": "RT-x", "access_expires_at": time.time() + 3600,
+                 "refresh_issued_at": time.time()}
+        requests.post(f"{url}/_sim/grants", json={"grants": [grant]}, timeout=5)
+        params = {"appid": "wx-cli", "grant_type": "refresh_token", "refresh_token": "RT-x"}
+        codes = [requests.get(f"{url}/sns/oauth2/refresh_token", params=params, timeout=5
+                              ).json().get("errcode", 0) for _ in range(3)]
+        assert codes == [-1, -1, 0]
+        profile = json.loads(requests.get(f"{url}/sns/userinfo", timeout=5, params={
+            "access_token": "AT-x", "openid": "o:1"}).content)
+        assert profile["nickname"] == "小\x00明" and profile["sex"] == 0  # the body as written
+        legacy = json.loads(requests.get(f"{url}/sns/userinfo", timeout=5, params={
+            "access_token": "AT-x", "openid": "o:1"}).content)
+        assert (legacy["sex"], legacy["city"]) == (1, "深圳")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0
+    finally:
+        process.kill()
+        process.wait()
