@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test install lint bench constraints clean
+.PHONY: demo test install lint bench constraints clean systemd-check
 
 # The venv is (re)built whenever the dependency pins change. `make install` is the production
 # set (no test extras); pip stays the venv's own (ensurepip's), never upgraded to an unpinned one.
@@ -71,3 +71,9 @@ install-systemd: $(STAMP)
 	fi
 	if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed; next: put each AppSecret in $(CONFDIR)/secrets/<appid> (mode 0600), edit $(CONFDIR)/keeper.toml, then: systemctl enable --now keeper"
+
+# keeper under a real systemd: boots a Debian bookworm container (systemd-nspawn; the tree is
+# cached in $(SYSTEMD_CHECK_CACHE)) and runs the service's life cycle in it. Root only.
+SYSTEMD_CHECK_CACHE ?= /var/cache/keeper-systemd-check
+systemd-check: $(STAMP)
+	SYSTEMD_CHECK_CACHE=$(SYSTEMD_CHECK_CACHE) PYTHON=$(CURDIR)/$(BIN)/python bash tests/system/systemd-check
