@@ -431,3 +431,28 @@ def test_keeper_ctl_passes_shellcheck() -> None:
     for script in (ROOT / "systemd" / "keeper-ctl", ROOT / "tests" / "system" / "systemd-check"):
         ran = subprocess.run([tool, str(script)], capture_output=True, text=True, check=False)
         assert ran.returncode == 0, ran.stdout
+
+
+def test_make_install_is_the_production_venv_and_keeps_the_venvs_pip(tmp_path: Path) -> None:
+    make = shutil.which("make") or "make"
+    # A dry run in a venv-less copy of the Makefile: what `make install` would run.
+    (tmp_path / "Makefile").write_text((ROOT / "Makefile").read_text())
+    for name in ("pyproject.toml", "constraints.txt"):
+        (tmp_path / name).write_text("")
+    ran = subprocess.run([make, "-n", "install"], cwd=tmp_path, capture_output=True, text=True,
+                         check=False, env={**os.environ, "MAKEFLAGS": ""})
+    assert ran.returncode == 0, ran.stderr
+    assert "-m venv" in ran.stdout and "-c constraints.txt -e ." in ran.stdout
+    assert "[test]" not in ran.stdout and "--upgrade pip" not in ran.stdout
+    tests = subprocess.run([make, "-n", "test"], cwd=tmp_path, capture_output=True, text=True,
+                           check=False, env={**os.environ, "MAKEFLAGS": ""})
+    assert "-e '.[test]'" in tests.stdout and "--upgrade pip" not in tests.stdout
+
+
+def test_readme_install_blocks_say_bash_when_they_use_it_and_name_python3_venv() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", readme, flags=re.MULTILINE | re.DOTALL)
+    for lang, body in blocks:
+        if "<<<" in body or "[[" in body:
+            assert lang == "bash", body
+    assert "python3-venv" in readme
