@@ -3,50 +3,77 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test install lint bench constraints clean
+.PHONY: demo test install lint bench constraints clean systemd-check
 
-# The venv is (re)built whenever the dependency pins change.
+# The venv is (re)built whenever the dependency pins change. `make install` is the production
+# set (no test extras); pip stays the venv's own (ensurepip's), never upgraded to an unpinned one.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
+	rm -f $(TEST_STAMP)
 	touch $(STAMP)
+
+# The test extras (pytest, ruff, mypy...), for `make test` and `make lint` only.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m keeper.demo
 
-test: $(STAMP) lint
+test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check keeper tests
 	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/keeper bench
 
-constraints:
+constraints: $(TEST_STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -vi '^keeper' > constraints.txt
 
 clean:
 	rm -rf $(VENV) var/demo .pytest_cache
 
 # Install the systemd units for this checkout (run as root). The checkout should live outside
-# /home and /root (the units use ProtectHome=yes), e.g. in /opt/keeper.
+# /home and /root (the units use ProtectHome=yes), e.g. in /opt/keeper. Also: keeper-ctl (runs a
+# keeper command as the service), the group keeper-avatars and /var/lib/keeper-avatars (README,
+# "Avatars"), /etc/keeper/keeper.toml (avatar_dir set to that directory) and keeper.env if missing.
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/keeper
+BINDIR ?= /usr/local/bin
+AVATARDIR := /var/lib/keeper-avatars
 .PHONY: install-systemd
 install-systemd: $(STAMP)
-	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)/etc/tmpfiles.d $(DESTDIR)/etc/sysusers.d
 	for unit in keeper.service keeper-sweep.service keeper@.service; do \
 	  sed 's#/opt/keeper#$(CURDIR)#g' systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit; \
 	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit; \
 	done
+	sed 's#/opt/keeper#$(CURDIR)#g' systemd/keeper-ctl > $(DESTDIR)$(BINDIR)/keeper-ctl
+	chmod 0755 $(DESTDIR)$(BINDIR)/keeper-ctl
+	install -m 0644 systemd/keeper.sysusers $(DESTDIR)/etc/sysusers.d/keeper.conf
+	install -m 0644 systemd/keeper.tmpfiles $(DESTDIR)/etc/tmpfiles.d/keeper.conf
 	install -d -m 0755 $(DESTDIR)$(CONFDIR) $(DESTDIR)$(CONFDIR)/secrets
-	test -e $(DESTDIR)$(CONFDIR)/keeper.toml || install -m 0644 config/keeper.toml $(DESTDIR)$(CONFDIR)/keeper.toml
+	test -e $(DESTDIR)$(CONFDIR)/keeper.toml || \
+	  sed 's#^avatar_dir = .*#avatar_dir = "$(AVATARDIR)"#' config/keeper.toml > $(DESTDIR)$(CONFDIR)/keeper.toml
+	chmod 0644 $(DESTDIR)$(CONFDIR)/keeper.toml
 	test -e $(DESTDIR)$(CONFDIR)/keeper.env || install -m 0600 systemd/keeper.env.example $(DESTDIR)$(CONFDIR)/keeper.env
+	if [ -z "$(DESTDIR)" ]; then \
+	  getent group keeper-avatars >/dev/null || systemd-sysusers /etc/sysusers.d/keeper.conf 2>/dev/null || groupadd --system keeper-avatars; \
+	  systemd-tmpfiles --create /etc/tmpfiles.d/keeper.conf 2>/dev/null || install -d -m 2770 -g keeper-avatars $(AVATARDIR); \
+	fi
 	if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed; next: put each AppSecret in $(CONFDIR)/secrets/<appid> (mode 0600), edit $(CONFDIR)/keeper.toml, then: systemctl enable --now keeper"
+
+# keeper under a real systemd: boots a Debian bookworm container (systemd-nspawn; the tree is
+# cached in $(SYSTEMD_CHECK_CACHE)) and runs the service's life cycle in it. Root only.
+SYSTEMD_CHECK_CACHE ?= /var/cache/keeper-systemd-check
+systemd-check: $(STAMP)
+	SYSTEMD_CHECK_CACHE=$(SYSTEMD_CHECK_CACHE) PYTHON=$(CURDIR)/$(BIN)/python bash tests/system/systemd-check

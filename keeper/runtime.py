@@ -14,6 +14,7 @@ from keeper.errors import ConfigError
 from keeper.journal import Journal
 from keeper.limiter import QuotaGate
 from keeper.log import register_secret
+from keeper.statedir import guard_sqlite_file
 from keeper.store import Store
 from keeper.sweep import Sweeper, utcnow
 from keeper.wechat import WeChatClient
@@ -22,10 +23,14 @@ from keeper.worker import Worker
 
 def cipher_for(config: Config) -> Cipher:
     """The token cipher: the configured key files, or on the embedded SQLite default a key
-    file beside the database, created (mode 0600) on first use."""
+    file beside the database, created (mode 0600) on first use. A SQLite database this process
+    must not open or create (:mod:`keeper.statedir`) is refused first."""
+    db_file = sqlite_path(config.database_url) if is_sqlite(config.database_url) else None
+    if db_file is not None:
+        # Before anything is created beside it (the key, the database itself).
+        guard_sqlite_file(db_file, config_source=config.source)
     paths = list(config.encryption_key_files)
     if not paths:
-        db_file = sqlite_path(config.database_url) if is_sqlite(config.database_url) else None
         if db_file is None:
             raise ConfigError(
                 "encryption_key_file is required with this database_url: every keeper process "
