@@ -22,9 +22,10 @@ WeChat never issued) and ``{rid}``. Everything else, raw bytes included, is sent
   0 from ``"0"``). Entries that ``perform`` did the real work first (a code is consumed, a
   refresh done and, where rotation is on, the refresh token rotated): the tokens in the body are
   the live ones, and a client that drops them loses the grant.
-- ``profile``: a profile; ``fields`` are its text fields *after cleaning*, the rule being: lone
-  surrogates and control characters (Unicode category Cc: NUL, 0x14, backspace, newline...)
-  removed, everything else (private-use characters included) kept. ``note`` says where a field
+- ``profile``: a profile; ``fields`` are its text fields *after cleaning*, the rule being
+  (issue 15): lone surrogates and bytes that are not UTF-8 become U+FFFD; NUL and the other C0
+  control characters (0x14, backspace...) are removed, but tab and newline kept; everything
+  else (private-use characters included) kept. ``note`` says where a field
   may differ.
 - ``valid``: ``/sns/auth`` says the access token is valid.
 - ``malformed``: not a usable answer (not JSON, an empty object, a token missing, a lifetime of
@@ -189,7 +190,7 @@ _ODD: list[OddAnswer] = [
     OddAnswer(
         "profile_control_chars", ("userinfo",),
         _profile("\x14小明".encode(), b"1", "广\n东".encode(), b"\x08", "中国".encode()),
-        _TEXT, "profile", _cleaned("小明", 1, "广东", "", "中国"),
+        _TEXT, "profile", _cleaned("小明", 1, "广\n东", "", "中国"),
         perform=True,
         source=(f"{_PROFILE_SOURCES}; raw 0x14 before a nickname: lanrion/weixin_authorize PR "
                 "#52 (2015) and ihaolin/common issue #4 (Jackson 'CTRL-CHAR, code 20'); a raw "
@@ -208,7 +209,7 @@ _ODD: list[OddAnswer] = [
     ),
     OddAnswer(
         "profile_lone_surrogate", ("userinfo",), _profile(b"\\u5c0f\\u660e\\ud83d"),
-        _TEXT, "profile", _cleaned("小明"), perform=True,
+        _TEXT, "profile", _cleaned("小明\ufffd"), perform=True,
         note="an emoji cut in half: a lone surrogate escape, which UTF-8 cannot encode",
         source=(f"{_PROFILE_SOURCES} (truncated emoji, seen by this project); cf. "
                 "tvrcgo/weixin-redpack PR #3 (allowSurrogateChars for WeChat nicknames)"),

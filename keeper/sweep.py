@@ -359,10 +359,11 @@ class _Run:
         self.watch_wechat(r)
 
     def watch_wechat(self, r: Result) -> None:
-        """End the sweep's calls when WeChat has stopped answering."""
+        """End the sweep's calls when WeChat has stopped answering: a streak of calls with no
+        answer (network, timeout, 5xx, HTML, -1). One user's odd errcode is an answer."""
         if any(r.counts[k] for k in _SUCCESSES) or r.rejected_app or r.quota_wait:
             self.streak = 0
-        elif r.counts["transient_failures"]:
+        elif r.counts["unanswered"]:
             self.streak += 1
         if self.streak >= UNAVAILABLE_STREAK and not self.unavailable:
             self.unavailable = True

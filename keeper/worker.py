@@ -237,6 +237,10 @@ class Worker:
             if isinstance(e, KeeperBugAnswer):
                 counts["keeper_bug_answers"] += 1
                 result.bug = e
+            if (e.errcode is None and not isinstance(e, AnswerMismatch)) or e.errcode == -1:
+                # No answer (network, timeout, 5xx, HTML) or "system busy": what tells that
+                # WeChat is down. An errcode, even an odd one, is an answer.
+                counts["unanswered"] += 1
             log.debug("wechat.transient", appid=grant.appid, openid=grant.openid,
                       endpoint=e.endpoint, errcode=e.errcode, detail=e.detail)
             if p.stage == "profile":

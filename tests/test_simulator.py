@@ -956,13 +956,15 @@ def test_errcodes_can_be_scripted_per_user_and_endpoint(
         sim.script("o-me", "refresh", "profile_nul")
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # C0 but tab and newline
 _PLACEHOLDER = re.compile(rb"\{[a-z_]+\}")
 
 
 def cleaned(text: str) -> str:
-    """The corpus's cleaning rule: lone surrogates and control characters (Cc) removed."""
-    return _CONTROL.sub("", "".join(ch for ch in text if not 0xD800 <= ord(ch) <= 0xDFFF))
+    """The corpus's cleaning rule: lone surrogates become U+FFFD, C0 controls but tab and
+    newline are removed."""
+    return _CONTROL.sub("", "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch
+                                    for ch in text))
 
 
 def read_body(body: bytes) -> Any:
