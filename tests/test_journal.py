@@ -37,12 +37,13 @@ def test_a_result_round_trips_exactly(store: Store) -> None:
 
 
 def test_files_are_sealed_private_and_hold_no_token(store: Store, tmp_path: Path) -> None:
-    write, lease = result(store)
+    write, lease = result(store, "openid-journal-marker")
     path = Journal(tmp_path / "j", TEST_CIPHER).write([(write, lease)])
     assert path is not None and path.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "j").stat().st_mode & 0o777 == 0o700
     raw = path.read_bytes()
-    assert b"rotated-secret" not in raw and b"o1" not in raw and raw.startswith(b"gAAAA")
+    assert b"rotated-secret" not in raw and b"openid-journal-marker" not in raw
+    assert raw.startswith(b"gAAAA")
     assert not list((tmp_path / "j").glob(".*.tmp"))
 
 
