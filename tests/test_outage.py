@@ -177,6 +177,9 @@ def test_sigterm_during_an_outage_journals_what_was_held_and_the_next_start_writ
 ) -> None:
     url = _db_url(kind, keeper)
     openids = _prepare(keeper, sim, url)
+    # Calls long enough that the storm meets the sweep while answers are still coming in
+    # (not, say, only its avatar pass, when every result is already written).
+    sim.configure(latency_s=0.1)
     proc, log = start_service(keeper)
     outage = Outage(url, seconds=6, when=lambda: refresh_calls(sim) >= 30)
     try:
