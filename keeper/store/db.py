@@ -17,7 +17,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.engine import make_url
 
 from keeper.config import redact_url
@@ -25,6 +25,9 @@ from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated, Stor
 from keeper.log import scrub
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: The PostgreSQL advisory lock that migrations take turns on (any fixed 64-bit number: this is
+#: "keeper" in ASCII); held until the migration's transaction ends.
+MIGRATION_LOCK = 0x6B6565706572
 
 
 def is_sqlite(url: str) -> bool:
@@ -168,11 +171,17 @@ def upgrade(
     """Apply every pending migration; (revision before, revision after).
 
     ``cipher`` (a :class:`keeper.crypto.Cipher`) lets the migration that introduced encryption
-    encrypt tokens stored in plaintext before it.
+    encrypt tokens stored in plaintext before it. On PostgreSQL, processes upgrading at once
+    take turns on an advisory lock (:data:`MIGRATION_LOCK`), and "before" is read under it.
     """
     before = current_revision(engine)
     cfg = _alembic_config(engine)
     with translate("migrating the schema"), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Two processes upgrading at once take turns: the second waits here until the
+            # first commits, then finds the schema at head and has nothing left to do.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            before = MigrationContext.configure(conn).get_current_revision()
         cfg.attributes["connection"] = conn
         cfg.attributes["cipher"] = cipher
         command.upgrade(cfg, target)
@@ -194,7 +203,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 def ensure_schema(engine: Engine, *, auto_upgrade: bool, cipher: Any = None) -> None:
     """Check the schema is current; upgrade it first when ``auto_upgrade`` (embedded SQLite).
 
-    Two processes starting at once on a fresh SQLite file take turns through a file lock.
+    Two processes starting at once on a fresh SQLite file take turns through a file lock (on
+    PostgreSQL, :func:`upgrade` takes an advisory lock).
     """
     if current_revision(engine) == head_revision(engine):
         return
