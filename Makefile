@@ -23,7 +23,7 @@ $(TEST_STAMP): $(STAMP)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m keeper.demo
+	$(BIN)/python -m keeper.cli.demo
 
 test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -1,3 +1,3 @@
-from keeper.cli import main
+from keeper.cli.main import main
 
 raise SystemExit(main())

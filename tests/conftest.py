@@ -20,8 +20,8 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, make_url, text
 
 from keeper.crypto import Cipher
-from keeper.simulator import Simulator
-from keeper.store import Store
+from keeper.store.grants import Store
+from keeper.wechat.simulator import Simulator
 
 #: The server's `test` database; each test run works in a database of its own created there,
 #: so two runs on one machine (a developer's and CI's) never drop each other's tables.
@@ -96,7 +96,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def migrated_url(db_url: str) -> str:
     """A database of each kind with the schema in place (as `keeper db upgrade` leaves it)."""
-    from keeper import db
+    from keeper.store import db
 
     engine = db.make_engine(db_url)
     db.upgrade(engine)

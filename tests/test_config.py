@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from keeper.config import build_config, load_config, parse_duration
+from keeper.core.quota import Quota
 from keeper.errors import ConfigError
-from keeper.quota import Quota
 
 ROOT = Path(__file__).resolve().parent.parent
 

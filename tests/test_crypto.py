@@ -17,15 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import make_url, text
 
-from keeper import db
+from keeper.core.models import Grant
+from keeper.core.policy import Lifetime, schedule
 from keeper.crypto import Cipher, WrongKey, create_key_file, key_id, load_keys
 from keeper.errors import ConfigError
-from keeper.models import Grant
-from keeper.policy import Lifetime, schedule
-from keeper.simulator import Simulator
-from keeper.store import GrantWrite, Store
+from keeper.store import db
+from keeper.store.grants import Store
+from keeper.store.rows import GrantWrite
+from keeper.wechat.simulator import Simulator
 from tests.conftest import IN_CI, TEST_CIPHER, Keeper, require_postgres, reset_postgres
-from tests.e2e import make_grant, seed
+from tests.e2e.helpers import make_grant, seed
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 CLOCK = Lifetime(30 * 86400, 29 * 86400, 300, 86400)

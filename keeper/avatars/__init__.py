@@ -1,0 +1,1 @@
+"""Avatars: the fetcher (download, check, save) and the pass a sweep runs over due avatars."""

@@ -1,0 +1,2 @@
+"""The command line: ``main`` (every command), ``importer`` (``keeper import`` lines), ``demo``
+and ``bench``."""

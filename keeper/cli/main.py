@@ -1,0 +1,672 @@
+"""The ``keeper`` command line (see CONTRACT.md): exit 0 ok, 1 run failure, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from keeper import __version__
+from keeper.cli.importer import MAX_LINE_BYTES, parse_lines
+from keeper.config import Config, load_config
+from keeper.core.models import ACTIVE, REAUTH, Grant
+from keeper.core.policy import schedule
+from keeper.errors import (
+    ApiError,
+    AppConfigRejected,
+    BadCode,
+    ConfigError,
+    DatabaseUnavailable,
+    KeeperError,
+    QuotaExceeded,
+    StoreError,
+    TransientApiError,
+    UsageError,
+)
+from keeper.log import configure
+from keeper.service.runtime import Runtime, cipher_for, open_store
+from keeper.store import db
+from keeper.store.grants import Store
+from keeper.store.rows import GrantWrite, new_lease_id
+from keeper.sweep.engine import utcnow
+from keeper.sweep.limiter import QuotaWait
+from keeper.sweep.worker import lifetime
+
+log = structlog.get_logger("keeper.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+IMPORT_BATCH = 1000
+#: ``keeper token`` hands out a stored token without refreshing it, while another process holds
+#: the grant, only if it stays valid at least this long.
+TOKEN_MIN_VALID_S = 60
+ANALYZE_AFTER = 10000
+
+
+class Failed(KeeperError):
+    """A command failed for a reason of the run (exit 1)."""
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _json(obj: Any) -> None:
+    _out(json.dumps(obj, default=str, ensure_ascii=False))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from keeper.service.scheduler import Service
+
+    log.info("keeper.started", version=__version__, pid=os.getpid(), **config.redacted())
+    service = Service(config=config, load=lambda: load_config(args.config))
+    service.install_signals()
+    return service.run()
+
+
+def cmd_sweep(config: Config, args: argparse.Namespace) -> int:
+    log.info("keeper.started", version=__version__, pid=os.getpid(), command="sweep",
+             **config.redacted())
+    rt = Runtime.build(config)
+    sweeper = rt.sweeper()
+    if sys.stderr.isatty() and not args.json:
+        sweeper.progress = _progress_bar()
+    # Either signal ends the sweep cleanly: calls in flight finish, results are written.
+    signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
+    try:
+        summary = sweeper.run_once()
+    finally:
+        # Results the database did not take (it failed) wait in the journal for the next
+        # keeper process, which writes them before it claims anything.
+        sweeper.save_held()
+        sweeper.close()
+        rt.close()
+    if sweeper.progress is not None:
+        sys.stderr.write("\n")
+    if args.json:
+        _json(summary)
+    else:
+        _out(
+            f"refreshed {summary['refresh_tokens_refreshed']} refresh tokens and "
+            f"{summary['access_tokens_refreshed']} access tokens, read "
+            f"{summary['profiles_fetched']} profiles, recorded {summary['reauth_recorded']} "
+            f"re-authorizations, {summary['transient_failures']} transient failures, "
+            f"in {summary['seconds']} s"
+        )
+    return EXIT_OK
+
+
+def _progress_bar() -> Callable[[int, int], None]:
+    last = [0.0]
+
+    def show(done: int, in_flight: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.2:
+            last[0] = now
+            sys.stderr.write(f"\rsweeping: {done} grants done, {in_flight} in flight   ")
+            sys.stderr.flush()
+
+    return show
+
+
+def cmd_grant(config: Config, args: argparse.Namespace) -> int:
+    app = config.app(args.app)
+    if not app.secret:
+        raise ConfigError(
+            f"app {app.appid} has no AppSecret ({app.secret_source}): set secret_env or "
+            "secret_file"
+        )
+    rt = Runtime.build(config)
+    try:
+        rt.gate.acquire(app.appid, "code", max_wait_s=30)
+        try:
+            answer = rt.client.exchange_code(app.appid, app.secret, args.code)
+        except QuotaExceeded as e:
+            rt.gate.pause(app.appid, "code", e.errcode or 45011, utcnow())
+            raise Failed(f"WeChat's code quota is used up: {e}") from None
+        except BadCode as e:
+            raise UsageError(f"the code was refused ({e}): the user must log in again") from None
+        except AppConfigRejected as e:
+            raise ConfigError(f"WeChat refused app {app.appid} ({e}): check its AppSecret, "
+                              "appid and IP whitelist") from None
+        except TransientApiError as e:
+            # Never retried: a code is single-use, and a retry would answer 40163.
+            raise Failed(f"WeChat could not exchange the code ({e}); ask the user to log in "
+                         "again") from None
+        now = utcnow()
+        grant = Grant(
+            id=0, appid=app.appid, openid=answer.openid, unionid=answer.unionid,
+            scope=answer.scope, access_token=answer.access_token,
+            refresh_token=answer.refresh_token,
+            access_expires_at=now + timedelta(seconds=answer.expires_in_s),
+            refresh_issued_at=now, state=ACTIVE,
+            profile_stop=48001 if answer.is_snapshotuser else None,
+        )
+        rt.store.upsert_grants([GrantWrite(grant, schedule(grant, lifetime(app, config)))], now)
+    finally:
+        rt.close()
+    log.info("grant.stored", appid=app.appid, openid=answer.openid,
+             snapshot=answer.is_snapshotuser)
+    if args.json:
+        _json({"appid": app.appid, "openid": answer.openid, "unionid": answer.unionid,
+               "scope": answer.scope, "is_snapshotuser": answer.is_snapshotuser})
+    else:
+        _out(answer.openid)
+    return EXIT_OK
+
+
+def _capped_lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """Lines as bytes. A line longer than the importer takes is cut one byte past the limit
+    (so the parser refuses it) and the rest of it skipped: memory stays bounded."""
+    limit = MAX_LINE_BYTES + 1
+    while line := stream.readline(limit):
+        rest = line
+        while len(rest) == limit and not rest.endswith(b"\n"):
+            rest = stream.readline(limit)
+        yield line
+
+
+def _read_lines(source: str) -> Iterator[str | bytes]:
+    """The lines of FILE, or of stdin for ``-``; a reading error is a :class:`UsageError`."""
+    try:
+        if source != "-":
+            with open(source, "rb") as f:
+                yield from _capped_lines(f)
+        elif hasattr(sys.stdin, "buffer"):
+            yield from _capped_lines(sys.stdin.buffer)
+        else:  # a text stream put in place of stdin (tests, embedding)
+            yield from sys.stdin
+    except OSError as e:
+        raise UsageError(f"cannot read {source}: {e.strerror or type(e).__name__}") from None
+
+
+def cmd_import(config: Config, args: argparse.Namespace) -> int:
+    appids = [a.appid for a in config.apps]
+    clocks = {a.appid: lifetime(a, config) for a in config.apps}
+    store = open_store(config)
+    imported = bad = 0
+    unknown: set[str] = set()
+    # Line numbers ride beside the writes, so a row the database refuses is reported by line.
+    batch: dict[tuple[str, str], tuple[int, GrantWrite]] = {}
+    read_error: UsageError | None = None
+
+    def refuse(line: int, field: str | None, error: str) -> None:
+        nonlocal bad
+        bad += 1
+        # Never the value: a line holds tokens.
+        log.error("import.bad_line", line=line, field=field, error=error)
+
+    def write(entries: list[tuple[int, GrantWrite]]) -> int:
+        try:
+            return store.upsert_grants([w for _, w in entries], utcnow())
+        except DatabaseUnavailable:
+            raise
+        except StoreError:
+            if len(entries) > 1:
+                # One row the database refuses must not drop its neighbours: one by one.
+                return sum(write([entry]) for entry in entries)
+            refuse(entries[0][0], None, "the database refused this grant")
+            return 0
+
+    def flush() -> None:
+        nonlocal imported
+        if batch:
+            entries = sorted(batch.values(), key=lambda e: e[0])
+            batch.clear()
+            imported += write(entries)
+
+    try:
+        try:
+            lines = parse_lines(_read_lines(args.file), appids=appids, now=utcnow())
+            for parsed in lines:
+                if parsed.grant is None:
+                    refuse(parsed.line, parsed.field, parsed.error or "bad line")
+                    continue
+                unknown.update(parsed.unknown_keys)
+                g = parsed.grant
+                # The same user twice in one file: the later line wins.
+                batch[(g.appid, g.openid)] = (
+                    parsed.line, GrantWrite(g, schedule(g, clocks[g.appid]))
+                )
+                if len(batch) >= IMPORT_BATCH:
+                    flush()
+        except UsageError as e:  # the input could not be read on: keep what was read
+            read_error = e
+        flush()
+        if imported >= ANALYZE_AFTER:
+            store.analyze()  # so the due queries keep their index plans on a grown table
+    finally:
+        store.close()
+    if unknown:
+        log.warning("import.unknown_keys", keys=sorted(unknown))
+    log.info("import.finished", imported=imported, bad_lines=bad)
+    if read_error is not None:
+        raise read_error
+    if args.json:
+        _json({"imported": imported, "bad_lines": bad})
+    else:
+        _out(f"imported {imported} grants; {bad} bad lines")
+    return EXIT_USAGE if bad else EXIT_OK
+
+
+def _grant_or_fail(store: Store, appid: str, openid: str) -> Grant:
+    grant = store.get_grant(appid, openid)
+    if grant is None:
+        raise Failed(f"no grant for openid {openid} of app {appid}: the user must log in")
+    return grant
+
+
+def _reauth_failure(store: Store, grant: Grant) -> Failed:
+    record = store.reauth_record(grant.id)
+    reason = record.reason if record else "other"
+    errcode = record.errcode if record else None
+    return Failed(f"user {grant.openid} must re-authorize: {reason} (errcode {errcode})")
+
+
+def cmd_token(config: Config, args: argparse.Namespace) -> int:
+    app = config.app(args.app)
+    rt = Runtime.build(config)
+    try:
+        token = _valid_token(rt, app.appid, args.openid)
+    finally:
+        rt.close()
+    sys.stdout.write(token + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _valid_token(rt: Runtime, appid: str, openid: str) -> str:
+    store, config = rt.store, rt.config
+    deadline = time.monotonic() + 2 * config.read_timeout_s + 5
+    while True:
+        grant = _grant_or_fail(store, appid, openid)
+        if grant.state == REAUTH:
+            raise _reauth_failure(store, grant)
+        now = utcnow()
+        if grant.access_expires_at > now + timedelta(seconds=config.access_margin_s):
+            return grant.access_token
+        lease_id = new_lease_id()
+        leased = store.claim_one(
+            appid, openid, lease_id=lease_id,
+            lease_until=now + timedelta(seconds=config.lease_s), now=now,
+        )
+        if leased is not None:
+            break
+        # Another process holds the grant: a sweep refreshing it, or one that crashed and
+        # whose lease has not lapsed. Its lease only matters to a refresh: a token that is
+        # still valid is the answer now.
+        if grant.access_expires_at > now + timedelta(seconds=TOKEN_MIN_VALID_S):
+            return grant.access_token
+        # Expired (or nearly): wait for that process's refresh.
+        if time.monotonic() > deadline:
+            raise Failed(f"grant {openid} stayed busy in another keeper process; try again")
+        time.sleep(0.2)
+    result = rt.worker.work(leased, profile_reads=False, force_refresh=True)
+    if result.write is None or result.counts["transient_failures"]:
+        store.release([leased.id], lease_id)
+        detail = leased.last_error if result.write is None else result.write.grant.last_error
+        raise Failed(f"WeChat could not refresh the access token now ({detail}); try again")
+    store.apply([result.write], lease_id, utcnow())
+    if result.write.grant.state == REAUTH:
+        raise _reauth_failure(store, result.write.grant)
+    return result.write.grant.access_token
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    app = config.app(args.app)
+    rt = Runtime.build(config)
+    try:
+        grant = _grant_or_fail(rt.store, app.appid, args.openid)
+        rt.gate.acquire(app.appid, "auth", max_wait_s=30)
+        valid, detail = True, "ok"
+        errcode: int | None = 0
+        try:
+            rt.client.check(grant.access_token, grant.openid)
+        except TransientApiError as e:
+            raise Failed(f"WeChat could not be asked: {e}") from None
+        except ApiError as e:  # WeChat's answer: the token is not valid
+            valid, errcode, detail = False, e.errcode, str(e)
+    finally:
+        rt.close()
+    if args.json:
+        _json({"appid": app.appid, "openid": args.openid, "valid": valid, "errcode": errcode,
+               "access_expires_at": _iso(grant.access_expires_at)})
+    else:
+        _out("valid" if valid else f"not valid: {detail}")
+    return EXIT_OK if valid else EXIT_FAILED
+
+
+def cmd_profile(config: Config, args: argparse.Namespace) -> int:
+    store = open_store(config)
+    try:
+        grant = _grant_or_fail(store, args.app, args.openid)
+        profile = store.profile(grant.id) or {}
+        record = store.reauth_record(grant.id)
+    finally:
+        store.close()
+    data: dict[str, Any] = {
+        "appid": grant.appid, "openid": grant.openid, "unionid": grant.unionid,
+        "scope": grant.scope, "state": grant.state,
+        "access_expires_at": _iso(grant.access_expires_at),
+        "refresh_issued_at": _iso(grant.refresh_issued_at),
+        "reauth": None if record is None else {
+            "reason": record.reason, "errcode": record.errcode, "since": _iso(record.since)},
+        "profile_stop": grant.profile_stop,
+    }
+    for key in ("nickname", "sex", "province", "city", "country", "headimgurl", "privilege",
+                "errcode", "fetched_at", "avatar_url", "avatar_sha256", "avatar_path",
+                "avatar_size", "avatar_type", "avatar_saved_at", "avatar_error"):
+        value = profile.get(key)
+        data["profile_errcode" if key == "errcode" else key] = (
+            _iso(value) if isinstance(value, datetime) else value
+        )
+    if args.json:
+        _json(data)
+    else:
+        for key, value in data.items():
+            _out(f"{key:18} {value if value is not None else '-'}")
+    return EXIT_OK
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    store = open_store(config)
+    try:
+        now = utcnow()
+        data = store.status(now)
+        data["last_sweep"] = last = store.last_sweep()
+        # For alerts: a service that stopped sweeping shows a growing age.
+        data["last_sweep_age_s"] = (
+            round((now - datetime.fromisoformat(last["finished_at"])).total_seconds(), 1)
+            if last else None
+        )
+        # What needs an operator, from the last sweep: apps WeChat refuses (40013, 40125,
+        # 40164, 48004) and answers saying keeper sent a bad parameter (a keeper bug).
+        summary = last["summary"] if last else {}
+        data["apps_rejected"] = summary.get("apps_rejected", [])
+        data["keeper_bug_answers"] = summary.get("keeper_bug_answers", 0)
+    finally:
+        store.close()
+    if args.json:
+        _json(data)
+        return EXIT_OK
+    for key in ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
+                "retrying", "profiles_failing", "avatars_saved", "avatars_refused",
+                "avatars_missing", "apps_rejected", "keeper_bug_answers"):
+        _out(f"{key:18} {data[key]}")
+    for reason, n in sorted(data["reauth_by_reason"].items()):
+        _out(f"  {reason:16} {n}")
+    last = data["last_sweep"]
+    if last is None:
+        _out("last sweep         never")
+    else:
+        s = last["summary"]
+        _out(f"last sweep         {last['finished_at']} ({data['last_sweep_age_s']} s ago, "
+             f"took {s.get('seconds')} s): "
+             + ", ".join(f"{k}={s.get(k, 0)}" for k in (
+                 "refresh_tokens_refreshed", "access_tokens_refreshed", "reauth_recorded",
+                 "profiles_fetched", "transient_failures")))
+    return EXIT_OK
+
+
+def cmd_reauth(config: Config, args: argparse.Namespace) -> int:
+    store = open_store(config)
+    try:
+        for row in store.iter_reauth():
+            row.pop("grant_id")
+            row["since"] = _iso(row["since"])
+            if args.json:
+                _json(row)
+            else:
+                _out(f"{row['appid']}  {row['openid']}  {row['reason']}  "
+                     f"errcode={row['errcode']}  since={row['since']}")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _create_private(path: Path, text: str) -> None:
+    """Write a new file atomically with mode 0600; never replace one that exists.
+
+    The text goes to a temporary file beside it first, which is then hard-linked into place:
+    the link fails if the name exists, and a crash leaves no half-written file under it.
+    """
+    exists = UsageError(f"{path} exists; keeper never overwrites a key file")
+    if os.path.lexists(path):
+        raise exists
+    tmp = path.with_name(f".{path.name}.{new_lease_id()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except FileExistsError:
+        raise exists from None
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
+
+
+def cmd_new_key(args: argparse.Namespace) -> int:
+    """``keeper rotate-key --new [--output FILE]``: needs no configuration, only makes a key."""
+    from cryptography.fernet import Fernet
+
+    from keeper.crypto import key_id
+
+    # A new key for the operator to put first in encryption_key_file.
+    key = Fernet.generate_key()
+    if args.output:
+        path = Path(args.output)
+        _create_private(path, "# keeper's token encryption key: back it up apart from the "
+                              f"database.\n{key.decode('ascii')}\n")
+        log.info("encryption.key_written", path=str(path), key_id=key_id(key))
+        if args.json:
+            _json({"path": str(path), "key_id": key_id(key)})
+        else:
+            _out(f"wrote a new key (id {key_id(key)}) to {path}")
+    elif args.json:
+        _json({"key": key.decode("ascii"), "key_id": key_id(key)})
+    else:
+        _out(key.decode("ascii"))
+    return EXIT_OK
+
+
+def cmd_rotate_key(config: Config, args: argparse.Namespace) -> int:
+    if args.new:
+        return cmd_new_key(args)
+    store = open_store(config)
+    total = 0
+    try:
+        primary = store.cipher.primary_id
+        while True:
+            done, left = store.rotate_keys(batch=args.batch)
+            total += done
+            log.info("rotate.progress", rotated=total, left=left, key_id=primary)
+            if not left:
+                break
+            if not done:
+                raise Failed(f"{left} grants keep being written under another key: is a keeper "
+                             "process still running with the old encryption_key_file first?")
+    finally:
+        store.close()
+    if args.json:
+        _json({"rotated": total, "key_id": primary})
+    else:
+        _out(f"re-encrypted {total} grants under key {primary}; every token is under it now, "
+             "so older keys can be removed from encryption_key_file")
+    return EXIT_OK
+
+
+def cmd_cleanup_avatars(config: Config, args: argparse.Namespace) -> int:
+    from keeper.avatars.sweep_pass import cleanup
+
+    store = open_store(config)
+    try:
+        counts = cleanup(store, config.avatar_dir, min_age_s=args.min_age, now=time.time())
+    finally:
+        store.close()
+    log.info("avatars.cleaned", removed=counts["removed"], kept=counts["kept"])
+    if args.json:
+        _json({"removed": counts["removed"], "kept": counts["kept"]})
+    else:
+        _out(f"removed {counts['removed']} avatar files no profile uses; kept {counts['kept']}")
+    return EXIT_OK
+
+
+def cmd_db(config: Config, args: argparse.Namespace) -> int:
+    cipher = cipher_for(config)  # encrypts tokens stored in plaintext before 0002
+    # No statement timeout: encrypting or rewriting a large table may take minutes.
+    engine = db.make_engine(config.database_url, pool_size=1, timeout_s=0)
+    try:
+        before, after = db.upgrade(engine, cipher=cipher)
+    finally:
+        engine.dispose()
+    log.info("db.upgraded", before=before, after=after)
+    _out(f"schema at revision {after} (was {before or 'empty'})")
+    return EXIT_OK
+
+
+# -- entry point --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keeper", description="Keeps WeChat OAuth2 grants alive.")
+    p.add_argument("--config", help="configuration file (default: $KEEPER_CONFIG, then "
+                   "config/keeper.toml)")
+    p.add_argument("--version", action="version", version=f"keeper {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[Config, argparse.Namespace], int], help_: str,
+                *, json_flag: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    command("run", cmd_run, "the long-running service: a sweep every sweep_interval")
+    command("sweep", cmd_sweep, "one sweep now, then exit", json_flag=True)
+    sp = command("grant", cmd_grant, "exchange a login code and store the grant",
+                 json_flag=True)
+    sp.add_argument("--app", required=True, metavar="APPID")
+    sp.add_argument("code", metavar="CODE")
+    sp = command("import", cmd_import, "upsert grants from JSON lines", json_flag=True)
+    sp.add_argument("file", nargs="?", default="-", metavar="FILE|-")
+    for name, fn, help_ in (
+        ("token", cmd_token, "print a valid access token, refreshing it first if needed"),
+        ("check", cmd_check, "ask WeChat whether the stored access token is valid"),
+        ("profile", cmd_profile, "the stored profile of one user"),
+    ):
+        sp = command(name, fn, help_, json_flag=name != "token")
+        sp.add_argument("--app", required=True, metavar="APPID")
+        sp.add_argument("openid", metavar="OPENID")
+    command("status", cmd_status, "counts and the last sweep", json_flag=True)
+    command("reauth", cmd_reauth, "users who must re-authorize", json_flag=True)
+    sp = command("rotate-key", cmd_rotate_key,
+                 "re-encrypt every token under the first key of encryption_key_file",
+                 json_flag=True)
+    sp.add_argument("--batch", type=int, default=500, help="grants per transaction")
+    sp.add_argument("--new", action="store_true",
+                    help="make a new key and exit (needs no configuration)")
+    sp.add_argument("--output", metavar="FILE",
+                    help="with --new: write the key to FILE (mode 0600; never overwrites)")
+    sp = command("cleanup-avatars", cmd_cleanup_avatars,
+                 "remove avatar files no profile points to any more", json_flag=True)
+    sp.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                    help="only files older than this (default 3600)")
+    sp = command("db", cmd_db, "database schema")
+    sp.add_argument("action", choices=["upgrade"])
+    sub.add_parser("simulate", help="run the WeChat simulator on loopback", add_help=False)
+    sub.add_parser("bench", help="benchmark a sweep against the simulator", add_help=False)
+    sub.add_parser("demo", help="the demo that `make demo` runs", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Tools with their own arguments.
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] in ("simulate", "bench", "demo"):
+        rest = argv[first + 1:]
+        if argv[first] == "simulate":
+            from keeper.wechat.simulator.cli import main as simulate
+
+            return simulate(rest)
+        if argv[first] == "bench":
+            from keeper.cli.bench import main as bench
+
+            return bench(rest)
+        from keeper.cli.demo import main as demo
+
+        return demo(rest)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "output", None) and not args.new:
+        parser.error("--output goes with --new")
+    configure("info")
+    try:
+        if args.command == "rotate-key" and args.new:
+            return cmd_new_key(args)  # before the configuration: making the first key needs none
+        config = load_config(args.config)
+        configure(config.log_level)
+        return int(args.fn(config, args))
+    except (ConfigError, UsageError) as e:
+        log.error("command.refused", command=args.command, error=str(e))
+        return EXIT_USAGE
+    except DatabaseUnavailable as e:
+        log.error("database.unavailable", command=args.command, error=str(e))
+        return EXIT_FAILED
+    except (Failed, StoreError, QuotaWait, KeeperError) as e:
+        log.error("command.failed", command=args.command, error=str(e))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        # A file or directory the configuration points to cannot be used; the message names
+        # the file (paths are not secrets) and the system's reason.
+        log.error("command.failed", command=args.command,
+                  error=f"{e.filename or 'a file'}: {e.strerror or type(e).__name__}")
+        unusable = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+        return EXIT_USAGE if isinstance(e, unusable) else EXIT_FAILED
+    except Exception as e:
+        # A bug. One line and exit 1 (systemd may restart); the exception's text is left out,
+        # since it might hold a value that was being handled (a token).
+        log.error("command.crashed", command=args.command, error=type(e).__name__,
+                  where=_where(e))
+        return EXIT_FAILED
+
+
+def _where(error: BaseException) -> str:
+    """``file:line`` where ``error`` was raised: enough to find the bug, no values."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+

@@ -1,0 +1,124 @@
+"""The configuration tree: frozen dataclasses (``Config``, one ``AppConfig`` per app) and the
+constants their defaults come from. Built only by :mod:`keeper.config.load`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keeper.core.quota import Quota
+from keeper.errors import ConfigError
+
+DEFAULT_PATH = "config/keeper.toml"
+ENDPOINTS = ("code", "refresh", "userinfo", "auth")
+DEFAULT_QUOTAS: Mapping[str, str | None] = {
+    "code": "10000/minute",
+    "refresh": "50000/minute",
+    "userinfo": "50000/minute",
+    "auth": None,
+}
+LANGS = ("zh_CN", "zh_TW", "en")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: An access token lives 7200 s (WeChat's ``expires_in``); refreshing it earlier than that
+#: would refresh on every sweep.
+ACCESS_TOKEN_LIFE_S = 7200
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One WeChat app. ``secret`` is ``None`` when its source is unset or unreadable; only a
+    code exchange needs it, and it says so then."""
+
+    appid: str
+    secret: str | None = field(repr=False)
+    secret_source: str
+    refresh_token_days: float
+    refresh_at_day: float
+    quotas: Mapping[str, Quota | None]
+
+    @property
+    def refresh_lifetime_s(self) -> float:
+        return self.refresh_token_days * 86400
+
+    @property
+    def refresh_at_s(self) -> float:
+        return self.refresh_at_day * 86400
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Durations are seconds (``*_s``)."""
+
+    database_url: str = field(repr=False)  # may hold a password
+    api_base: str
+    avatar_dir: Path
+    avatar_hosts: tuple[str, ...]
+    sweep_interval_s: float
+    profile_interval_s: float
+    workers: int
+    userinfo_lang: str
+    access_margin_s: float
+    lease_s: float
+    connect_timeout_s: float
+    read_timeout_s: float
+    log_level: str
+    apps: tuple[AppConfig, ...]
+    source: str
+    #: Token encryption keys, in order (the first encrypts). Empty: the default key file.
+    encryption_key_files: tuple[Path, ...] = ()
+    avatar_workers: int = 4
+    avatar_timeout_s: float = 10.0
+    avatar_max_bytes: int = 5 * 1024 * 1024
+    avatar_keep_when_removed: bool = True
+    #: Longest a database statement (PostgreSQL ``statement_timeout``) or a wait for SQLite's
+    #: write lock (``busy_timeout``) may take before it fails as "database unavailable".
+    database_timeout_s: float = 30.0
+    #: Where results that could not be written before an exit are kept until the next start.
+    journal_dir: Path = Path("var/journal")
+
+    def app(self, appid: str) -> AppConfig:
+        """The app called ``appid``; ``ConfigError`` if it is not configured."""
+        for app in self.apps:
+            if app.appid == appid:
+                return app
+        raise ConfigError(f"app {appid!r} is not configured (no [[apps]] entry)")
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log line: no secret, no password."""
+        return {
+            "config": self.source,
+            "database_url": redact_url(self.database_url),
+            "api_base": self.api_base,
+            "avatar_dir": str(self.avatar_dir),
+            "avatar_hosts": list(self.avatar_hosts),
+            "avatar_workers": self.avatar_workers,
+            "sweep_interval_s": self.sweep_interval_s,
+            "profile_interval_s": self.profile_interval_s,
+            "workers": self.workers,
+            "userinfo_lang": self.userinfo_lang,
+            "access_margin_s": self.access_margin_s,
+            "lease_s": self.lease_s,
+            "database_timeout_s": self.database_timeout_s,
+            "journal_dir": str(self.journal_dir),
+            "log_level": self.log_level,
+            "encryption_key_files": [str(p) for p in self.encryption_key_files] or "default",
+            "apps": [
+                {
+                    "appid": a.appid,
+                    "secret_source": a.secret_source + ("" if a.secret else " (unavailable)"),
+                    "refresh_token_days": a.refresh_token_days,
+                    "refresh_at_day": a.refresh_at_day,
+                    # One string: a nested key named "code" would be masked by the redactor.
+                    "quotas": ", ".join(f"{k} {v or 'none'}" for k, v in a.quotas.items()),
+                }
+                for a in self.apps
+            ],
+        }
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host/db``: a database URL without its password."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)

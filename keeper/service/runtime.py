@@ -1,0 +1,100 @@
+"""Builds keeper's parts from a :class:`Config`: one place that wires them together."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from keeper.avatars.fetcher import Fetcher
+from keeper.avatars.sweep_pass import AvatarKeeper
+from keeper.config import Config
+from keeper.crypto import Cipher, create_key_file, load_keys
+from keeper.errors import ConfigError
+from keeper.log import register_secret
+from keeper.service.statedir import guard_sqlite_file
+from keeper.store.db import is_sqlite, sqlite_path
+from keeper.store.grants import Store
+from keeper.sweep.engine import Sweeper, utcnow
+from keeper.sweep.journal import Journal
+from keeper.sweep.limiter import QuotaGate
+from keeper.sweep.worker import Worker
+from keeper.wechat.client import WeChatClient
+
+
+def cipher_for(config: Config) -> Cipher:
+    """The token cipher: the configured key files, or on the embedded SQLite default a key
+    file beside the database, created (mode 0600) on first use. A SQLite database this process
+    must not open or create (:mod:`keeper.service.statedir`) is refused first."""
+    db_file = sqlite_path(config.database_url) if is_sqlite(config.database_url) else None
+    if db_file is not None:
+        # Before anything is created beside it (the key, the database itself).
+        guard_sqlite_file(db_file, config_source=config.source)
+    paths = list(config.encryption_key_files)
+    if not paths:
+        if db_file is None:
+            raise ConfigError(
+                "encryption_key_file is required with this database_url: every keeper process "
+                "sharing it must use the same key (generate one: keeper rotate-key --new)"
+            )
+        key = db_file.parent / "keeper.key"
+        if not key.exists():
+            create_key_file(key)
+        paths = [key]
+    return Cipher(load_keys(paths))
+
+
+def open_store(config: Config, *, pool_size: int = 1) -> Store:
+    """The store with its cipher, schema checked (or upgraded on SQLite) and keys verified."""
+    return Store(config.database_url, cipher=cipher_for(config), pool_size=pool_size,
+                 timeout_s=config.database_timeout_s).open()
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store
+    client: WeChatClient
+    gate: QuotaGate
+    worker: Worker
+    stop: threading.Event
+    avatars: AvatarKeeper
+
+    @classmethod
+    def build(
+        cls, config: Config, *, open_store: bool = True, stop: threading.Event | None = None
+    ) -> Runtime:
+        """Every part, wired. ``open_store=False`` leaves checking the database to the caller
+        (the service waits for it instead of failing)."""
+        for app in config.apps:
+            register_secret(app.secret)
+        stop = stop or threading.Event()
+        store = Store(config.database_url, cipher=cipher_for(config), pool_size=4,
+                      timeout_s=config.database_timeout_s)
+        if open_store:
+            store.open()
+        client = WeChatClient(
+            api_base=config.api_base, connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+        )
+        gate = QuotaGate(
+            store=store, apps={a.appid: a for a in config.apps}, stop=stop, batch=config.workers
+        )
+        worker = Worker(config=config, client=client, gate=gate, stop=stop, clock=utcnow)
+        fetcher = Fetcher(
+            hosts=config.avatar_hosts, avatar_dir=config.avatar_dir,
+            connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.avatar_timeout_s,
+            max_bytes=config.avatar_max_bytes, concurrency=config.avatar_workers,
+        )
+        avatars = AvatarKeeper(store=store, fetcher=fetcher, clock=utcnow,
+                               workers=config.avatar_workers,
+                               keep_when_removed=config.avatar_keep_when_removed)
+        return cls(config, store, client, gate, worker, stop, avatars)
+
+    def sweeper(self) -> Sweeper:
+        return Sweeper(config=self.config, store=self.store, worker=self.worker, stop=self.stop,
+                       avatars=self.avatars,
+                       journal=Journal(self.config.journal_dir, self.store.cipher))
+
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()

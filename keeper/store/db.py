@@ -1,0 +1,219 @@
+"""Engines and migrations: SQLite (the embedded default) and PostgreSQL.
+
+Every database failure leaves this layer as a :class:`StoreError` whose text holds neither
+SQL parameters (tokens) nor the database password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy.engine import make_url
+
+from keeper.config import redact_url
+from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated, StoreError
+from keeper.log import scrub
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+#: The PostgreSQL advisory lock that migrations take turns on (any fixed 64-bit number: this is
+#: "keeper" in ASCII); held until the migration's transaction ends.
+MIGRATION_LOCK = 0x6B6565706572
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (``None`` for an in-memory database)."""
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+#: TCP settings of every PostgreSQL connection: a silent network (packets dropped, no reset)
+#: is noticed within ~15 s instead of the kernel's two hours. Keepalive probes find a dead peer
+#: while keeper waits for an answer (5 s idle, then 3 probes 2 s apart); tcp_user_timeout ends
+#: a connection whose sent data stays unacknowledged for 10 s.
+PG_TCP = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+#: Longest wait for a lock (ms), at most: a session holding a table lock makes keeper say so
+#: (as the database being unavailable) instead of sitting silently behind it.
+LOCK_TIMEOUT_CAP_MS = 10_000
+#: Waiting this long for a connection from the pool is a database that does not answer.
+POOL_TIMEOUT_S = 15
+
+
+def _sqlite_pragmas(busy_ms: int) -> Any:
+    def apply(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        # WAL lets readers run beside the one writer; NORMAL is durable at every checkpoint
+        # and never corrupts; the busy timeout makes concurrent writers (a one-off sweep beside
+        # the service) wait for each other, for at most database_timeout, instead of failing
+        # at once or waiting forever.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return apply
+
+
+def make_engine(url: str, *, pool_size: int = 8, timeout_s: float = 30.0) -> Engine:
+    """An engine with the settings keeper relies on. SQLite's file is created mode 0600.
+
+    ``timeout_s``: the longest a statement may run on PostgreSQL (``statement_timeout``; lock
+    waits get a third of it, at most 10 s) and the longest a wait for SQLite's write lock may
+    last. ``0``: no statement timeout (migrations).
+    """
+    try:
+        return _make_engine(url, pool_size=pool_size, timeout_s=timeout_s)
+    except (exc.ArgumentError, ImportError) as e:
+        raise ConfigError(
+            f"database_url {redact_url(url)!r} is not usable: {type(e).__name__}"
+        ) from None
+
+
+def _make_engine(url: str, *, pool_size: int, timeout_s: float) -> Engine:
+    parsed = make_url(url)
+    if is_sqlite(url):
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        busy_s = timeout_s or 30.0
+        engine = create_engine(
+            parsed,
+            connect_args={"timeout": busy_s, "check_same_thread": False},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_timeout=max(POOL_TIMEOUT_S, busy_s),
+            hide_parameters=True,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas(int(busy_s * 1000)))
+        return engine
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        statement_ms = int(timeout_s * 1000)
+        lock_ms = min(LOCK_TIMEOUT_CAP_MS, statement_ms // 3) if statement_ms else 0
+        connect_args = {
+            **PG_TCP,
+            "options": f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms}",
+        }
+    return create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,  # survive a database restart without failing the next sweep
+        pool_recycle=1800,
+        pool_timeout=POOL_TIMEOUT_S,
+        hide_parameters=True,
+        connect_args=connect_args,
+    )
+
+
+def describe(error: BaseException) -> str:
+    """One line about a database error: the driver's first line, scrubbed."""
+    orig = getattr(error, "orig", None) or error
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return scrub(f"{type(orig).__name__}: {first}")[:300]
+
+
+@contextlib.contextmanager
+def translate(what: str) -> Iterator[None]:
+    """Turn SQLAlchemy errors raised inside into :class:`StoreError` (no chaining)."""
+    failure: StoreError | None = None
+    try:
+        yield
+    except (exc.OperationalError, exc.InterfaceError) as e:
+        failure = DatabaseUnavailable(f"{what}: database unavailable: {describe(e)}")
+    except exc.SQLAlchemyError as e:
+        failure = StoreError(f"{what}: {describe(e)}")
+    if failure is not None:
+        raise failure from None
+
+
+def _alembic_config(engine: Engine) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def head_revision(engine: Engine) -> str | None:
+    return ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with translate("reading the schema version"), engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(
+    engine: Engine, *, cipher: Any = None, target: str = "head"
+) -> tuple[str | None, str | None]:
+    """Apply every pending migration; (revision before, revision after).
+
+    ``cipher`` (a :class:`keeper.crypto.Cipher`) lets the migration that introduced encryption
+    encrypt tokens stored in plaintext before it. On PostgreSQL, processes upgrading at once
+    take turns on an advisory lock (:data:`MIGRATION_LOCK`), and "before" is read under it.
+    """
+    before = current_revision(engine)
+    cfg = _alembic_config(engine)
+    with translate("migrating the schema"), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Two processes upgrading at once take turns: the second waits here until the
+            # first commits, then finds the schema at head and has nothing left to do.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            before = MigrationContext.configure(conn).get_current_revision()
+        cfg.attributes["connection"] = conn
+        cfg.attributes["cipher"] = cipher
+        command.upgrade(cfg, target)
+    return before, current_revision(engine)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def ensure_schema(engine: Engine, *, auto_upgrade: bool, cipher: Any = None) -> None:
+    """Check the schema is current; upgrade it first when ``auto_upgrade`` (embedded SQLite).
+
+    Two processes starting at once on a fresh SQLite file take turns through a file lock (on
+    PostgreSQL, :func:`upgrade` takes an advisory lock).
+    """
+    if current_revision(engine) == head_revision(engine):
+        return
+    if not auto_upgrade:
+        raise SchemaOutdated(
+            "the database schema is not current: run `keeper db upgrade` first"
+        )
+    # The file lock is for SQLite files only: a PostgreSQL URL's database is a name, not a path.
+    path = sqlite_path(str(engine.url)) if is_sqlite(str(engine.url)) else None
+    with _file_lock(path) if path else contextlib.nullcontext():
+        if current_revision(engine) != head_revision(engine):
+            upgrade(engine, cipher=cipher)

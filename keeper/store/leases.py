@@ -1,0 +1,227 @@
+"""Leases on grants: claiming what is due, writing results under the lease (or, when it
+lapsed, only over the very tokens the work started from), and releasing what was not worked.
+
+A mixin of :class:`keeper.store.grants.Store`, which provides ``engine``, ``cipher``,
+``_tokens`` and ``_insert``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, case, delete, select, update
+
+from keeper.core.models import REAUTH, Grant
+from keeper.crypto import Cipher, WrongKey
+from keeper.store.db import translate
+from keeper.store.rows import (
+    _MUTABLE,
+    _PROFILE_FIELDS,
+    DUE_COLUMNS,
+    GrantWrite,
+    _grant,
+    _profile_values,
+    _schedule_values,
+)
+from keeper.store.schema import grants, profiles, reauth
+
+
+class Leases:
+    """Claims, results and releases: the sweep's side of the store."""
+
+    engine: Engine
+    cipher: Cipher
+    sqlite: bool
+
+    def _insert(self, table: Any) -> Any:
+        raise NotImplementedError
+
+    def _tokens(self, g: Grant) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _free(now: datetime) -> Any:
+        """Not leased, or leased by a process whose lease has lapsed (it crashed)."""
+        return grants.c.lease_id.is_(None) | (grants.c.lease_until <= now)
+
+    def claim(
+        self, *, appids: Iterable[str], cutoff: datetime, limit: int, lease_id: str,
+        lease_until: datetime, now: datetime | None = None, exclude: Collection[int] = (),
+    ) -> list[Grant]:
+        """Lease up to ``limit`` grants due at ``cutoff``, most urgent first.
+
+        Urgency: refresh tokens nearest their refresh day, then access tokens nearest expiry,
+        then profiles. Claims go app by app (quotas are per app) and each is a range scan of
+        an (appid, due) index; leased grants (a few pages per process) are filtered out on
+        the way. A lease only
+        sets two columns, so claiming touches no index. ``now`` (default ``cutoff``) decides
+        which leases have lapsed. ``exclude``: grants this process holds a result for that is
+        not written yet (their leases may have lapsed during a database outage).
+        """
+        now = now or cutoff
+        apps = sorted(appids)
+        claimed: list[Grant] = []
+        with translate("claiming due grants"), self.engine.begin() as conn:
+            for col in DUE_COLUMNS:
+                for appid in apps:
+                    need = limit - len(claimed)
+                    if need <= 0:
+                        return claimed
+                    claimed.extend(self._claim_from(
+                        conn, col, appid, cutoff=cutoff, limit=need, lease_id=lease_id,
+                        lease_until=lease_until, now=now, exclude=exclude,
+                    ))
+        return claimed
+
+    def _claim_from(
+        self, conn: Any, col: Any, appid: str, *, cutoff: datetime, limit: int, lease_id: str,
+        lease_until: datetime, now: datetime, exclude: Collection[int] = (),
+    ) -> list[Grant]:
+        query = select(grants.c.id).where(grants.c.appid == appid, col <= cutoff,
+                                          self._free(now))
+        if exclude:
+            query = query.where(grants.c.id.not_in(list(exclude)))
+        ids = conn.execute(
+            query
+            .order_by(col)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).scalars().all()
+        if not ids:
+            return []
+        # Checked again: on SQLite another process may have leased a row between the SELECT
+        # and this UPDATE (PostgreSQL's SKIP LOCKED rules that out).
+        rows = conn.execute(
+            update(grants)
+            .where(grants.c.id.in_(ids), col <= cutoff, self._free(now))
+            .values(lease_id=lease_id, lease_until=lease_until)
+            .returning(*grants.c)
+        ).all()
+        order = {gid: i for i, gid in enumerate(ids)}
+        return [_grant(r, self.cipher) for r in sorted(rows, key=lambda r: order[r.id])]
+
+    def claim_one(
+        self, appid: str, openid: str, *, lease_id: str, lease_until: datetime, now: datetime
+    ) -> Grant | None:
+        """Lease one grant for a one-user command; ``None`` if another process holds it."""
+        with translate("leasing a grant"), self.engine.begin() as conn:
+            row = conn.execute(
+                update(grants)
+                .where(grants.c.appid == appid, grants.c.openid == openid, self._free(now))
+                .values(lease_id=lease_id, lease_until=lease_until)
+                .returning(*grants.c)
+            ).first()
+        return _grant(row, self.cipher) if row else None
+
+    def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> int:
+        """Write results of leased work in one transaction and end the leases.
+
+        A grant still held under ``lease_id`` is written. One whose lease was lost (it lapsed
+        during a database outage, or another process holds it now) is written only when its
+        stored tokens are still the write's ``base``: then nothing newer has been stored, and
+        this answer of WeChat's is the newest (a failure recorded meanwhile from the same
+        tokens is replaced). Anything else is superseded and dropped. Returns the number
+        written.
+        """
+        if not writes:
+            return 0
+        with translate("saving results"), self.engine.begin() as conn:
+            ids = [w.grant.id for w in writes]
+            rows = {r.id: r for r in conn.execute(
+                select(grants.c.id, grants.c.lease_id, grants.c.access_token,
+                       grants.c.refresh_token)
+                .where(grants.c.id.in_(ids))
+                .with_for_update()
+            )}
+            mine: list[GrantWrite] = []
+            for w in writes:
+                row = rows.get(w.grant.id)
+                if row is None:
+                    continue  # the grant was deleted meanwhile
+                if row.lease_id == lease_id:
+                    mine.append(w)
+                elif w.base is not None and self._holds(row, w.base):
+                    # Lease lost, tokens unchanged: this answer is the newest. A failure
+                    # recorded meanwhile from the same tokens no longer holds.
+                    keep_record = w.grant.state == REAUTH or w.reauth is not None
+                    mine.append(w if keep_record else replace(w, clear_reauth=True))
+            if not mine:
+                return 0
+            params = [
+                {
+                    "b_id": w.grant.id,
+                    **self._tokens(w.grant),
+                    **_schedule_values(w.schedule),
+                }
+                for w in mine
+            ]
+            conn.execute(
+                update(grants)
+                .where(grants.c.id == bindparam("b_id"))
+                .values(
+                    {k: bindparam(k)
+                     for k in (*_MUTABLE, "key_id", *(c.name for c in DUE_COLUMNS))}
+                    | {"lease_id": None, "lease_until": None, "updated_at": now}
+                ),
+                params,
+            )
+            self._record(conn, mine)
+        return len(mine)
+
+    def _holds(self, row: Any, base: tuple[str, str]) -> bool:
+        """Whether a stored row's tokens are ``base`` (access, refresh)."""
+        try:
+            stored = (self.cipher.decrypt(row.access_token),
+                      self.cipher.decrypt(row.refresh_token))
+        except WrongKey:  # a token these keys cannot read is not the one the work began with
+            return False
+        return stored == base
+
+    def _record(self, conn: Any, writes: Sequence[GrantWrite]) -> None:
+        profile_rows = [
+            {"grant_id": w.grant.id, **_profile_values(w.profile)} for w in writes if w.profile
+        ]
+        if profile_rows:
+            stmt = self._insert(profiles)
+            # A "no profile" answer (errcode) keeps the last profile that was read.
+            set_ = {
+                k: case((stmt.excluded.errcode.is_(None), stmt.excluded[k]), else_=profiles.c[k])
+                for k in _PROFILE_FIELDS
+            }
+            set_["errcode"] = stmt.excluded.errcode
+            set_["fetched_at"] = stmt.excluded.fetched_at
+            conn.execute(stmt.on_conflict_do_update(index_elements=["grant_id"], set_=set_),
+                         profile_rows)
+        cleared = [w.grant.id for w in writes if w.clear_reauth]
+        if cleared:
+            conn.execute(delete(reauth).where(reauth.c.grant_id.in_(cleared)))
+        records = [
+            {"grant_id": w.grant.id, "reason": w.reauth.reason, "errcode": w.reauth.errcode,
+             "since": w.reauth.since}
+            for w in writes if w.reauth
+        ]
+        if records:
+            stmt = self._insert(reauth)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["grant_id"],
+                    set_={"reason": stmt.excluded.reason, "errcode": stmt.excluded.errcode,
+                          "since": stmt.excluded.since},
+                ),
+                records,
+            )
+
+    def release(self, grant_ids: Sequence[int], lease_id: str) -> int:
+        """End leases on grants that were not worked; they stay due as they were."""
+        if not grant_ids:
+            return 0
+        with translate("releasing leases"), self.engine.begin() as conn:
+            result = conn.execute(
+                update(grants)
+                .where(grants.c.id.in_(grant_ids), grants.c.lease_id == lease_id)
+                .values(lease_id=None, lease_until=None)
+            )
+        return int(result.rowcount or 0)

@@ -1,0 +1,181 @@
+"""Real database faults for tests: a connection storm, a held write lock, a silent network.
+
+See ../shared/reference/fault-injection.md for why each is made this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+from keeper.store.db import is_sqlite, sqlite_path
+from tests.conftest import IN_CI, PG_SERVER
+
+IP = shutil.which("ip") or "/usr/sbin/ip"
+
+
+class Outage:
+    """The database refuses keeper for ``seconds`` once ``when()`` holds.
+
+    PostgreSQL: every connection to the database is terminated every 0.2 s (a storm of
+    ``pg_terminate_backend``). SQLite: another connection holds the write lock, so every
+    write waits out keeper's ``database_timeout`` and fails.
+    """
+
+    def __init__(self, url: str, *, seconds: float, when: Callable[[], bool]) -> None:
+        self.url = url
+        self.seconds = seconds
+        self.when = when
+        self.started = threading.Event()
+        self.done = threading.Event()
+        self.kills = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.when():
+            if time.monotonic() > deadline:
+                self.done.set()
+                return
+            time.sleep(0.005)
+        try:
+            if is_sqlite(self.url):
+                self._hold_sqlite_lock()
+            else:
+                self._storm()
+        finally:
+            self.done.set()
+
+    def _hold_sqlite_lock(self) -> None:
+        path = sqlite_path(self.url)
+        assert path is not None
+        con = sqlite3.connect(path, isolation_level=None, timeout=30)
+        try:
+            con.execute("BEGIN EXCLUSIVE")
+            self.started.set()
+            time.sleep(self.seconds)
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+
+    def _storm(self) -> None:
+        name = make_url(self.url).database
+        engine = create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                self.started.set()
+                end = time.monotonic() + self.seconds
+                while time.monotonic() < end:
+                    self.kills += len(conn.execute(text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": name}).all())
+                    time.sleep(0.2)
+        finally:
+            engine.dispose()
+
+    def wait(self, timeout: float = 150) -> None:
+        assert self.done.wait(timeout), "the outage never ended"
+        self._thread.join(timeout)
+
+
+class SilentProxy:
+    """A TCP forwarder on a loopback address of its own that a blackhole route can cut.
+
+    ``cut()`` adds ``ip route add blackhole ADDR/32 table local``: packets to the address are
+    dropped before any kernel acknowledges them, so open connections stall like a real
+    partition (keepalives and tcp_user_timeout notice) and new ones fail. ``heal()`` removes
+    the route. Needs root (CAP_NET_ADMIN).
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.host = f"127.123.{os.getpid() % 250}.{int(time.time() * 1000) % 250 + 2}"
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((self.host, 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.is_cut = False
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        # Bytes are held in the kernel while cut, never dropped here: the path works again
+        # after the heal.
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _route(self, action: str) -> None:
+        subprocess.run([IP, "route", action, "blackhole", f"{self.host}/32", "table", "local"],
+                       check=True, capture_output=True)
+
+    def cut(self) -> None:
+        self._route("add")
+        self.is_cut = True
+
+    def heal(self) -> None:
+        if self.is_cut:
+            self._route("del")
+            self.is_cut = False
+
+    def close(self) -> None:
+        self.heal()
+        self.listener.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.close()
+
+
+def require_blackhole() -> None:
+    """Skip with a visible reason where routes cannot be changed (not root); fail under CI."""
+    probe = "127.123.250.250/32"
+    try:
+        subprocess.run([IP, "route", "add", "blackhole", probe, "table", "local"],
+                       check=True, capture_output=True)
+        subprocess.run([IP, "route", "del", "blackhole", probe, "table", "local"],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        message = f"cannot add a blackhole route here (needs root and iproute2): {e}"
+        if IN_CI:
+            pytest.fail(message + " (required when CI is set)")
+        pytest.skip(message)
+
+
+@contextlib.contextmanager
+def silent_proxy(target: tuple[str, int]) -> Iterator[SilentProxy]:
+    proxy = SilentProxy(target)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

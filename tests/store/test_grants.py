@@ -1,0 +1,299 @@
+"""The store on SQLite and PostgreSQL: what is due, leases, results, reports, quota state."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import inspect, select, text
+
+from keeper.core.models import EXPIRING, REAUTH, Grant, Profile, Reauth
+from keeper.core.policy import Lifetime, after_reauth, schedule
+from keeper.errors import DatabaseUnavailable, SchemaOutdated
+from keeper.store import db
+from keeper.store.grants import Store
+from keeper.store.rows import GrantWrite
+from keeper.store.schema import grants
+
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+CLOCK = Lifetime(30 * 86400, 29 * 86400, 300, 86400)
+LEASE = NOW + timedelta(minutes=5)
+
+
+def grant(openid: str, **kw: object) -> Grant:
+    base = Grant(
+        id=0, appid="wx1", openid=openid, unionid=None, scope="snsapi_base",
+        access_token=f"AT-{openid}", refresh_token=f"RT-{openid}",
+        access_expires_at=NOW + timedelta(hours=1), refresh_issued_at=NOW - 10 * DAY,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def put(store: Store, *grants: Grant) -> None:
+    store.upsert_grants([GrantWrite(g, schedule(g, CLOCK)) for g in grants], NOW)
+
+
+def claim(store: Store, limit: int = 100, lease_id: str = "L1") -> list[Grant]:
+    return store.claim(appids=["wx1"], cutoff=NOW, limit=limit, lease_id=lease_id,
+                       lease_until=LEASE)
+
+
+def test_migrations_create_every_table(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    before, after = db.upgrade(engine)
+    assert before is None and after == db.head_revision(engine)
+    assert {"grants", "profiles", "reauth", "sweeps", "quota_state"} <= set(
+        inspect(engine).get_table_names()
+    )
+    assert db.upgrade(engine) == (after, after)  # idempotent
+    engine.dispose()
+
+
+def test_postgres_is_not_migrated_behind_the_operators_back() -> None:
+    from tests.conftest import TEST_CIPHER, require_postgres, reset_postgres
+
+    url = require_postgres()
+    reset_postgres()
+    with pytest.raises(SchemaOutdated, match="keeper db upgrade"):
+        Store(url, cipher=TEST_CIPHER).open()
+
+
+def test_an_unreachable_database_is_one_clear_error() -> None:
+    from tests.conftest import TEST_CIPHER
+
+    s = Store("postgresql+psycopg://keeper:pw-not-shown@127.0.0.1:1/keeper", cipher=TEST_CIPHER)
+    with pytest.raises(DatabaseUnavailable) as e:
+        s.open()
+    assert "pw-not-shown" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_due_query_puts_refresh_days_first_then_access_then_profiles(store: Store) -> None:
+    put(store,
+        grant("fresh"),
+        grant("access-late", access_expires_at=NOW - timedelta(hours=1)),
+        grant("access-early", access_expires_at=NOW - timedelta(hours=9)),
+        grant("day29", refresh_issued_at=NOW - 29 * DAY),
+        grant("day29.5", refresh_issued_at=NOW - 29 * DAY - timedelta(hours=12)),
+        grant("profile", scope="snsapi_userinfo"))
+    got = [g.openid for g in claim(store)]
+    assert got == ["day29.5", "day29", "access-early", "access-late", "profile"]
+
+
+def test_claims_are_paged_and_never_overlap(store: Store) -> None:
+    put(store, *(grant(f"o{i}", access_expires_at=NOW - timedelta(minutes=i)) for i in range(50)))
+    first = claim(store, limit=20, lease_id="A")
+    second = claim(store, limit=100, lease_id="B")
+    assert len(first) == 20 and len(second) == 30
+    assert not {g.id for g in first} & {g.id for g in second}
+    assert claim(store, lease_id="C") == []
+
+
+def test_concurrent_claimers_never_get_the_same_grant(store: Store) -> None:
+    put(store, *(grant(f"o{i}", access_expires_at=NOW - DAY) for i in range(200)))
+    results: dict[str, list[int]] = {}
+
+    def worker(name: str) -> None:
+        got: list[int] = []
+        while batch := store.claim(appids=["wx1"], cutoff=NOW, limit=7, lease_id=name,
+                                   lease_until=LEASE):
+            got.extend(g.id for g in batch)
+        results[name] = got
+
+    threads = [threading.Thread(target=worker, args=(f"W{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [i for got in results.values() for i in got]
+    assert len(ids) == 200 and len(set(ids)) == 200
+
+
+def test_a_lapsed_lease_makes_the_grant_due_again(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [g] = claim(store, lease_id="A")
+    later = LEASE + timedelta(seconds=1)
+    again = store.claim(appids=["wx1"], cutoff=later, limit=10, lease_id="B",
+                        lease_until=later + timedelta(minutes=5))
+    assert [x.id for x in again] == [g.id]
+    # The first holder's late write is refused: the lease is no longer theirs.
+    assert store.apply([GrantWrite(g, schedule(g, CLOCK))], "A", NOW) == 0
+
+
+def test_results_are_written_and_the_lease_ends(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY, scope="snsapi_userinfo"))
+    [g] = claim(store)
+    new = replace(g, access_token="AT-new", access_expires_at=NOW + timedelta(hours=2),
+                  profile_at=NOW)
+    profile = Profile(NOW, nickname="Nick", sex="1", headimgurl="http://x/0",
+                      privilege=("chinaunicom",), unionid="u1")
+    assert store.apply([GrantWrite(new, schedule(new, CLOCK), profile)], "L1", NOW) == 1
+    stored = store.get_grant("wx1", "o1")
+    assert stored is not None and stored.access_token == "AT-new" and stored.lease_id is None
+    assert claim(store) == []
+    p = store.profile(g.id)
+    assert p is not None and p["nickname"] == "Nick" and p["privilege"] == ["chinaunicom"]
+
+
+def test_a_no_profile_answer_keeps_the_last_profile(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [g] = claim(store)
+    store.apply([GrantWrite(g, schedule(g, CLOCK), Profile(NOW, nickname="Nick"))], "L1", NOW)
+    [g] = store.claim(appids=["wx1"], cutoff=NOW, limit=1, lease_id="L2", lease_until=LEASE) or [
+        store.claim_one("wx1", "o1", lease_id="L2", lease_until=LEASE, now=NOW)]
+    assert g is not None
+    store.apply([GrantWrite(g, schedule(g, CLOCK), Profile(NOW, errcode=50001))], "L2", NOW)
+    p = store.profile(g.id)
+    assert p is not None and p["nickname"] == "Nick" and p["errcode"] == 50001
+
+
+def test_reauth_records_are_listed_and_a_new_grant_clears_them(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY), grant("o2", access_expires_at=NOW - DAY))
+    writes = []
+    for g in claim(store):
+        dead, record = after_reauth(g, 42002, NOW)
+        writes.append(GrantWrite(dead, schedule(dead, CLOCK), reauth=record))
+    store.apply(writes, "L1", NOW)
+    listed = list(store.iter_reauth(batch=1))
+    assert [(r["openid"], r["reason"], r["errcode"]) for r in listed] == [
+        ("o1", "refresh_token_expired", 42002), ("o2", "refresh_token_expired", 42002)]
+    assert store.status(NOW)["reauth_required"] == 2
+    assert claim(store) == []  # dead grants are never due
+    put(store, grant("o1", access_token="AT-again"))
+    assert [r["openid"] for r in store.iter_reauth()] == ["o2"]
+    revived = store.get_grant("wx1", "o1")
+    assert revived is not None and revived.state == "active"
+
+
+def test_an_import_wins_over_a_sweep_holding_the_old_tokens(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [g] = claim(store)
+    put(store, grant("o1", refresh_token="RT-from-import"))
+    assert store.apply([GrantWrite(g, schedule(g, CLOCK))], "L1", NOW) == 0
+    stored = store.get_grant("wx1", "o1")
+    assert stored is not None and stored.refresh_token == "RT-from-import"
+
+
+def refreshed(g: Grant, token: str) -> GrantWrite:
+    """A refresh answered with a rotated refresh token, as the worker would write it."""
+    new = replace(g, access_token=f"AT-{token}", refresh_token=f"RT-{token}",
+                  refresh_issued_at=NOW)
+    return GrantWrite(new, schedule(new, CLOCK), base=(g.access_token, g.refresh_token))
+
+
+def test_a_result_whose_lease_lapsed_is_written_while_the_stored_tokens_are_its_base(
+    store: Store,
+) -> None:
+    """Given A's lease lapsed during an outage and B holds the grant now, when A's held
+    result arrives and the stored tokens are still the ones A refreshed, it is written (it is
+    the newest answer) and the failure B recorded from the same old tokens is cleared."""
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [g] = claim(store, lease_id="A")
+    later = LEASE + timedelta(seconds=1)
+    [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B",
+                      lease_until=later + timedelta(minutes=5))
+    dead, record = after_reauth(b, 40030, later)  # B sent the old token WeChat had replaced
+    assert store.apply([GrantWrite(dead, schedule(dead, CLOCK), reauth=record,
+                                   base=(b.access_token, b.refresh_token))], "B", later) == 1
+    assert store.apply([refreshed(g, "new")], "A", later) == 1
+    stored = store.get_grant("wx1", "o1")
+    assert stored is not None and stored.refresh_token == "RT-new" and stored.state == "active"
+    assert store.reauth_record(g.id) is None and stored.lease_id is None
+
+
+def test_an_older_result_never_overwrites_a_newer_token(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [g] = claim(store, lease_id="A")
+    later = LEASE + timedelta(seconds=1)
+    [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B",
+                      lease_until=later + timedelta(minutes=5))
+    assert store.apply([refreshed(b, "by-B")], "B", later) == 1
+    # A's result was made from the tokens B has replaced since: superseded.
+    assert store.apply([refreshed(g, "by-A")], "A", later) == 0
+    stored = store.get_grant("wx1", "o1")
+    assert stored is not None and stored.refresh_token == "RT-by-B"
+
+
+def test_claims_skip_grants_whose_results_this_process_still_holds(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY), grant("o2", access_expires_at=NOW - DAY))
+    first = store.get_grant("wx1", "o1")
+    assert first is not None
+    got = store.claim(appids=["wx1"], cutoff=NOW, limit=10, lease_id="L", lease_until=LEASE,
+                      exclude={first.id})
+    assert [g.openid for g in got] == ["o2"]
+
+
+def test_released_grants_are_due_again_at_their_own_time(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [g] = claim(store)
+    assert store.release([g.id], "L1") == 1
+    assert [x.openid for x in claim(store, lease_id="L2")] == ["o1"]
+
+
+def test_claim_one_refuses_a_grant_another_process_holds(store: Store) -> None:
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    claim(store)
+    assert store.claim_one("wx1", "o1", lease_id="X", lease_until=LEASE, now=NOW) is None
+    assert store.claim_one("wx1", "o1", lease_id="X", lease_until=LEASE + DAY,
+                           now=LEASE + timedelta(seconds=1)) is not None
+
+
+def test_status_counts(store: Store) -> None:
+    put(store, grant("fresh"), grant("expired-access", access_expires_at=NOW - DAY),
+        grant("due-soon", refresh_issued_at=NOW - 28 * DAY - timedelta(hours=1)))
+    [g] = store.claim(appids=["wx1"], cutoff=NOW, limit=1, lease_id="L", lease_until=LEASE)
+    dead, record = after_reauth(g, 40030, NOW)
+    store.apply([GrantWrite(dead, schedule(dead, CLOCK), reauth=record)], "L", NOW)
+    s = store.status(NOW)
+    assert s["grants"] == 3 and s["active"] == 2 and s["reauth_required"] == 1
+    assert s["reauth_by_reason"] == {"refresh_token_invalid": 1}
+    assert s["refresh_due_24h"] == 1 and s["avatars_saved"] == 0
+
+
+def test_expiring_users_are_listed_but_stay_active(store: Store) -> None:
+    put(store, grant("o1", refresh_issued_at=NOW - 29 * DAY))
+    [g] = claim(store)
+    g2 = replace(g, state=EXPIRING)
+    store.apply([GrantWrite(g2, schedule(g2, CLOCK),
+                            reauth=Reauth("refresh_token_expiring", None, NOW))], "L1", NOW)
+    assert [r["reason"] for r in store.iter_reauth()] == ["refresh_token_expiring"]
+    s = store.status(NOW)
+    assert s["active"] == 1 and s["reauth_required"] == 1
+    stored = store.get_grant("wx1", "o1")
+    assert stored is not None and stored.state == EXPIRING != REAUTH
+
+
+def test_sweep_history_keeps_the_last_summary(store: Store) -> None:
+    assert store.last_sweep() is None
+    sid = store.start_sweep(NOW, host="h", pid=1)
+    store.finish_sweep(sid, NOW + timedelta(seconds=3), {"refresh_tokens_refreshed": 4})
+    last = store.last_sweep()
+    assert last is not None and last["summary"] == {"refresh_tokens_refreshed": 4}
+
+
+def test_quota_state_is_a_compare_and_swap(store: Store) -> None:
+    assert store.quota_tat("wx1", "refresh") == 0
+    assert store.quota_swap("wx1", "refresh", 0, 100)
+    assert not store.quota_swap("wx1", "refresh", 0, 200)
+    store.quota_hold("wx1", "refresh", 50)
+    assert store.quota_tat("wx1", "refresh") == 100
+    store.quota_hold("wx1", "refresh", 500)
+    assert store.quota_tat("wx1", "refresh") == 500
+
+
+def test_the_due_query_is_a_range_scan_of_its_index(store: Store) -> None:
+    put(store, *(grant(f"o{i}", access_expires_at=NOW + timedelta(minutes=i - 500))
+                 for i in range(1000)))
+    store.analyze()  # as `keeper import` does after a large import; autovacuum does it too
+    for column in ("refresh_due_at", "access_due_at", "profile_due_at"):
+        col = grants.c[column]
+        query = (select(grants.c.id)
+                 .where(grants.c.appid == "wx1", col <= NOW, Store._free(NOW))
+                 .order_by(col).limit(10))
+        sql = str(query.compile(store.engine, compile_kwargs={"literal_binds": True}))
+        with store.engine.connect() as conn:
+            plan = " ".join(str(r) for r in conn.execute(
+                text(("EXPLAIN QUERY PLAN " if store.sqlite else "EXPLAIN ") + sql)))
+        assert f"ix_grants_{column}" in plan, plan

@@ -1,0 +1,178 @@
+"""The sweep in process, on both databases, against the simulator over loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from keeper.config import build_config
+from keeper.core.models import ACTIVE, Grant
+from keeper.core.policy import schedule
+from keeper.crypto import create_key_file
+from keeper.service.runtime import Runtime
+from keeper.store.rows import GrantWrite
+from keeper.sweep.worker import lifetime
+from keeper.wechat.simulator import Simulator
+from tests.conftest import APPID, SECRET
+from tests.e2e.helpers import make_grant
+
+
+def key_file(directory: Path) -> Path:
+    path = directory / "test.key"
+    if not path.exists():
+        create_key_file(path)
+    return path
+
+
+@pytest.fixture
+def rt(migrated_url: str, sim: Simulator, tmp_path: Path) -> Iterator[Runtime]:
+    config = build_config(
+        {"database_url": migrated_url, "api_base": sim.url, "workers": 4,
+         "encryption_key_file": str(key_file(tmp_path)), "read_timeout": 0.5,
+         "connect_timeout": 0.5, "lease": "1m", "apps": [{"appid": APPID, "secret_env": "S"}]},
+        env={"S": SECRET}, source="test",
+    )
+    runtime = Runtime.build(config)
+    yield runtime
+    runtime.close()
+
+
+def put(rt: Runtime, sim: Simulator, *grants: dict[str, object]) -> None:
+    """Known to WeChat (the simulator) and stored in keeper."""
+    sim.add_grants(list(grants))
+    app = rt.config.apps[0]
+    writes = []
+    for g in grants:
+        grant = Grant(
+            id=0, appid=APPID, openid=str(g["openid"]), unionid=None, scope=str(g["scope"]),
+            access_token=str(g["access_token"]), refresh_token=str(g["refresh_token"]),
+            access_expires_at=datetime.fromtimestamp(float(g["access_expires_at"]), UTC),  # type: ignore[arg-type]
+            refresh_issued_at=datetime.fromtimestamp(float(g["refresh_issued_at"]), UTC),  # type: ignore[arg-type]
+            state=ACTIVE,
+        )
+        writes.append(GrantWrite(grant, schedule(grant, lifetime(app, rt.config))))
+    rt.store.upsert_grants(writes, datetime.now(UTC))
+
+
+def sweep(rt: Runtime) -> dict[str, object]:
+    sweeper = rt.sweeper()
+    try:
+        return sweeper.run_once()
+    finally:
+        sweeper.close()
+
+
+def test_a_stale_access_token_is_refreshed_and_the_profile_read_once_more(
+    rt: Runtime, sim: Simulator
+) -> None:
+    put(rt, sim, make_grant("o1"))
+    sim.force("userinfo", 42001)
+    summary = sweep(rt)
+    assert summary["access_tokens_refreshed"] == 1 and summary["profiles_fetched"] == 1
+    assert summary["stale_access_tokens"] == 1 and summary["reauth_recorded"] == 0
+    assert sim.stats()["endpoints"]["userinfo"]["calls"] == 2  # type: ignore[index]
+
+
+def test_snapshot_users_and_48001_stop_profile_reads_for_good(
+    rt: Runtime, sim: Simulator
+) -> None:
+    put(rt, sim, make_grant("snap", state="snapshot"), make_grant("o2"))
+    sim.force("userinfo", 50001, openid="o2")
+    first = sweep(rt)
+    assert first["no_profile"] == 2
+    snap = rt.store.get_grant(APPID, "snap")
+    assert snap is not None and snap.profile_stop == 48001
+    o2 = rt.store.get_grant(APPID, "o2")
+    assert o2 is not None and o2.profile_stop is None  # 50001 may change: asked again later
+    profile = rt.store.profile(o2.id)
+    assert profile is not None and profile["errcode"] == 50001
+
+
+def test_a_rotated_refresh_token_restarts_the_clock(rt: Runtime, sim: Simulator) -> None:
+    sim.configure(rotate_refresh_tokens=True)
+    put(rt, sim, make_grant("o1", issued_days_ago=29.2, scope="snsapi_base"))
+    summary = sweep(rt)
+    assert summary["refresh_tokens_renewed"] == 1 and summary["reauth_recorded"] == 0
+    g = rt.store.get_grant(APPID, "o1")
+    assert g is not None and g.refresh_token != "RT-o1-e2e-secret"
+    assert datetime.now(UTC) - g.refresh_issued_at < timedelta(minutes=1)
+    assert list(rt.store.iter_reauth()) == []
+
+
+def test_wechat_refusing_the_app_is_one_error_per_sweep_and_touches_no_user(
+    rt: Runtime, sim: Simulator
+) -> None:
+    put(rt, sim, *(make_grant(f"o{i}", access_in_s=-60, scope="snsapi_base") for i in range(6)))
+    sim.force("refresh", 40164, count=100)
+    with capture_logs() as logs:
+        summary = sweep(rt)
+    errors = [e for e in logs if e["event"] == "wechat.app_rejected"]
+    assert len(errors) == 1 and errors[0]["errcode"] == 40164
+    assert summary["apps_rejected"] == [APPID] and summary["reauth_recorded"] == 0
+    assert rt.store.status(datetime.now(UTC))["active"] == 6
+
+
+def test_a_daily_quota_answer_defers_the_app_until_midnight_in_china(
+    rt: Runtime, sim: Simulator
+) -> None:
+    put(rt, sim, *(make_grant(f"o{i}", access_in_s=-60, scope="snsapi_base")
+                   for i in range(20)))
+    sim.force("refresh", 45009)
+    with capture_logs() as logs:
+        summary = sweep(rt)
+    assert summary["reauth_recorded"] == 0 and summary["transient_failures"] == 1
+    assert any(e["event"] == "quota.paused" and e["errcode"] == 45009 for e in logs)
+    # Only calls already under way when the answer came were made; the rest wait for
+    # midnight, in this process and (through the database) in every other.
+    calls = sim.stats()["endpoints"]["refresh"]["calls"]  # type: ignore[index]
+    assert calls <= 2 * rt.config.workers
+    again = sweep(rt)
+    assert again["access_tokens_refreshed"] == 0
+    assert sim.stats()["endpoints"]["refresh"]["calls"] == calls  # type: ignore[index]
+
+
+def test_stopping_a_sweep_finishes_calls_in_flight_and_releases_every_lease(
+    rt: Runtime, sim: Simulator
+) -> None:
+    put(rt, sim, *(make_grant(f"o{i}", access_in_s=-60, scope="snsapi_base")
+                   for i in range(40)))
+    sim.configure(latency_s=0.1)
+    sweeper = rt.sweeper()
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: result.update(sweeper.run_once()))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while sim.stats()["endpoints"]["refresh"]["ok"] < 4:  # type: ignore[index]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    rt.stop.set()
+    thread.join(timeout=10)
+    sweeper.close()
+    assert result["stopped"] is True
+    done = result["access_tokens_refreshed"]
+    assert isinstance(done, int) and 4 <= done < 40
+    assert sim.stats()["endpoints"]["refresh"]["ok"] == done  # type: ignore[index]
+    leased = [g for i in range(40) if (g := rt.store.get_grant(APPID, f"o{i}")) and g.lease_id]
+    assert leased == []
+
+
+def test_profile_interval_zero_reads_profiles_on_every_sweep(
+    migrated_url: str, sim: Simulator, tmp_path: Path
+) -> None:
+    config = build_config(
+        {"database_url": migrated_url, "api_base": sim.url, "profile_interval": 0,
+         "encryption_key_file": str(key_file(tmp_path)),
+         "apps": [{"appid": APPID}]}, env={}, source="test")
+    runtime = Runtime.build(config)
+    try:
+        put(runtime, sim, make_grant("o1"))
+        assert sweep(runtime)["profiles_fetched"] == 1
+        assert sweep(runtime)["profiles_fetched"] == 1
+    finally:
+        runtime.close()
