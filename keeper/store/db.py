@@ -138,7 +138,12 @@ def describe(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def translate(what: str) -> Iterator[None]:
-    """Turn SQLAlchemy errors raised inside into :class:`StoreError` (no chaining)."""
+    """Turn SQLAlchemy errors raised inside into :class:`StoreError` (no chaining).
+
+    A value the driver cannot encode (a lone surrogate, say) raises UnicodeError before
+    SQLAlchemy sees it: that too is the database refusing one row's data, said without the
+    value.
+    """
     failure: StoreError | None = None
     try:
         yield
@@ -146,6 +151,8 @@ def translate(what: str) -> Iterator[None]:
         failure = DatabaseUnavailable(f"{what}: database unavailable: {describe(e)}")
     except exc.SQLAlchemyError as e:
         failure = StoreError(f"{what}: {describe(e)}")
+    except UnicodeError as e:
+        failure = StoreError(f"{what}: a value the database cannot encode ({type(e).__name__})")
     if failure is not None:
         raise failure from None
 

@@ -127,7 +127,7 @@ class Sweeper:
         with self._held_lock:
             self._releases.setdefault(lease_id, set()).update(grant_ids)
 
-    def write_held(self, *, limit: int | None = None) -> tuple[int, int]:
+    def write_held(self) -> tuple[int, int]:
         """Commit held results and give back unused leases; (written, superseded).
 
         Raises StoreError when the database fails: what was not committed stays held. A
@@ -135,7 +135,7 @@ class Sweeper:
         profile, then dropped with one ``result.unwritable`` line: it never blocks others.
         """
         with self._held_lock:
-            items = list(self.held.values())[:limit]
+            items = list(self.held.values())
             releases = {k: set(v) for k, v in self._releases.items()}
         written = superseded = 0
         by_lease: dict[str, list[Held]] = {}
@@ -170,28 +170,25 @@ class Sweeper:
             return self.store.apply(writes, lease_id, now)
         except DatabaseUnavailable:
             raise
-        except StoreError:
+        except StoreError as e:
             if len(writes) == 1:
-                return self._apply_alone(lease_id, writes[0], now)
+                return self._apply_alone(lease_id, writes[0], now, str(e))
         # One result the database refuses must not cost the others theirs.
         return sum(self._apply(lease_id, [h], now) for h in chunk)
 
-    def _apply_alone(self, lease_id: str, write: GrantWrite, now: datetime) -> int:
+    def _apply_alone(self, lease_id: str, write: GrantWrite, now: datetime, error: str) -> int:
+        """The database refused this one result as it is (``error``): keep its tokens
+        without the profile (read again later), or drop it with one line."""
         g = write.grant
         if write.profile is not None:
-            try:  # the tokens matter most: keep them, read the profile again later
+            try:
                 return self.store.apply([replace(write, profile=None)], lease_id, now)
             except DatabaseUnavailable:
                 raise
-            except StoreError:
-                pass
-        try:
-            return self.store.apply([write], lease_id, now)
-        except DatabaseUnavailable:
-            raise
-        except StoreError as e:
-            log.error("result.unwritable", appid=g.appid, openid=g.openid, error=str(e))
-            return 0
+            except StoreError as e:
+                error = str(e)
+        log.error("result.unwritable", appid=g.appid, openid=g.openid, error=error)
+        return 0
 
     def held_count(self) -> int:
         with self._held_lock:

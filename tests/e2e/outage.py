@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, make_url, text
 
 from keeper.store.db import is_sqlite, sqlite_path
 from tests.conftest import IN_CI, PG_SERVER
+from tests.service.test_service import Proxy
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
@@ -125,16 +126,9 @@ class SilentProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        # Bytes are held in the kernel while cut, never dropped here: the path works again
-        # after the heal.
-        with contextlib.suppress(OSError):
-            while data := a.recv(65536):
-                b.sendall(data)
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+    # Bytes are held in the kernel while cut, never dropped here: the path works again
+    # after the heal.
+    _pipe = staticmethod(Proxy._pipe)
 
     def _route(self, action: str) -> None:
         subprocess.run([IP, "route", action, "blackhole", f"{self.host}/32", "table", "local"],

@@ -160,6 +160,16 @@ def _store_for(keeper: Keeper, url: str) -> Store:
     return Store(url, cipher=Cipher(load_keys([keeper.workdir / "keeper.key"])))
 
 
+def _outcome(keeper: Keeper, url: str, sim: Simulator, openids: list[str]) -> tuple[list[str], int]:
+    """(users whose stored refresh token is not WeChat's, re-authorization records)."""
+    store = _store_for(keeper, url)
+    try:
+        return (lost_tokens(store, sim, openids),
+                store.status(datetime.now(UTC))["reauth_required"])
+    finally:
+        store.close()
+
+
 def _sweep_until_idle(keeper: Keeper) -> list[dict[str, object]]:
     summaries = []
     for _ in range(5):
@@ -203,12 +213,7 @@ def test_sigterm_during_an_outage_journals_what_was_held_and_the_next_start_writ
     assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
     summaries = _sweep_until_idle(keeper)
     assert not _journal_files(keeper)
-    store = _store_for(keeper, url)
-    try:
-        lost = lost_tokens(store, sim, openids)
-        reauth = store.status(datetime.now(UTC))["reauth_required"]
-    finally:
-        store.close()
+    lost, reauth = _outcome(keeper, url, sim, openids)
     print(f"journaled {len(files)} file(s); lost {len(lost)}; reauth {reauth}; {took:.1f} s")
     assert lost == [] and reauth == 0, summaries
     assert "Traceback" not in text_ and "worker.failed" not in text_
@@ -232,11 +237,7 @@ def test_sigkill_mid_sweep_loses_at_most_what_was_in_memory(
         if proc.poll() is None:
             proc.kill()
     calls = refresh_calls(sim)
-    store = _store_for(keeper, url)
-    try:
-        lost = lost_tokens(store, sim, openids)
-    finally:
-        store.close()
+    lost, _ = _outcome(keeper, url, sim, openids)
     print(f"SIGKILL after {calls} refresh calls: {len(lost)} rotated tokens lost "
           f"(answered, still in memory at the kill)")
     # 8 calls in flight, plus the answers since the last write (one every 0.05 s: about 14
@@ -292,12 +293,7 @@ def test_a_silent_network_is_noticed_survived_and_sigterm_still_stops_keeper(
         assert noticed < 35, text_[-3000:]
         assert code == 0 and took < 10, (code, took, text_[-3000:])
         summaries = _sweep_until_idle(keeper)
-        store = _store_for(keeper, proxied)
-        try:
-            lost = lost_tokens(store, sim, openids)
-            reauth = store.status(datetime.now(UTC))["reauth_required"]
-        finally:
-            store.close()
+        lost, reauth = _outcome(keeper, proxied, sim, openids)
     assert lost == [] and reauth == 0, (summaries, text_[-6000:])
     assert "Traceback" not in text_
 

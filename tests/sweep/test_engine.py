@@ -176,3 +176,41 @@ def test_profile_interval_zero_reads_profiles_on_every_sweep(
         assert sweep(runtime)["profiles_fetched"] == 1
     finally:
         runtime.close()
+
+
+def test_a_result_the_database_refuses_costs_its_batch_mates_nothing(
+    rt: Runtime, sim: Simulator
+) -> None:
+    """Given two held results in one batch, one whose profile no database can store (a lone
+    surrogate that got past the cleaning), when the sweeper writes them, both grants' tokens
+    are stored and only that profile is dropped."""
+    from dataclasses import replace as _replace
+
+    from keeper.core.models import Profile
+    from keeper.store.rows import new_lease_id
+    from keeper.sweep.engine import Held
+
+    put(rt, sim, make_grant("ok-user"), make_grant("odd-user"))
+    lease = new_lease_id()
+    now = datetime.now(UTC)
+    claimed = rt.store.claim(appids=[APPID], cutoff=now + timedelta(days=400), limit=10,
+                             lease_id=lease, lease_until=now + timedelta(minutes=5), now=now)
+    sweeper = rt.sweeper()
+    app = rt.config.apps[0]
+    for g in claimed:
+        new = _replace(g, refresh_token=f"RT-{g.openid}-new", refresh_issued_at=now)
+        profile = Profile(now, nickname="cut\ud83d" if g.openid == "odd-user" else "n")
+        sweeper.held[g.id] = Held(GrantWrite(new, schedule(new, lifetime(app, rt.config)),
+                                             profile, base=(g.access_token, g.refresh_token)),
+                                  lease)
+    with capture_logs() as logs:
+        written, superseded = sweeper.write_held()
+    assert (written, superseded) == (2, 0) and not sweeper.held
+    assert "result.unwritable" not in [e["event"] for e in logs]
+    for openid in ("ok-user", "odd-user"):
+        stored = rt.store.get_grant(APPID, openid)
+        assert stored is not None and stored.refresh_token == f"RT-{openid}-new"
+    odd = rt.store.get_grant(APPID, "odd-user")
+    ok = rt.store.get_grant(APPID, "ok-user")
+    assert odd is not None and ok is not None
+    assert rt.store.profile(odd.id) is None and rt.store.profile(ok.id) is not None
