@@ -51,6 +51,11 @@ BINDIR ?= /usr/local/bin
 AVATARDIR := /var/lib/keeper-avatars
 .PHONY: install-systemd
 install-systemd: $(STAMP)
+	@# The units run keeper from this checkout as their own user: every directory on the way
+	@# must let other users in (a checkout in a 0700 directory fails at start with 203/EXEC).
+	@if [ -z "$(DESTDIR)" ]; then d="$(CURDIR)"; while [ "$$d" != "/" ]; do \
+	  case "$$(stat -c %A "$$d")" in *x|*t) ;; *) echo "install-systemd: $$d (mode $$(stat -c %a "$$d")) does not let other users in, so the service could not run keeper from $(CURDIR): chmod o+x it, or move the checkout (e.g. to /opt/keeper)" >&2; exit 1;; esac; \
+	  d=$$(dirname "$$d"); done; fi
 	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)/etc/tmpfiles.d $(DESTDIR)/etc/sysusers.d
 	for unit in keeper.service keeper-sweep.service keeper@.service; do \
 	  sed 's#/opt/keeper#$(CURDIR)#g' systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit; \
