@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -90,45 +89,21 @@ class Outage:
         self._thread.join(timeout)
 
 
-class SilentProxy:
-    """A TCP forwarder on a loopback address of its own that a blackhole route can cut.
+class SilentProxy(Proxy):
+    """The outage proxy on a loopback address of its own, which a blackhole route can cut.
 
     ``cut()`` adds ``ip route add blackhole ADDR/32 table local``: packets to the address are
     dropped before any kernel acknowledges them, so open connections stall like a real
-    partition (keepalives and tcp_user_timeout notice) and new ones fail. ``heal()`` removes
-    the route. Needs root (CAP_NET_ADMIN).
+    partition (keepalives and tcp_user_timeout notice) and new ones fail. The proxy holds bytes
+    in the kernel meanwhile, never drops them, so the path works again after ``heal()``. Needs
+    root (CAP_NET_ADMIN).
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.host = f"127.123.{os.getpid() % 250}.{int(time.time() * 1000) % 250 + 2}"
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((self.host, 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
+        super().__init__(
+            target, host=f"127.123.{os.getpid() % 250}.{int(time.time() * 1000) % 250 + 2}")
         self.is_cut = False
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    # Bytes are held in the kernel while cut, never dropped here: the path works again
-    # after the heal.
-    _pipe = staticmethod(Proxy._pipe)
+        self.up()
 
     def _route(self, action: str) -> None:
         subprocess.run([IP, "route", action, "blackhole", f"{self.host}/32", "table", "local"],
@@ -145,10 +120,7 @@ class SilentProxy:
 
     def close(self) -> None:
         self.heal()
-        self.listener.close()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.close()
+        self.down()
 
 
 def require_blackhole() -> None:

@@ -182,12 +182,16 @@ def test_a_second_signal_exits_at_once(sim: Simulator, keeper: Keeper) -> None:
 
 
 class Proxy:
-    """A TCP forwarder on a fixed loopback port that can go down and come back."""
+    """A TCP forwarder on a fixed loopback port that can go down and come back.
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    ``host``: the loopback address it listens on (tests/e2e/outage.py gives it one of its own).
+    """
+
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1") -> None:
         self.target = target
+        self.host = host
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             self.port = s.getsockname()[1]
         self.listener: socket.socket | None = None
         self.conns: list[socket.socket] = []
@@ -196,7 +200,7 @@ class Proxy:
     def up(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener.bind((self.host, self.port))
         listener.listen(16)
         self.listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
