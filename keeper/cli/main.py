@@ -16,8 +16,8 @@ from typing import IO, Any
 import structlog
 
 from keeper import __version__
-from keeper.cli.importer import MAX_LINE_BYTES, parse_lines
 from keeper.config import Config, load_config
+from keeper.core.grant_lines import MAX_LINE_BYTES, parse_lines
 from keeper.core.models import Grant
 from keeper.core.policy import schedule
 from keeper.errors import (
@@ -286,29 +286,13 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_profile(config: Config, args: argparse.Namespace) -> int:
+    from keeper.api.documents import profile_document
+
     store = open_store(config)
     try:
-        grant = _grant_or_fail(store, args.app, args.openid)
-        profile = store.profile(grant.id) or {}
-        record = store.reauth_record(grant.id)
+        data = profile_document(store, _grant_or_fail(store, args.app, args.openid))
     finally:
         store.close()
-    data: dict[str, Any] = {
-        "appid": grant.appid, "openid": grant.openid, "unionid": grant.unionid,
-        "scope": grant.scope, "state": grant.state,
-        "access_expires_at": _iso(grant.access_expires_at),
-        "refresh_issued_at": _iso(grant.refresh_issued_at),
-        "reauth": None if record is None else {
-            "reason": record.reason, "errcode": record.errcode, "since": _iso(record.since)},
-        "profile_stop": grant.profile_stop,
-    }
-    for key in ("nickname", "sex", "province", "city", "country", "headimgurl", "privilege",
-                "errcode", "fetched_at", "avatar_url", "avatar_sha256", "avatar_path",
-                "avatar_size", "avatar_type", "avatar_saved_at", "avatar_error"):
-        value = profile.get(key)
-        data["profile_errcode" if key == "errcode" else key] = (
-            _iso(value) if isinstance(value, datetime) else value
-        )
     if args.json:
         _json(data)
     else:
@@ -358,11 +342,12 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_reauth(config: Config, args: argparse.Namespace) -> int:
+    from keeper.api.documents import reauth_row
+
     store = open_store(config)
     try:
-        for row in store.iter_reauth():
-            row.pop("grant_id")
-            row["since"] = _iso(row["since"])
+        for record in store.iter_reauth():
+            row = reauth_row(record)
             if args.json:
                 _json(row)
             else:
@@ -470,6 +455,27 @@ def cmd_cleanup_avatars(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from keeper.api.server import serve
+
+    return serve(config)
+
+
+def cmd_api_key(args: argparse.Namespace) -> int:
+    """``keeper api-key``: needs no configuration; prints a new key once, and its line."""
+    from keeper.api.keys import new_key
+
+    key, line = new_key(args.name, args.scopes)
+    log.info("api.key_created", name=args.name, scopes=line.split()[1])
+    if args.json:
+        _json({"name": args.name, "scopes": line.split()[1].split(","), "key": key,
+               "line": line})
+    else:
+        _out(f"key (shown once; give it to the application): {key}")
+        _out(f"add this line to the keys file (api.keys_file): {line}")
+    return EXIT_OK
+
+
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     cipher = cipher_for(config)  # encrypts tokens stored in plaintext before 0002
     # No statement timeout: encrypting or rewriting a large table may take minutes.
@@ -533,6 +539,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="only files older than this (default 3600)")
     sp = command("db", cmd_db, "database schema")
     sp.add_argument("action", choices=["upgrade"])
+    command("serve", cmd_serve, "the HTTP API for applications (see [api])")
+    sp = command("api-key", lambda _c, a: cmd_api_key(a),
+                 "make an API key for keeper serve (shown once) and its keys-file line",
+                 json_flag=True)
+    sp.add_argument("--name", required=True, help="who uses the key (a name for the log)")
+    sp.add_argument("--scopes", required=True, metavar="SCOPES",
+                    help="comma-separated: tokens, grants, read")
     sub.add_parser("simulate", help="run the WeChat simulator on loopback", add_help=False)
     sub.add_parser("bench", help="benchmark a sweep against the simulator", add_help=False)
     sub.add_parser("demo", help="the demo that `make demo` runs", add_help=False)
@@ -564,6 +577,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
     try:
         if args.command == "rotate-key" and args.new:
             return cmd_new_key(args)  # before the configuration: making the first key needs none
+        if args.command == "api-key":
+            return cmd_api_key(args)  # needs no configuration either
         config = load_config(args.config)
         configure(config.log_level)
         return int(args.fn(config, args))

@@ -99,3 +99,8 @@ class Users:
              .order_by(grants.c.appid, grants.c.openid).limit(limit))
         with translate("looking up a unionid"), self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    def ping(self) -> None:
+        """One round trip: raises StoreError when the database does not answer."""
+        with translate("checking the database"), self.engine.connect() as conn:
+            conn.execute(select(1))
