@@ -20,6 +20,7 @@ from keeper import __version__
 from keeper.api.keys import KeyRing
 from keeper.config import Config
 from keeper.errors import ConfigError
+from keeper.service.runtime import open_store
 
 log = structlog.get_logger("keeper.api")
 
@@ -49,6 +50,9 @@ def _clear_stale_socket(path: Path) -> None:
 def serve(config: Config) -> int:
     """Run the API until SIGTERM or SIGINT; the exit code."""
     KeyRing(config.api.keys_file)  # a missing or bad keys file: one line and exit 2, now
+    # The schema and the encryption key, checked before any server process starts: an
+    # outdated schema or a wrong key is one line (not a traceback per process).
+    open_store(config).close()
     api = config.api
     where: dict[str, object]
     if api.socket is not None:
