@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -64,6 +65,10 @@ def serve(config: Config) -> int:
     os.environ["KEEPER_CONFIG"] = str(Path(config.source).resolve())
     log.info("keeper.started", version=__version__, pid=os.getpid(), command="serve",
              listen=api.listen, processes=api.processes, **config.redacted())
+    # uvicorn handles SIGTERM and SIGINT while it serves, then raises the signal again for the
+    # handler it found: this one, so a graceful stop ends with exit 0 (not "killed by SIGTERM").
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     try:
         uvicorn.run(
             "keeper.api.app:factory", factory=True, workers=api.processes,
