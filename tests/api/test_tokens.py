@@ -298,3 +298,23 @@ def test_serve_is_a_process_of_its_own_beside_keeper_run(
     # Each grant was refreshed once, by whichever process leased it first.
     assert endpoint(sim, "refresh")["calls"] == 20
     wait_healthy(served.base, served.proc)
+
+
+def test_a_login_survives_a_database_blip_while_it_is_stored(
+    keeper: Keeper, sim: Simulator, tmp_path: Path
+) -> None:
+    """The code is spent once WeChat answers: a short outage while the grant is stored is
+    waited out (the store is tried again), not turned into a lost login."""
+    url = f"sqlite:///{tmp_path / 'keeper.db'}"
+    with serving(keeper, db_url=url, api_base=sim.url,
+                 extra='database_timeout = "1s"') as served:
+        sim.configure(latency_s=0.25)
+        outage = Outage(url, seconds=2, when=lambda: endpoint(sim, "code")["calls"] > 0)
+        r = served.call("POST", "/v1/grants",
+                        json={"appid": APPID, "code": sim.issue_code(appid=APPID, openid="o-l")})
+        outage.wait()
+        assert r.status_code == 201, r.text
+        assert served.call("GET", served.user(APPID, "o-l", "/token")).json()["access_token"] \
+            == sim.current_tokens()["o-l"][0]
+        _, err = stop(served.proc)
+    assert "grant.store_retry" in err
