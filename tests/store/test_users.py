@@ -141,3 +141,14 @@ def test_migration_0005_numbers_existing_records(db_url: str) -> None:
                             ).scalar_one() == 7
         assert list(take_seqs(conn, "reauth", 1)) == [8]
     engine.dispose()
+
+
+def test_a_grant_refreshed_since_it_was_read_is_not_leased_for_a_second_refresh(
+    store: Store,
+) -> None:
+    put(store, grant("o-fresh", access_expires_at=NOW + timedelta(hours=2)))
+    lease = {"lease_id": "L9", "lease_until": NOW + timedelta(minutes=5), "now": NOW}
+    assert store.claim_one("wx1", "o-fresh", expiring_by=NOW + timedelta(hours=1),
+                           **lease) is None  # type: ignore[arg-type]
+    assert store.claim_one("wx1", "o-fresh", expiring_by=NOW + timedelta(hours=3),
+                           **lease) is not None  # type: ignore[arg-type]
