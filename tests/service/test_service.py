@@ -20,6 +20,8 @@ import pytest
 from keeper.api.keys import parse_keys
 from keeper.config.api import DEFAULT_KEYS_FILE
 from keeper.wechat.simulator import Simulator
+from tests.api.server import serving
+from tests.api.server import stop as stop_serving
 from tests.conftest import (
     IN_CI,
     ROOT,
@@ -283,6 +285,18 @@ def test_the_service_survives_a_database_outage_and_recovers(
     assert code == 0
     text = log.read_text()
     assert "reauth.recorded" not in text and "Traceback" not in text
+
+
+def test_keeper_serve_exits_0_after_a_graceful_stop_on_sigterm(
+    sim: Simulator, keeper: Keeper, tmp_path: Path
+) -> None:
+    # keeper-api.service: uvicorn re-raises the signal it stopped on, which would end the process
+    # by SIGTERM (status 143) after a clean shutdown instead of exiting 0.
+    with serving(keeper, db_url=f"sqlite:///{tmp_path / 'keeper.db'}", api_base=sim.url) as s:
+        assert s.call("GET", "/healthz", key=None).status_code == 200
+        code, err = stop_serving(s.proc)
+    assert code == 0, err[-2000:]
+    assert '"api.stopped"' in err
 
 
 def _systemd_analyze() -> str:
