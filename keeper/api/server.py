@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from types import FrameType
 
 import structlog
 import uvicorn
@@ -21,7 +22,6 @@ from keeper import __version__
 from keeper.api.keys import KeyRing
 from keeper.config import Config
 from keeper.errors import ConfigError
-from keeper.service.runtime import open_store
 
 log = structlog.get_logger("keeper.api")
 
@@ -48,12 +48,13 @@ def _clear_stale_socket(path: Path) -> None:
     raise ConfigError(f"api.listen: another server listens on {path}")
 
 
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def serve(config: Config) -> int:
     """Run the API until SIGTERM or SIGINT; the exit code."""
     KeyRing(config.api.keys_file)  # a missing or bad keys file: one line and exit 2, now
-    # The schema and the encryption key, checked before any server process starts: an
-    # outdated schema or a wrong key is one line (not a traceback per process).
-    open_store(config).close()
     api = config.api
     where: dict[str, object]
     if api.socket is not None:
@@ -65,10 +66,12 @@ def serve(config: Config) -> int:
     os.environ["KEEPER_CONFIG"] = str(Path(config.source).resolve())
     log.info("keeper.started", version=__version__, pid=os.getpid(), command="serve",
              listen=api.listen, processes=api.processes, **config.redacted())
-    # uvicorn handles SIGTERM and SIGINT while it serves, then raises the signal again for the
-    # handler it found: this one, so a graceful stop ends with exit 0 (not "killed by SIGTERM").
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
+    # uvicorn re-raises the SIGTERM or SIGINT that stopped it, once it has shut down, to the
+    # handler in place before it started: with the default one the process would die of it
+    # (status 143 after a clean stop, not the exit 0 systemd and the contract expect). This one
+    # exits 0, and also stops keeper at once if the signal comes before uvicorn listens for it.
+    # (With api.processes > 1 uvicorn's supervisor takes the signals and returns by itself.)
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         uvicorn.run(
             "keeper.api.app:factory", factory=True, workers=api.processes,
@@ -78,6 +81,9 @@ def serve(config: Config) -> int:
             h11_max_incomplete_event_size=16 * 1024,
             **where,  # type: ignore[arg-type]
         )
-    except SystemExit as e:  # uvicorn's own exit: the port is taken, the start failed
+    except SystemExit as e:  # uvicorn's own exit (the port is taken, the start failed), or ours
         return 1 if e.code not in (0, None) else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
