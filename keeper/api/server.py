@@ -12,6 +12,7 @@ import errno
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -21,7 +22,8 @@ import uvicorn
 from keeper import __version__
 from keeper.api.keys import KeyRing
 from keeper.config import Config
-from keeper.errors import ConfigError
+from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated
+from keeper.service.runtime import open_store
 
 log = structlog.get_logger("keeper.api")
 
@@ -52,9 +54,34 @@ def _stopped(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+def _wait_for_database(config: Config) -> None:
+    """As ``keeper run`` does at start: wait until the database answers with a current schema
+    (checked once here, not once per server process), saying so once per kind of trouble. A
+    wrong encryption key is not waited for: it is a configuration error (exit 2)."""
+    delay, said = 1.0, ""
+    while True:
+        try:
+            open_store(config).close()
+        except (DatabaseUnavailable, SchemaOutdated) as e:
+            event = ("database.schema_outdated" if isinstance(e, SchemaOutdated)
+                     else "database.unavailable")
+            if event != said:
+                log.error(event, command="serve", error=str(e), retry_in_s=delay)
+                said = event
+            time.sleep(delay)  # SIGTERM meanwhile ends keeper at once (_stopped)
+            delay = min(delay * 2, 30.0)
+            continue
+        if said:
+            log.info("database.recovered", command="serve")
+        return
+
+
 def serve(config: Config) -> int:
     """Run the API until SIGTERM or SIGINT; the exit code."""
-    KeyRing(config.api.keys_file)  # a missing or bad keys file: one line and exit 2, now
+    keys = KeyRing(config.api.keys_file)  # a missing or bad keys file: one line and exit 2
+    if not len(keys):
+        log.warning("api.no_keys", keys_file=str(config.api.keys_file),
+                    hint="keeper api-key --name NAME --scopes tokens, then add its line")
     api = config.api
     where: dict[str, object]
     if api.socket is not None:
@@ -73,6 +100,7 @@ def serve(config: Config) -> int:
     # (With api.processes > 1 uvicorn's supervisor takes the signals and returns by itself.)
     previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        _wait_for_database(config)
         uvicorn.run(
             "keeper.api.app:factory", factory=True, workers=api.processes,
             http="httptools", loop="uvloop", lifespan="on",

@@ -21,7 +21,7 @@ from keeper.crypto import Cipher, load_keys
 from keeper.store.grants import Store
 from keeper.store.rows import new_lease_id
 from keeper.wechat.simulator import Simulator
-from tests.api.server import Served, make_keys, serving, stop, wait_healthy
+from tests.api.server import Served, free_port, make_keys, serving, stop, wait_healthy
 from tests.conftest import APPID, Keeper, config_text, wait_for
 from tests.e2e.helpers import endpoint, make_grant, seed
 from tests.e2e.outage import Outage
@@ -318,3 +318,30 @@ def test_a_login_survives_a_database_blip_while_it_is_stored(
             == sim.current_tokens()["o-l"][0]
         _, err = stop(served.proc)
     assert "grant.store_retry" in err
+
+
+def test_serve_waits_for_an_upgraded_schema_then_serves(keeper: Keeper, sim: Simulator) -> None:
+    """As keeper run does: a PostgreSQL database not yet upgraded is waited for (one line),
+    not a crash per server process; `keeper db upgrade` lets it start by itself."""
+    from tests.conftest import require_postgres, reset_postgres
+
+    url = require_postgres()
+    reset_postgres()
+    port = free_port()
+    keeper.write_config(config_text(db_url=url, api_base=sim.url)
+                        + f'\n[api]\nlisten = "127.0.0.1:{port}"\nkeys_file = "api-keys"\n')
+    make_keys(keeper)
+    proc = keeper.start("serve")
+    try:
+        assert proc.stderr is not None
+        waited = ""
+        while "database.schema_outdated" not in waited:
+            line = proc.stderr.readline()
+            assert line, "keeper serve ended without saying what it waits for"
+            waited += line
+        assert keeper.run("db", "upgrade").code == 0
+        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=30)
+    finally:
+        code, err = stop(proc)
+    assert code == 0 and "Traceback" not in waited + err
+    assert "database.recovered" in err
