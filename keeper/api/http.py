@@ -174,7 +174,7 @@ class AccessLog:
             log.info("api.request", method=scope["method"],
                      route=scope.get("keeper.route", "(none)"), status=status[0],
                      ms=round((time.perf_counter() - started) * 1000, 2),
-                     key=scope.get("keeper.key"), appid=_loggable(params.get("appid")),
+                     key_name=scope.get("keeper.key"), appid=_loggable(params.get("appid")),
                      openid=_loggable(params.get("openid")))
 
 

@@ -74,7 +74,9 @@ def test_no_secret_reaches_the_log_or_an_answer_other_than_the_token_itself(
     secrets |= {r for _, r in sim.current_tokens().values()}
     assert handed_out  # the token endpoint did answer tokens
     printed = "\n".join([log, *answers])
-    assert "api.request" in printed
+    requests_logged = [json.loads(line) for line in log.splitlines()
+                       if '"api.request"' in line]
+    assert {"all", "tokens", None} <= {r["key_name"] for r in requests_logged}
     leaked = sorted(s for s in secrets if s in printed)
     where = [line[:300] for line in printed.splitlines() if any(s in line for s in leaked)]
     assert leaked == [], where
