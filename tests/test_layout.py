@@ -26,8 +26,9 @@ LAYERS: dict[str, int] = {
     "avatars": 5,
     "sweep": 6,
     "service": 7,
-    "cli": 8,
-    "__main__": 9,
+    "api": 8,
+    "cli": 9,
+    "__main__": 10,
 }
 #: The simulator ships in keeper.wechat but imitates WeChat: it imports only keeper's errors,
 #: its pure core and itself (sharing the client's code would make it agree with the client).

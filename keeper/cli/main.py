@@ -9,25 +9,22 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
 from keeper import __version__
-from keeper.cli.importer import MAX_LINE_BYTES, parse_lines
 from keeper.config import Config, load_config
-from keeper.core.models import ACTIVE, REAUTH, Grant
+from keeper.core.grant_lines import MAX_LINE_BYTES, parse_lines
+from keeper.core.models import Grant
 from keeper.core.policy import schedule
 from keeper.errors import (
     ApiError,
-    AppConfigRejected,
-    BadCode,
     ConfigError,
     DatabaseUnavailable,
     KeeperError,
-    QuotaExceeded,
     StoreError,
     TransientApiError,
     UsageError,
@@ -45,9 +42,6 @@ log = structlog.get_logger("keeper.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMPORT_BATCH = 1000
-#: ``keeper token`` hands out a stored token without refreshing it, while another process holds
-#: the grant, only if it stays valid at least this long.
-TOKEN_MIN_VALID_S = 60
 ANALYZE_AFTER = 10000
 
 
@@ -127,48 +121,24 @@ def _progress_bar() -> Callable[[int, int], None]:
 
 
 def cmd_grant(config: Config, args: argparse.Namespace) -> int:
+    from keeper.api.logins import CodeRejected, ExchangeFailed, exchange
+
     app = config.app(args.app)
-    if not app.secret:
-        raise ConfigError(
-            f"app {app.appid} has no AppSecret ({app.secret_source}): set secret_env or "
-            "secret_file"
-        )
     rt = Runtime.build(config)
     try:
-        rt.gate.acquire(app.appid, "code", max_wait_s=30)
-        try:
-            answer = rt.client.exchange_code(app.appid, app.secret, args.code)
-        except QuotaExceeded as e:
-            rt.gate.pause(app.appid, "code", e.errcode or 45011, utcnow())
-            raise Failed(f"WeChat's code quota is used up: {e}") from None
-        except BadCode as e:
-            raise UsageError(f"the code was refused ({e}): the user must log in again") from None
-        except AppConfigRejected as e:
-            raise ConfigError(f"WeChat refused app {app.appid} ({e}): check its AppSecret, "
-                              "appid and IP whitelist") from None
-        except TransientApiError as e:
-            # Never retried: a code is single-use, and a retry would answer 40163.
-            raise Failed(f"WeChat could not exchange the code ({e}); ask the user to log in "
-                         "again") from None
-        now = utcnow()
-        grant = Grant(
-            id=0, appid=app.appid, openid=answer.openid, unionid=answer.unionid,
-            scope=answer.scope, access_token=answer.access_token,
-            refresh_token=answer.refresh_token,
-            access_expires_at=now + timedelta(seconds=answer.expires_in_s),
-            refresh_issued_at=now, state=ACTIVE,
-            profile_stop=48001 if answer.is_snapshotuser else None,
-        )
-        rt.store.upsert_grants([GrantWrite(grant, schedule(grant, lifetime(app, config)))], now)
+        login = exchange(config=config, app=app, code=args.code, store=rt.store,
+                         client=rt.client, gate=rt.gate)
+    except CodeRejected as e:
+        raise UsageError(str(e)) from None
+    except ExchangeFailed as e:
+        raise Failed(str(e)) from None
     finally:
         rt.close()
-    log.info("grant.stored", appid=app.appid, openid=answer.openid,
-             snapshot=answer.is_snapshotuser)
     if args.json:
-        _json({"appid": app.appid, "openid": answer.openid, "unionid": answer.unionid,
-               "scope": answer.scope, "is_snapshotuser": answer.is_snapshotuser})
+        _json({"appid": login.appid, "openid": login.openid, "unionid": login.unionid,
+               "scope": login.scope, "is_snapshotuser": login.is_snapshotuser})
     else:
-        _out(answer.openid)
+        _out(login.openid)
     return EXIT_OK
 
 
@@ -273,60 +243,22 @@ def _grant_or_fail(store: Store, appid: str, openid: str) -> Grant:
     return grant
 
 
-def _reauth_failure(store: Store, grant: Grant) -> Failed:
-    record = store.reauth_record(grant.id)
-    reason = record.reason if record else "other"
-    errcode = record.errcode if record else None
-    return Failed(f"user {grant.openid} must re-authorize: {reason} (errcode {errcode})")
-
-
 def cmd_token(config: Config, args: argparse.Namespace) -> int:
+    from keeper.api.tokens import MustReauthorize, NoGrant, TokenDesk, Unavailable
+
     app = config.app(args.app)
     rt = Runtime.build(config)
+    desk = TokenDesk(store=rt.store, worker=rt.worker, lease_s=config.lease_s,
+                     wait_s=2 * config.read_timeout_s + 5, journal=rt.journal(), clock=utcnow)
     try:
-        token = _valid_token(rt, app.appid, args.openid)
+        token = desk.token(app.appid, args.openid, min_valid_s=config.access_margin_s)
+    except (NoGrant, MustReauthorize, Unavailable) as e:
+        raise Failed(str(e)) from None
     finally:
         rt.close()
-    sys.stdout.write(token + "\n")
+    sys.stdout.write(token.access_token + "\n")
     sys.stdout.flush()
     return EXIT_OK
-
-
-def _valid_token(rt: Runtime, appid: str, openid: str) -> str:
-    store, config = rt.store, rt.config
-    deadline = time.monotonic() + 2 * config.read_timeout_s + 5
-    while True:
-        grant = _grant_or_fail(store, appid, openid)
-        if grant.state == REAUTH:
-            raise _reauth_failure(store, grant)
-        now = utcnow()
-        if grant.access_expires_at > now + timedelta(seconds=config.access_margin_s):
-            return grant.access_token
-        lease_id = new_lease_id()
-        leased = store.claim_one(
-            appid, openid, lease_id=lease_id,
-            lease_until=now + timedelta(seconds=config.lease_s), now=now,
-        )
-        if leased is not None:
-            break
-        # Another process holds the grant: a sweep refreshing it, or one that crashed and
-        # whose lease has not lapsed. Its lease only matters to a refresh: a token that is
-        # still valid is the answer now.
-        if grant.access_expires_at > now + timedelta(seconds=TOKEN_MIN_VALID_S):
-            return grant.access_token
-        # Expired (or nearly): wait for that process's refresh.
-        if time.monotonic() > deadline:
-            raise Failed(f"grant {openid} stayed busy in another keeper process; try again")
-        time.sleep(0.2)
-    result = rt.worker.work(leased, profile_reads=False, force_refresh=True)
-    if result.write is None or result.counts["transient_failures"]:
-        store.release([leased.id], lease_id)
-        detail = leased.last_error if result.write is None else result.write.grant.last_error
-        raise Failed(f"WeChat could not refresh the access token now ({detail}); try again")
-    store.apply([result.write], lease_id, utcnow())
-    if result.write.grant.state == REAUTH:
-        raise _reauth_failure(store, result.write.grant)
-    return result.write.grant.access_token
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
@@ -354,29 +286,13 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_profile(config: Config, args: argparse.Namespace) -> int:
+    from keeper.api.documents import profile_document
+
     store = open_store(config)
     try:
-        grant = _grant_or_fail(store, args.app, args.openid)
-        profile = store.profile(grant.id) or {}
-        record = store.reauth_record(grant.id)
+        data = profile_document(store, _grant_or_fail(store, args.app, args.openid))
     finally:
         store.close()
-    data: dict[str, Any] = {
-        "appid": grant.appid, "openid": grant.openid, "unionid": grant.unionid,
-        "scope": grant.scope, "state": grant.state,
-        "access_expires_at": _iso(grant.access_expires_at),
-        "refresh_issued_at": _iso(grant.refresh_issued_at),
-        "reauth": None if record is None else {
-            "reason": record.reason, "errcode": record.errcode, "since": _iso(record.since)},
-        "profile_stop": grant.profile_stop,
-    }
-    for key in ("nickname", "sex", "province", "city", "country", "headimgurl", "privilege",
-                "errcode", "fetched_at", "avatar_url", "avatar_sha256", "avatar_path",
-                "avatar_size", "avatar_type", "avatar_saved_at", "avatar_error"):
-        value = profile.get(key)
-        data["profile_errcode" if key == "errcode" else key] = (
-            _iso(value) if isinstance(value, datetime) else value
-        )
     if args.json:
         _json(data)
     else:
@@ -426,11 +342,12 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_reauth(config: Config, args: argparse.Namespace) -> int:
+    from keeper.api.documents import reauth_row
+
     store = open_store(config)
     try:
-        for row in store.iter_reauth():
-            row.pop("grant_id")
-            row["since"] = _iso(row["since"])
+        for record in store.iter_reauth():
+            row = reauth_row(record)
             if args.json:
                 _json(row)
             else:
@@ -538,6 +455,27 @@ def cmd_cleanup_avatars(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from keeper.api.server import serve
+
+    return serve(config)
+
+
+def cmd_api_key(args: argparse.Namespace) -> int:
+    """``keeper api-key``: needs no configuration; prints a new key once, and its line."""
+    from keeper.api.keys import new_key
+
+    key, line = new_key(args.name, args.scopes)
+    log.info("api.key_created", name=args.name, scopes=line.split()[1])
+    if args.json:
+        _json({"name": args.name, "scopes": line.split()[1].split(","), "key": key,
+               "line": line})
+    else:
+        _out(f"key (shown once; give it to the application): {key}")
+        _out(f"add this line to the keys file (api.keys_file): {line}")
+    return EXIT_OK
+
+
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     cipher = cipher_for(config)  # encrypts tokens stored in plaintext before 0002
     # No statement timeout: encrypting or rewriting a large table may take minutes.
@@ -601,6 +539,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="only files older than this (default 3600)")
     sp = command("db", cmd_db, "database schema")
     sp.add_argument("action", choices=["upgrade"])
+    command("serve", cmd_serve, "the HTTP API for applications (see [api])")
+    sp = command("api-key", lambda _c, a: cmd_api_key(a),
+                 "make an API key for keeper serve (shown once) and its keys-file line",
+                 json_flag=True)
+    sp.add_argument("--name", required=True, help="who uses the key (a name for the log)")
+    sp.add_argument("--scopes", required=True, metavar="SCOPES",
+                    help="comma-separated: tokens, grants, read")
     sub.add_parser("simulate", help="run the WeChat simulator on loopback", add_help=False)
     sub.add_parser("bench", help="benchmark a sweep against the simulator", add_help=False)
     sub.add_parser("demo", help="the demo that `make demo` runs", add_help=False)
@@ -632,6 +577,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
     try:
         if args.command == "rotate-key" and args.new:
             return cmd_new_key(args)  # before the configuration: making the first key needs none
+        if args.command == "api-key":
+            return cmd_api_key(args)  # needs no configuration either
         config = load_config(args.config)
         configure(config.log_level)
         return int(args.fn(config, args))

@@ -14,7 +14,9 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from keeper.config.api import parse_api
 from keeper.config.model import (
+    ACCESS_REFRESH,
     ACCESS_TOKEN_LIFE_S,
     DEFAULT_PATH,
     DEFAULT_QUOTAS,
@@ -252,6 +254,11 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
     if access_margin >= ACCESS_TOKEN_LIFE_S:
         raise ConfigError(f"access_margin: must be shorter than an access token's life "
                           f"({ACCESS_TOKEN_LIFE_S} s), got {access_margin:g}")
+    access_refresh = t.string("access_refresh", "ahead")
+    if access_refresh not in ACCESS_REFRESH:
+        raise ConfigError(f"access_refresh: expected \"ahead\" or \"on_demand\", got "
+                          f"{show(access_refresh)}")
+    api = parse_api(t.pop("api", None), lambda name: _resolve(name, env, base))
     config = Config(
         database_url=database_url,
         api_base=api_base.rstrip("/"),
@@ -274,6 +281,8 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         avatar_keep_when_removed=keep_removed,
         database_timeout_s=database_timeout,
         journal_dir=Path(journal_dir),
+        access_refresh=str(access_refresh),
+        api=api,
         encryption_key_files=(
             tuple(_resolve(k, env, base) for k in key_files) or _credential_key(env)
         ),

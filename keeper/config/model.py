@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keeper.config.api import ApiConfig
 from keeper.core.quota import Quota
 from keeper.errors import ConfigError
 
@@ -25,6 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: An access token lives 7200 s (WeChat's ``expires_in``); refreshing it earlier than that
 #: would refresh on every sweep.
 ACCESS_TOKEN_LIFE_S = 7200
+ACCESS_REFRESH = ("ahead", "on_demand")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,10 @@ class Config:
     database_timeout_s: float = 30.0
     #: Where results that could not be written before an exit are kept until the next start.
     journal_dir: Path = Path("var/journal")
+    #: ``"ahead"``: sweeps refresh every access token before it expires; ``"on_demand"``: only
+    #: refresh tokens are kept alive, access tokens are refreshed when asked for.
+    access_refresh: str = "ahead"
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def app(self, appid: str) -> AppConfig:
         """The app called ``appid``; ``ConfigError`` if it is not configured."""
@@ -103,6 +109,9 @@ class Config:
             "lease_s": self.lease_s,
             "database_timeout_s": self.database_timeout_s,
             "journal_dir": str(self.journal_dir),
+            "access_refresh": self.access_refresh,
+            "api_listen": self.api.listen,
+            "api_keys_file": str(self.api.keys_file),
             "log_level": self.log_level,
             "encryption_key_files": [str(p) for p in self.encryption_key_files] or "default",
             "apps": [

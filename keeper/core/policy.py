@@ -48,6 +48,9 @@ class Lifetime:
     refresh_at_s: float
     access_margin_s: float
     profile_interval_s: float
+    #: ``access_refresh = "ahead"``: sweeps keep access tokens valid. ``False``
+    #: (``"on_demand"``): only when asked for, or when a profile read needs one.
+    access_ahead: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,14 @@ def refresh_reason(grant: Grant, clock: Lifetime, now: datetime) -> str | None:
             return LIFETIME_OVER
     elif now >= issued + timedelta(seconds=clock.refresh_at_s):
         return REFRESH_DAY
-    if now >= grant.access_expires_at - timedelta(seconds=clock.access_margin_s):
+    if clock.access_ahead and access_stale(grant, clock, now):
         return ACCESS
     return None
+
+
+def access_stale(grant: Grant, clock: Lifetime, now: datetime) -> bool:
+    """Whether the access token expires within the margin at ``now``."""
+    return now >= grant.access_expires_at - timedelta(seconds=clock.access_margin_s)
 
 
 def profile_due(grant: Grant, clock: Lifetime, now: datetime) -> bool:
@@ -94,7 +102,9 @@ def schedule(grant: Grant, clock: Lifetime) -> Schedule:
     refresh_due = issued + timedelta(
         seconds=clock.lifetime_s if grant.state == EXPIRING else clock.refresh_at_s
     )
-    access_due = grant.access_expires_at - timedelta(seconds=clock.access_margin_s)
+    access_due: datetime | None = None
+    if clock.access_ahead:
+        access_due = grant.access_expires_at - timedelta(seconds=clock.access_margin_s)
     profile: datetime | None = None
     if grant.wants_profile:
         profile = (
@@ -104,7 +114,8 @@ def schedule(grant: Grant, clock: Lifetime) -> Schedule:
         )
     if grant.retry_at:
         hold = grant.retry_at
-        refresh_due, access_due = max(refresh_due, hold), max(access_due, hold)
+        refresh_due = max(refresh_due, hold)
+        access_due = max(access_due, hold) if access_due else None
         profile = max(profile, hold) if profile else None
     if profile and grant.profile_retry_at:
         profile = max(profile, grant.profile_retry_at)  # a failed read waits; tokens do not

@@ -90,10 +90,12 @@ class Runtime:
                                keep_when_removed=config.avatar_keep_when_removed)
         return cls(config, store, client, gate, worker, stop, avatars)
 
+    def journal(self) -> Journal:
+        return Journal(self.config.journal_dir, self.store.cipher)
+
     def sweeper(self) -> Sweeper:
         return Sweeper(config=self.config, store=self.store, worker=self.worker, stop=self.stop,
-                       avatars=self.avatars,
-                       journal=Journal(self.config.journal_dir, self.store.cipher))
+                       avatars=self.avatars, journal=self.journal())
 
     def close(self) -> None:
         self.client.close()

@@ -23,9 +23,10 @@ from keeper.store.quota_state import QuotaState
 from keeper.store.reports import Reports
 from keeper.store.rows import _MUTABLE, GrantWrite, _grant, _schedule_values
 from keeper.store.schema import grants, meta, reauth
+from keeper.store.users import Users
 
 
-class Store(Leases, Reports, QuotaState, AvatarState):
+class Store(Leases, Reports, QuotaState, AvatarState, Users):
     """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
 
     def __init__(

@@ -26,7 +26,7 @@ from keeper.store.rows import (
     _profile_values,
     _schedule_values,
 )
-from keeper.store.schema import grants, profiles, reauth
+from keeper.store.schema import counters, grants, profiles, reauth
 
 
 class Leases:
@@ -204,12 +204,14 @@ class Leases:
             for w in writes if w.reauth
         ]
         if records:
+            for row, seq in zip(records, take_seqs(conn, "reauth", len(records)), strict=True):
+                row["seq"] = seq
             stmt = self._insert(reauth)
             conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=["grant_id"],
                     set_={"reason": stmt.excluded.reason, "errcode": stmt.excluded.errcode,
-                          "since": stmt.excluded.since},
+                          "since": stmt.excluded.since, "seq": stmt.excluded.seq},
                 ),
                 records,
             )
@@ -225,3 +227,14 @@ class Leases:
                 .values(lease_id=None, lease_until=None)
             )
         return int(result.rowcount or 0)
+
+
+def take_seqs(conn: Any, name: str, n: int) -> range:
+    """``n`` numbers of the sequence ``name``, in order. The counter's row stays locked until
+    the transaction ends, so transactions that take numbers commit in the order of their
+    numbers: a reader that sees number k has already seen every number below it."""
+    top = conn.execute(
+        update(counters).where(counters.c.name == name)
+        .values(value=counters.c.value + n).returning(counters.c.value)
+    ).scalar_one()
+    return range(int(top) - n + 1, int(top) + 1)

@@ -90,6 +90,7 @@ grants = Table(
     Index("ix_grants_access_due_at", "appid", "access_due_at"),
     Index("ix_grants_profile_due_at", "appid", "profile_due_at"),
     Index("ix_grants_key_id", "key_id"),  # what `keeper rotate-key` has left to do
+    Index("ix_grants_unionid", "unionid"),  # the API's look-up by unionid
 )
 
 profiles = Table(
@@ -125,6 +126,17 @@ reauth = Table(
     Column("reason", String(32), nullable=False),
     Column("errcode", Integer),
     Column("since", UTCDateTime, nullable=False),
+    # The order records were written in, for the API's feed: taken from ``counters`` under
+    # its row lock, so a record with a higher ``seq`` is never committed before a lower one.
+    Column("seq", BigInteger, nullable=False),
+    Index("ix_reauth_seq", "seq", unique=True),
+)
+
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
 )
 
 sweeps = Table(

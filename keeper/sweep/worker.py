@@ -21,6 +21,7 @@ from keeper.core.policy import (
     ACCESS,
     PROFILE_FAILING_AFTER,
     Lifetime,
+    access_stale,
     after_profile_failure,
     after_profile_read,
     after_reauth,
@@ -60,6 +61,7 @@ def lifetime(app: AppConfig, config: Config) -> Lifetime:
         refresh_at_s=app.refresh_at_s,
         access_margin_s=config.access_margin_s,
         profile_interval_s=config.profile_interval_s,
+        access_ahead=config.access_refresh == "ahead",
     )
 
 
@@ -205,6 +207,9 @@ class Worker:
         p = _Progress(grant)
         try:
             reason = refresh_reason(grant, clock, now) or (ACCESS if force_refresh else None)
+            if (reason is None and profile_reads and profile_due(grant, clock, now)
+                    and access_stale(grant, clock, now)):
+                reason = ACCESS  # on demand: a profile read needs a valid access token
             if reason:
                 self._refresh(p, counts, reason)
             if profile_reads and profile_due(p.grant, clock, self.clock()):

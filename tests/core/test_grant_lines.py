@@ -7,7 +7,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from keeper.cli.importer import MAX_LINE_BYTES, BadLine, parse_line, parse_lines, parse_time
+from keeper.core.grant_lines import (
+    MAX_LINE_BYTES,
+    BadLine,
+    parse_line,
+    parse_lines,
+    parse_time,
+)
 
 GOOD = {
     "appid": "wx1", "openid": "o1", "access_token": "ACCESS-SECRET-1",

@@ -1,0 +1,183 @@
+"""The HTTP plumbing of the API: errors as ``{"error", "detail"}``, API keys and scopes,
+capped JSON bodies, bounded parameters, and one ``api.request`` log line per request.
+
+Handlers are plain functions run in the thread pool (the store and the WeChat client block);
+everything before them (the key, the body) runs on the event loop and never waits on I/O
+other than the request itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from keeper.api.app import Api
+
+log = structlog.get_logger("keeper.api")
+
+#: WeChat's ids: printable ASCII without spaces (as ``keeper import`` takes them).
+_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+class Problem(Exception):
+    """An answer other than success: status, error code, a detail safe to show."""
+
+    def __init__(self, status: int, error: str, detail: str, *,
+                 headers: Mapping[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def response(self) -> Response:
+        body = {"error": self.error, "detail": self.detail, **self.extra}
+        return JSONResponse(body, self.status, headers=self.headers)
+
+
+def bad_request(field: str | None, detail: str) -> Problem:
+    if field:
+        return Problem(400, "bad_request", f"{field}: {detail}", field=field)
+    return Problem(400, "bad_request", detail)
+
+
+def unavailable(error: str, detail: str, retry_after_s: int) -> Problem:
+    return Problem(503, error, detail, headers={"Retry-After": str(retry_after_s)})
+
+
+def path_id(request: Request, name: str) -> str:
+    """A path parameter that is an appid, openid or unionid."""
+    value = str(request.path_params.get(name, ""))
+    if not _ID.fullmatch(value):
+        raise bad_request(name, "expected printable ASCII without spaces, 1 to 128 characters")
+    return value
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d{1,19}", raw) or not low <= int(raw) <= high:
+        raise bad_request(name, f"expected a whole number from {low} to {high}")
+    return int(raw)
+
+
+async def read_json(request: Request, cap: int) -> dict[str, Any]:
+    """The request body as a JSON object, read no further than ``cap`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > cap):
+        raise Problem(413, "payload_too_large", f"the body is limited to {cap} bytes")
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if kind.lower() not in ("application/json", ""):
+        raise Problem(415, "unsupported_media_type", "send the body as application/json")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise Problem(413, "payload_too_large", f"the body is limited to {cap} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Problem(400, "bad_request", "the client went away") from None
+    try:
+        data = json.loads(b"".join(chunks).decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise bad_request(None, "the body is not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad_request(None, f"the body is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise bad_request(None, "the body must be a JSON object")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+Handler = Callable[["Api", Request, Any], Response]
+
+
+def endpoint(route: str, scope: str | None, *, body: bool = False
+             ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """A route's handler: the key checked for ``scope`` (``None``: no key), the JSON body read
+    when ``body``, then ``fn(api, request, body)`` in the thread pool. Problems become their
+    answers, and every other failure a 500 that names no value."""
+
+    def wrap(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            request.scope["keeper.route"] = route
+            api: Api = request.app.state.api
+            try:
+                if scope is not None:
+                    request.scope["keeper.key"] = authenticate(api, request, scope)
+                payload = await read_json(request, api.config.api.max_body_bytes) if body \
+                    else None
+                return await run_in_threadpool(api.answer, fn, request, payload)
+            except Problem as p:
+                return p.response()
+
+        handler.__name__ = fn.__name__
+        return handler
+
+    return wrap
+
+
+def authenticate(api: Api, request: Request, scope: str) -> str:
+    """The name of the request's key; 401 without a known key, 403 without the scope."""
+    header = request.headers.get("authorization", "")
+    kind, _, presented = header.partition(" ")
+    challenge = {"WWW-Authenticate": 'Bearer realm="keeper"'}
+    if kind.lower() != "bearer" or not presented.strip():
+        raise Problem(401, "unauthorized", "send Authorization: Bearer KEY", headers=challenge)
+    key = api.keys.find(presented.strip())
+    if key is None:
+        raise Problem(401, "unauthorized", "unknown API key", headers=challenge)
+    if scope not in key.scopes:
+        raise Problem(403, "forbidden", f"the key {key.name} lacks the scope {scope}")
+    return key.name
+
+
+class AccessLog:
+    """ASGI middleware: one ``api.request`` line per request (route template, status, time,
+    key name; never a header, a query string or a body)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            params = scope.get("path_params") or {}
+            log.info("api.request", method=scope["method"],
+                     route=scope.get("keeper.route", "(none)"), status=status[0],
+                     ms=round((time.perf_counter() - started) * 1000, 2),
+                     key=scope.get("keeper.key"), appid=_loggable(params.get("appid")),
+                     openid=_loggable(params.get("openid")))
+
+
+def _loggable(value: object) -> str | None:
+    """A path id for the log: only when it is one (a bad one is named by the 400 instead)."""
+    return value if isinstance(value, str) and _ID.fullmatch(value) else None

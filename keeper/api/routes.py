@@ -1,0 +1,206 @@
+"""The API's handlers (CONTRACT.md, "HTTP API for applications"). Each runs in the thread
+pool and returns a response or raises a :class:`~keeper.api.http.Problem`; the domain's
+exceptions (no grant, must re-authorize, WeChat unavailable) are answered in ``Api.answer``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from keeper.api.documents import iso, profile_document, reauth_row
+from keeper.api.http import Problem, bad_request, endpoint, path_id, query_int
+from keeper.api.logins import exchange
+from keeper.config import ACCESS_TOKEN_LIFE_S
+from keeper.core.grant_lines import REQUIRED, BadLine, parse_line
+from keeper.core.models import Grant
+from keeper.core.policy import schedule
+from keeper.errors import StoreError
+from keeper.store.rows import GrantWrite
+from keeper.sweep.engine import utcnow
+from keeper.sweep.worker import lifetime
+
+if TYPE_CHECKING:
+    from keeper.api.app import Api
+
+log = structlog.get_logger("keeper.api")
+
+#: The longest login code keeper passes on (WeChat's are 32 characters).
+MAX_CODE_CHARS = 512
+FEED_LIMIT = 100
+FEED_MAX = 1000
+
+
+def _app(api: Api, appid: str) -> str:
+    if appid not in api.appids:
+        raise Problem(404, "unknown_app", f"app {appid} is not configured")
+    return appid
+
+
+def _grant(api: Api, request: Request) -> Grant:
+    appid = _app(api, path_id(request, "appid"))
+    openid = path_id(request, "openid")
+    grant = api.store.get_grant(appid, openid)
+    if grant is None:
+        raise Problem(404, "no_grant", f"no grant for openid {openid} of app {appid}")
+    return grant
+
+
+@endpoint("/healthz", None)
+def healthz(api: Api, request: Request, body: Any) -> Response:
+    try:
+        api.store.ping()
+    except StoreError as e:
+        return JSONResponse({"status": "unavailable", "error": "database_unavailable",
+                             "detail": str(e)}, 503, headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ok"})
+
+
+@endpoint("/openapi.json", None)
+def openapi(api: Api, request: Request, body: Any) -> Response:
+    return Response(api.openapi, media_type="application/json")
+
+
+@endpoint("/v1/grants", "grants", body=True)
+def create_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
+    for name in body:
+        if name not in ("appid", "code"):
+            raise bad_request(str(name)[:64], "unknown field (expected appid and code)")
+    appid, code = body.get("appid"), body.get("code")
+    if not isinstance(appid, str) or not appid:
+        raise bad_request("appid", "required, a string")
+    if not isinstance(code, str) or not code:
+        raise bad_request("code", "required, a string")
+    if len(code) > MAX_CODE_CHARS or not code.isascii() or not code.isprintable() \
+            or " " in code:
+        raise bad_request("code", f"expected printable ASCII, at most {MAX_CODE_CHARS} "
+                                  "characters")
+    app = api.config.app(_app(api, appid))
+    login = exchange(config=api.config, app=app, code=code, store=api.store,
+                     client=api.rt.client, gate=api.rt.gate, max_wait_s=5)
+    return JSONResponse({"appid": login.appid, "openid": login.openid,
+                         "unionid": login.unionid, "scope": login.scope,
+                         "is_snapshotuser": login.is_snapshotuser}, 201)
+
+
+@endpoint("/v1/apps/{appid}/users/{openid}", "grants", body=True)
+def put_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
+    appid = _app(api, path_id(request, "appid"))
+    openid = path_id(request, "openid")
+    for name, value in (("appid", appid), ("openid", openid)):
+        if name in body and body[name] != value:
+            raise bad_request(name, "differs from the path")
+    unknown = [k for k in body if k not in REQUIRED and k != "unionid"]
+    if unknown:
+        raise bad_request(str(unknown[0])[:64], "unknown field")
+    try:
+        grant, _ = parse_line(json.dumps({**body, "appid": appid, "openid": openid}),
+                              appids=api.appids, now=utcnow())
+    except BadLine as e:
+        raise bad_request(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+    existed = api.store.token_row(appid, openid) is not None
+    clock = lifetime(api.config.app(appid), api.config)
+    api.store.upsert_grants([GrantWrite(grant, schedule(grant, clock))], utcnow())
+    log.info("grant.stored", appid=appid, openid=openid, source="api")
+    return JSONResponse({"appid": appid, "openid": openid, "unionid": grant.unionid,
+                         "scope": grant.scope, "state": grant.state,
+                         "access_expires_at": iso(grant.access_expires_at),
+                         "refresh_issued_at": iso(grant.refresh_issued_at)},
+                        200 if existed else 201)
+
+
+@endpoint("/v1/apps/{appid}/users/{openid}", "grants")
+def delete_grant(api: Api, request: Request, body: Any) -> Response:
+    appid = _app(api, path_id(request, "appid"))
+    openid = path_id(request, "openid")
+    found, avatar = api.store.delete_user(appid, openid)
+    if not found:
+        raise Problem(404, "no_grant", f"no grant for openid {openid} of app {appid}")
+    removed = False
+    if avatar is not None:
+        path = api.config.avatar_dir / avatar
+        try:
+            path.unlink()
+            removed = True
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("avatar.not_removed", file=str(path), error=e.strerror)
+    log.info("grant.deleted", appid=appid, openid=openid, avatar_removed=removed)
+    return Response(status_code=204)
+
+
+@endpoint("/v1/apps/{appid}/users/{openid}/token", "tokens")
+def token(api: Api, request: Request, body: Any) -> Response:
+    appid = _app(api, path_id(request, "appid"))
+    openid = path_id(request, "openid")
+    margin = int(api.config.access_margin_s)
+    min_valid = query_int(request, "min_valid", margin, 0, ACCESS_TOKEN_LIFE_S - 600)
+    t = api.desk.token(appid, openid, min_valid_s=min_valid)
+    return JSONResponse(
+        {"access_token": t.access_token, "expires_at": iso(t.expires_at), "openid": openid,
+         "scope": t.scope},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@endpoint("/v1/apps/{appid}/users/{openid}", "read")
+def profile(api: Api, request: Request, body: Any) -> Response:
+    return JSONResponse(profile_document(api.store, _grant(api, request)))
+
+
+@endpoint("/v1/apps/{appid}/users/{openid}/avatar", "read")
+def avatar(api: Api, request: Request, body: Any) -> Response:
+    grant = _grant(api, request)
+    kept = api.store.profile(grant.id) or {}
+    sha, relative = kept.get("avatar_sha256"), kept.get("avatar_path")
+    if not sha or not relative:
+        raise Problem(404, "no_avatar", "keeper holds no avatar for this user")
+    etag = f'"{sha}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+    wanted = request.headers.get("if-none-match", "")
+    if wanted.strip() == "*" or etag in (t.strip().removeprefix("W/") for t in wanted.split(",")):
+        return Response(status_code=304, headers=headers)
+    try:
+        data = (api.config.avatar_dir / relative).read_bytes()
+    except OSError:
+        raise Problem(404, "no_avatar", "the avatar file is missing; the next sweep "
+                                        "fetches it again") from None
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise Problem(404, "no_avatar", "the avatar file is damaged; the next sweep fetches "
+                                        "it again")
+    return Response(data, media_type=kept.get("avatar_type") or "application/octet-stream",
+                    headers=headers)
+
+
+@endpoint("/v1/reauth", "read")
+def reauth_feed(api: Api, request: Request, body: Any) -> Response:
+    after = query_int(request, "after", 0, 0, 2**62)
+    limit = query_int(request, "limit", FEED_LIMIT, 1, FEED_MAX)
+    rows, cursor = api.store.reauth_page(after, limit)
+    return JSONResponse({"users": [reauth_row(r) for r in rows], "next": str(cursor)})
+
+
+@endpoint("/v1/unionids/{unionid}", "read")
+def unionid(api: Api, request: Request, body: Any) -> Response:
+    rows = api.store.grants_by_unionid(path_id(request, "unionid"))
+    return JSONResponse({"grants": rows})
+
+
+ROUTES = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/v1/grants", create_grant, methods=["POST"]),
+    Route("/v1/apps/{appid}/users/{openid}", put_grant, methods=["PUT"]),
+    Route("/v1/apps/{appid}/users/{openid}", delete_grant, methods=["DELETE"]),
+    Route("/v1/apps/{appid}/users/{openid}", profile, methods=["GET"]),
+    Route("/v1/apps/{appid}/users/{openid}/token", token, methods=["GET"]),
+    Route("/v1/apps/{appid}/users/{openid}/avatar", avatar, methods=["GET"]),
+    Route("/v1/reauth", reauth_feed, methods=["GET"]),
+    Route("/v1/unionids/{unionid}", unionid, methods=["GET"]),
+]

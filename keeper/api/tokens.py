@@ -1,0 +1,212 @@
+"""Access tokens on demand: one that expires soon is refreshed first, under the grant's lease
+and the shared quota, and many requests at once for one stale token make one refresh call.
+
+Within a process, requests for one grant queue behind a lock of that grant's own (a *flight*):
+the first refreshes, the rest then read its result. Across processes the grant's lease decides:
+a process that finds the grant leased by another (a sweep, another ``keeper serve``) polls the
+row until that work is written, then takes the new token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+
+from keeper.core.models import REAUTH, Reauth
+from keeper.errors import DatabaseUnavailable, KeeperError, StoreError
+from keeper.store.grants import Store
+from keeper.store.rows import GrantWrite, new_lease_id
+from keeper.store.users import TokenRow
+from keeper.sweep.journal import Journal
+from keeper.sweep.worker import Worker
+
+log = structlog.get_logger("keeper.tokens")
+
+#: While another process holds the grant, a token valid at least this long is handed out at
+#: once instead of waiting for that process (unless the caller asked for more).
+BUSY_FLOOR_S = 60.0
+#: After a failed refresh (WeChat down, a garbled answer): how long the caller should wait.
+RETRY_AFTER_S = 5
+
+
+class NoGrant(KeeperError):
+    """keeper holds no grant for this user."""
+
+
+class MustReauthorize(KeeperError):
+    """The grant is dead; ``record`` says why (``None`` if the record went missing)."""
+
+    def __init__(self, openid: str, record: Reauth | None) -> None:
+        reason = record.reason if record else "other"
+        errcode = record.errcode if record else None
+        super().__init__(f"user {openid} must re-authorize: {reason} (errcode {errcode})")
+        self.record = record
+
+
+class Unavailable(KeeperError):
+    """No valid token now, not for the user's fault: WeChat down, the quota used up, the grant
+    held by another process past the wait, the database failing. ``retry_after_s``: when to
+    ask again. ``code``: the API's error code."""
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str = "wechat_unavailable"):
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s + 0.999))
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Token:
+    access_token: str
+    expires_at: datetime
+    scope: str
+    refreshed: bool  # this request made the refresh call
+
+
+class _Flights:
+    """One lock per grant being refreshed in this process, dropped when nobody holds it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[int, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, grant_id: int, timeout_s: float) -> Iterator[bool]:
+        with self._guard:
+            lock, users = self._locks.get(grant_id, (threading.Lock(), 0))
+            self._locks[grant_id] = (lock, users + 1)
+        got = lock.acquire(timeout=max(0.0, timeout_s))
+        try:
+            yield got
+        finally:
+            if got:
+                lock.release()
+            with self._guard:
+                lock, users = self._locks[grant_id]
+                if users <= 1:
+                    del self._locks[grant_id]
+                else:
+                    self._locks[grant_id] = (lock, users - 1)
+
+
+class TokenDesk:
+    """Hands out valid access tokens, refreshing them when needed."""
+
+    def __init__(
+        self, *, store: Store, worker: Worker, lease_s: float, wait_s: float,
+        journal: Journal | None = None, clock: Callable[[], datetime],
+        poll_s: float = 0.025,
+    ) -> None:
+        self.store = store
+        self.worker = worker
+        self.lease_s = lease_s
+        self.wait_s = wait_s
+        self.journal = journal
+        self.clock = clock
+        self.poll_s = poll_s
+        self._flights = _Flights()
+
+    def token(self, appid: str, openid: str, *, min_valid_s: float,
+              busy_floor_s: float = BUSY_FLOOR_S) -> Token:
+        """A token valid for at least ``min_valid_s`` more seconds.
+
+        Raises :class:`NoGrant`, :class:`MustReauthorize` or :class:`Unavailable`.
+        """
+        row = self._read(appid, openid)
+        if self._fresh(row, min_valid_s):
+            return Token(row.access_token, row.access_expires_at, row.scope, False)
+        deadline = time.monotonic() + self.wait_s
+        with self._flights.hold(row.id, deadline - time.monotonic()) as got:
+            if not got:
+                raise self._busy(openid)
+            # Whoever held the flight before may have refreshed it already.
+            pause = self.poll_s
+            while True:
+                row = self._read(appid, openid)
+                if self._fresh(row, min_valid_s):
+                    return Token(row.access_token, row.access_expires_at, row.scope, False)
+                token = self._refresh(appid, openid)
+                if token is not None:
+                    return token
+                # Another process holds the grant: its token may do meanwhile.
+                if self._fresh(row, min(min_valid_s, busy_floor_s)):
+                    return Token(row.access_token, row.access_expires_at, row.scope, False)
+                if time.monotonic() + pause > deadline:
+                    raise self._busy(openid)
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.25)
+
+    def _busy(self, openid: str) -> Unavailable:
+        return Unavailable(f"grant {openid} stayed busy in another keeper process; try again",
+                           retry_after_s=2, code="grant_busy")
+
+    def _read(self, appid: str, openid: str) -> TokenRow:
+        try:
+            row = self.store.token_row(appid, openid)
+        except DatabaseUnavailable as e:
+            raise Unavailable(f"the database is unavailable: {e}", retry_after_s=RETRY_AFTER_S,
+                              code="database_unavailable") from None
+        if row is None:
+            raise NoGrant(f"no grant for openid {openid} of app {appid}: the user must log in")
+        if row.state == REAUTH:
+            raise MustReauthorize(openid, self.store.reauth_record(row.id))
+        return row
+
+    def _fresh(self, row: TokenRow, min_valid_s: float) -> bool:
+        return row.access_expires_at > self.clock() + timedelta(seconds=min_valid_s)
+
+    def _refresh(self, appid: str, openid: str) -> Token | None:
+        """Lease the grant and refresh it; ``None`` when another process holds it."""
+        now = self.clock()
+        lease_id = new_lease_id()
+        leased = self.store.claim_one(appid, openid, lease_id=lease_id,
+                                      lease_until=now + timedelta(seconds=self.lease_s), now=now)
+        if leased is None:
+            return None
+        result = self.worker.work(leased, profile_reads=False, force_refresh=True)
+        write = result.write
+        if write is None or result.counts["transient_failures"]:
+            # Nothing WeChat said changes the grant (it did not answer, or the quota is used
+            # up): the grant goes back as it was; the sweep keeps its own schedule.
+            self.store.release([leased.id], lease_id)
+            if result.quota_wait is not None:
+                wait = (result.quota_wait.until - self.clock()).total_seconds()
+                raise Unavailable(str(result.quota_wait), retry_after_s=wait,
+                                  code="quota_exhausted")
+            if write is not None and write.grant.retry_at is not None and (
+                    write.grant.last_error or "").startswith("450"):
+                wait = (write.grant.retry_at - self.clock()).total_seconds()
+                raise Unavailable("WeChat's refresh quota is used up", retry_after_s=wait,
+                                  code="quota_exhausted")
+            detail = (write.grant.last_error if write is not None else None) or (
+                result.db_error and "database unavailable") or "no answer"
+            raise Unavailable(f"WeChat could not refresh the access token now ({detail})",
+                              retry_after_s=RETRY_AFTER_S)
+        if not self._store(write, lease_id):
+            return None  # superseded (a new login, a delete): read what is stored now
+        if write.grant.state == REAUTH:
+            raise MustReauthorize(openid, write.reauth)
+        g = write.grant
+        return Token(g.access_token, g.access_expires_at, g.scope, True)
+
+    def _store(self, write: GrantWrite, lease_id: str) -> bool:
+        """Commit what WeChat answered; if the database fails, journal it (it is replayed by
+        the next keeper process, and by this one's replay thread). False: superseded."""
+        try:
+            return self.store.apply([write], lease_id, self.clock()) > 0
+        except StoreError as e:
+            if self.journal is None:
+                raise
+            try:
+                path = self.journal.write([(write, lease_id)])
+            except OSError as disk:
+                log.error("journal.failed", lost=1, error=f"{type(disk).__name__}: "
+                          f"{disk.strerror or disk}", directory=str(self.journal.directory))
+                raise e from None
+            log.warning("journal.saved", results=1, file=str(path), error=str(e))
+            return True

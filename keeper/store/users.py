@@ -1,0 +1,106 @@
+"""What the application API asks of the store about users: one token, forgetting a user, the
+re-authorization feed and look-ups by unionid. A mixin of :class:`keeper.store.grants.Store`,
+which provides ``engine`` and ``cipher``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select
+
+from keeper.crypto import Cipher
+from keeper.store.db import translate
+from keeper.store.schema import grants, profiles, reauth
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """What the token endpoint needs of a grant, access token decrypted (nothing else is)."""
+
+    id: int
+    state: str
+    scope: str
+    access_token: str
+    access_expires_at: datetime
+    leased_until: datetime | None  # a lease held on the grant (maybe lapsed), else None
+
+
+class Users:
+    """The API's reads and the one delete."""
+
+    engine: Engine
+    cipher: Cipher
+
+    def token_row(self, appid: str, openid: str) -> TokenRow | None:
+        """One indexed read (the (appid, openid) unique index)."""
+        q = select(grants.c.id, grants.c.state, grants.c.scope, grants.c.access_token,
+                   grants.c.access_expires_at, grants.c.lease_id, grants.c.lease_until
+                   ).where(grants.c.appid == appid, grants.c.openid == openid)
+        with translate("reading a token"), self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        if row is None:
+            return None
+        return TokenRow(row.id, row.state, row.scope, self.cipher.decrypt(row.access_token),
+                        row.access_expires_at, row.lease_until if row.lease_id else None)
+
+    def delete_user(self, appid: str, openid: str) -> tuple[bool, str | None]:
+        """Forget a user: the grant, its profile and re-authorization record (both by cascade).
+
+        Returns (whether there was a grant, the avatar file it leaves unused). The caller
+        removes that file: after the commit, and only a file no other profile points to.
+        """
+        with translate("deleting a grant"), self.engine.begin() as conn:
+            row = conn.execute(
+                select(grants.c.id, profiles.c.avatar_path)
+                .outerjoin(profiles, profiles.c.grant_id == grants.c.id)
+                .where(grants.c.appid == appid, grants.c.openid == openid)
+                .with_for_update(of=grants)
+            ).first()
+            if row is None:
+                return False, None
+            # Explicit, not only by cascade: a database without enforced foreign keys forgets
+            # the user as completely.
+            conn.execute(delete(profiles).where(profiles.c.grant_id == row.id))
+            conn.execute(delete(reauth).where(reauth.c.grant_id == row.id))
+            conn.execute(delete(grants).where(grants.c.id == row.id))
+            path = row.avatar_path
+            if path is not None:
+                others = conn.execute(
+                    select(func.count()).where(profiles.c.avatar_path == path)
+                ).scalar_one()
+                if others:
+                    path = None
+        return True, path
+
+    def reauth_page(self, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """Records written after cursor ``after``, in the order they were committed; the
+        cursor of the last one (``after`` itself when there are none)."""
+        q = (
+            select(grants.c.appid, grants.c.openid, grants.c.unionid, reauth.c.reason,
+                   reauth.c.errcode, reauth.c.since, reauth.c.seq)
+            .join(grants, grants.c.id == reauth.c.grant_id)
+            .where(reauth.c.seq > after)
+            .order_by(reauth.c.seq)
+            .limit(limit)
+        )
+        with translate("reading the re-authorization feed"), self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        cursor = rows[-1]["seq"] if rows else after
+        for r in rows:
+            r.pop("seq")
+        return rows, int(cursor)
+
+    def grants_by_unionid(self, unionid: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """The grants of one WeChat user across the apps of one open platform account."""
+        q = (select(grants.c.appid, grants.c.openid, grants.c.state)
+             .where(grants.c.unionid == unionid)
+             .order_by(grants.c.appid, grants.c.openid).limit(limit))
+        with translate("looking up a unionid"), self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def ping(self) -> None:
+        """One round trip: raises StoreError when the database does not answer."""
+        with translate("checking the database"), self.engine.connect() as conn:
+            conn.execute(select(1))

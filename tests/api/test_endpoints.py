@@ -1,0 +1,232 @@
+"""Every endpoint of the application API end to end: a real ``keeper serve`` over HTTP, the
+WeChat simulator behind it, on SQLite and on PostgreSQL (CONTRACT.md, "HTTP API")."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from keeper.wechat.simulator import Simulator
+from tests.api.server import Served
+from tests.conftest import APPID, wait_for
+from tests.e2e.helpers import endpoint, make_grant
+
+
+def login(served: Served, sim: Simulator, openid: str, **kw: object) -> dict[str, object]:
+    code = sim.issue_code(appid=APPID, openid=openid, **kw)  # type: ignore[arg-type]
+    r = served.call("POST", "/v1/grants", json={"appid": APPID, "code": code})
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_a_login_becomes_a_grant_whose_token_profile_and_avatar_are_served(
+    served: Served, sim: Simulator
+) -> None:
+    answer = login(served, sim, "o-web", unionid="u-web")
+    assert answer == {"appid": APPID, "openid": "o-web", "unionid": "u-web",
+                      "scope": "snsapi_login", "is_snapshotuser": False}
+
+    r = served.call("GET", served.user(APPID, "o-web", "/token"))
+    assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store"
+    body = r.json()
+    assert body["access_token"] == sim.current_tokens()["o-web"][0]
+    assert (body["openid"], body["scope"]) == ("o-web", "snsapi_login")
+    assert endpoint(sim, "refresh")["calls"] == 0  # fresh: no refresh
+
+    # The sweep reads the profile and keeps the avatar; the API then serves both.
+    assert served.keeper.run("sweep").code == 0
+    doc = served.call("GET", served.user(APPID, "o-web")).json()
+    assert doc["nickname"] and doc["avatar_sha256"] and doc["state"] == "active"
+    assert "access_token" not in json.dumps(doc) and body["access_token"] not in json.dumps(doc)
+    r = served.call("GET", served.user(APPID, "o-web", "/avatar"))
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("image/")
+    assert hashlib.sha256(r.content).hexdigest() == doc["avatar_sha256"]
+    assert r.headers["ETag"] == f'"{doc["avatar_sha256"]}"'
+    again = served.call("GET", served.user(APPID, "o-web", "/avatar"),
+                        headers={"If-None-Match": r.headers["ETag"]})
+    assert again.status_code == 304 and again.content == b""
+    assert served.call("GET", served.user(APPID, "o-web", "/avatar"),
+                       headers={"If-None-Match": '"other"'}).status_code == 200
+
+    r = served.call("GET", "/v1/unionids/u-web")
+    assert r.json() == {"grants": [{"appid": APPID, "openid": "o-web", "state": "active"}]}
+    assert served.call("GET", "/v1/unionids/u-nobody").json() == {"grants": []}
+
+
+def test_codes_wechat_refuses_or_cannot_take_are_answered_and_never_retried(
+    served: Served, sim: Simulator
+) -> None:
+    code = sim.issue_code(appid=APPID, openid="o-code")
+    assert served.call("POST", "/v1/grants", json={"appid": APPID, "code": code}).status_code \
+        == 201
+    used = served.call("POST", "/v1/grants", json={"appid": APPID, "code": code})
+    assert used.status_code == 400
+    assert used.json()["error"] == "code_rejected" and used.json()["errcode"] == 40163
+    made_up = served.call("POST", "/v1/grants", json={"appid": APPID, "code": "not-a-code"})
+    assert (made_up.status_code, made_up.json()["error"]) == (400, "code_rejected")
+    unknown = served.call("POST", "/v1/grants", json={"appid": "wxunknown", "code": "c"})
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_app")
+
+    before = endpoint(sim, "code")["calls"]
+    sim.force("code", "timeout")
+    down = served.call("POST", "/v1/grants",
+                       json={"appid": APPID, "code": sim.issue_code(appid=APPID, openid="o-2")})
+    assert down.status_code == 503 and down.json()["error"] == "wechat_unavailable"
+    assert int(down.headers["Retry-After"]) >= 1
+    assert endpoint(sim, "code")["calls"] == before + 1  # a code is single-use: one call
+    sim.force("code", 45011)
+    quota = served.call("POST", "/v1/grants",
+                        json={"appid": APPID, "code": sim.issue_code(appid=APPID, openid="o-3")})
+    assert quota.status_code == 503 and int(quota.headers["Retry-After"]) >= 1
+
+
+def test_put_upserts_a_grant_field_by_field_and_clears_its_reauth_record(
+    served: Served, sim: Simulator
+) -> None:
+    g = make_grant("o-put", access_in_s=-60, state="revoked")
+    sim.add_grants([g])
+    body = {k: g[k] for k in ("access_token", "refresh_token", "scope", "access_expires_at",
+                              "refresh_issued_at")}
+    path = served.user(APPID, "o-put")
+    assert served.call("PUT", path, json=body).status_code == 201
+    assert served.call("PUT", path, json=body).status_code == 200
+
+    # WeChat says the grant is dead: the token request answers 409 and the record is kept.
+    r = served.call("GET", path + "/token")
+    assert r.status_code == 409, r.text
+    assert r.json()["error"] == "reauth_required"
+    assert r.json()["reason"] == "authorization_revoked" and r.json()["since"]
+    assert served.call("GET", path + "/token").status_code == 409  # no second call to WeChat
+    feed = served.call("GET", "/v1/reauth").json()
+    assert [u["openid"] for u in feed["users"]] == ["o-put"]
+    assert feed["users"][0]["reason"] == "authorization_revoked"
+
+    # The application got a new grant itself (the user logged in again): PUT clears it.
+    fresh = make_grant("o-put", access_in_s=3600)
+    sim.add_grants([fresh])
+    new_body = {k: fresh[k] for k in body} | {"unionid": "u-put", "openid": "o-put"}
+    r = served.call("PUT", path, json=new_body)
+    assert r.status_code == 200 and r.json()["state"] == "active"
+    assert r.json()["unionid"] == "u-put"
+    assert served.call("GET", path + "/token").json()["access_token"] == fresh["access_token"]
+    assert served.call("GET", "/v1/reauth", params={"after": feed["next"]}).json()["users"] \
+        == []
+
+
+def test_bad_requests_name_the_field_and_change_nothing(served: Served, sim: Simulator) -> None:
+    path = served.user(APPID, "o-bad")
+    good = {k: v for k, v in make_grant("o-bad").items()
+            if k in ("access_token", "refresh_token", "scope", "access_expires_at",
+                     "refresh_issued_at")}
+    cases = [
+        (good | {"access_expires_at": "yesterday"}, 400, "access_expires_at"),
+        (good | {"scope": "SNSAPI LOGIN"}, 400, "scope"),
+        (good | {"access_token": "x" * 600}, 400, "access_token"),
+        (good | {"access_token": 5}, 400, "access_token"),
+        ({k: v for k, v in good.items() if k != "refresh_token"}, 400, "refresh_token"),
+        (good | {"appid": "wxother"}, 400, "appid"),
+        (good | {"openid": "o-else"}, 400, "openid"),
+        (good | {"state": "active"}, 400, "state"),
+    ]
+    for body, status, field in cases:
+        r = served.call("PUT", path, json=body)
+        assert (r.status_code, r.json().get("field")) == (status, field), (field, r.text)
+        assert "x" * 100 not in r.text
+    raw = [
+        (b"not json", 400), (b"[1, 2]", 400), (b'{"a": NaN}', 400), (b"\xff\xfe", 400),
+        (b"[" * 100_000, 413), (b'{"pad": "' + b"x" * 70_000 + b'"}', 413),
+    ]
+    for data, status in raw:
+        r = served.call("PUT", path, data=data, headers={"Content-Type": "application/json"})
+        assert r.status_code == status, (data[:20], r.text)
+        assert r.json()["error"] in ("bad_request", "payload_too_large")
+    r = served.call("PUT", path, data=json.dumps(good), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    r = served.call("POST", "/v1/grants", json={"appid": APPID, "code": "a b"})
+    assert (r.status_code, r.json()["field"]) == (400, "code")
+    r = served.call("POST", "/v1/grants", json={"appid": APPID})
+    assert (r.status_code, r.json()["field"]) == (400, "code")
+    r = served.call("POST", "/v1/grants", json={"appid": APPID, "code": "c", "extra": 1})
+    assert (r.status_code, r.json()["field"]) == (400, "extra")
+    for query in ("min_valid=-1", "min_valid=7200", "min_valid=abc", "min_valid=1e3"):
+        r = served.call("GET", f"{path}/token?{query}")
+        assert (r.status_code, r.json()["field"]) == (400, "min_valid"), query
+    for query in ("after=-1", "limit=0", "limit=1001", "after=x"):
+        assert served.call("GET", f"/v1/reauth?{query}").status_code == 400, query
+    long_id = "o" * 129
+    r = served.call("GET", served.user(APPID, long_id))
+    assert (r.status_code, r.json()["field"]) == (400, "openid")
+    assert served.call("GET", served.user("wx-nope", "o1")).json()["error"] == "unknown_app"
+    r = served.call("PATCH", path)
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    assert served.call("GET", "/v2/nothing").json()["error"] == "not_found"
+    # Nothing of it was stored.
+    assert served.call("GET", path).status_code == 404
+    assert served.proc.poll() is None
+
+
+def test_delete_forgets_the_user_and_their_avatar_file_once_unused(
+    served: Served, sim: Simulator
+) -> None:
+    for openid in ("o-a", "o-b", "o-c"):
+        login(served, sim, openid)
+    sim.set_avatar("o-a", "shared")
+    sim.set_avatar("o-b", "shared")  # the same picture: one file for both
+    assert served.keeper.run("sweep").code == 0
+    docs = {o: served.call("GET", served.user(APPID, o)).json() for o in ("o-a", "o-b", "o-c")}
+    assert docs["o-a"]["avatar_path"] == docs["o-b"]["avatar_path"] != docs["o-c"]["avatar_path"]
+    avatars = served.keeper.workdir / "var" / "avatars"
+    shared, own = avatars / docs["o-a"]["avatar_path"], avatars / docs["o-c"]["avatar_path"]
+    assert shared.is_file() and own.is_file()
+
+    assert served.call("DELETE", served.user(APPID, "o-a")).status_code == 204
+    assert shared.is_file()  # o-b still uses it
+    assert served.call("DELETE", served.user(APPID, "o-b")).status_code == 204
+    assert not shared.exists()
+    assert served.call("DELETE", served.user(APPID, "o-c"), key="grants").status_code == 204
+    assert not own.exists()
+    for openid in ("o-a", "o-b", "o-c"):
+        for tail in ("", "/token", "/avatar"):
+            r = served.call("GET", served.user(APPID, openid, tail))
+            assert (r.status_code, r.json()["error"]) == (404, "no_grant")
+        assert served.call("DELETE", served.user(APPID, openid)).status_code == 404
+    assert served.keeper.run("status", "--json").out.count('"grants": 0') == 1
+
+
+def test_keys_and_scopes(served: Served, sim: Simulator) -> None:
+    login(served, sim, "o-k")
+    user = served.user(APPID, "o-k")
+    assert served.call("GET", "/healthz", key=None).json() == {"status": "ok"}
+    assert served.call("GET", "/openapi.json", key=None).json()["openapi"].startswith("3.")
+    r = served.call("GET", user + "/token", key=None)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+    for header in ("Bearer", "Bearer wrong-key", "Basic abc", "Bearer " + "k" * 5000):
+        assert served.session.get(served.base + user, headers={"Authorization": header},
+                                  timeout=10).status_code == 401
+    allowed = {
+        ("GET", user + "/token"): "tokens",
+        ("GET", user): "read",
+        ("GET", user + "/avatar"): "read",
+        ("GET", "/v1/reauth"): "read",
+        ("GET", "/v1/unionids/u1"): "read",
+        ("DELETE", served.user(APPID, "o-nobody")): "grants",
+        ("POST", "/v1/grants"): "grants",
+    }
+    for (method, path), scope in allowed.items():
+        for key in ("tokens", "read", "grants"):
+            r = served.call(method, path, key=key, json={} if method == "POST" else None)
+            if key == scope:
+                assert r.status_code not in (401, 403), (method, path, key, r.text)
+            else:
+                assert (r.status_code, r.json()["error"]) == (403, "forbidden"), (path, key)
+
+    # A key is revoked by removing its line: refused within a second or two, no restart.
+    keys_file = served.keeper.workdir / "api-keys"
+    lines = keys_file.read_text().splitlines()
+    keys_file.write_text("\n".join(x for x in lines if not x.startswith("read ")) + "\n")
+    wait_for(lambda: served.call("GET", user, key="read").status_code == 401, timeout=10)
+    # A keys file that turns bad keeps the keys read before (and says so in the log).
+    keys_file.write_text("this is not a keys line\n")
+    time.sleep(1.2)  # the file is looked at again after a second; nothing else to wait on
+    assert served.call("GET", user, key="all").status_code == 200
