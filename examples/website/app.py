@@ -138,12 +138,13 @@ def create_app(config: Mapping[str, str] | None = None) -> Flask:
     def avatar() -> Any:
         if "openid" not in session:
             return Response(status=404)
-        conditional = {"If-None-Match": request.headers["If-None-Match"]} \
-            if "If-None-Match" in request.headers else {}
-        answer = call("GET", user_path() + "/avatar", headers=conditional)
-        if answer is None or answer.status_code not in (200, 304):
-            return Response(status=404 if answer is not None and answer.status_code == 404
-                            else 503)
+        etag = request.headers.get("If-None-Match")
+        answer = call("GET", user_path() + "/avatar",
+                      headers={"If-None-Match": etag} if etag else {})
+        if answer is None:
+            return Response(status=503)
+        if answer.status_code not in (200, 304):
+            return Response(status=404 if answer.status_code == 404 else 502)
         proxied = Response(answer.content, status=answer.status_code,
                            content_type=answer.headers.get("Content-Type"))
         if "ETag" in answer.headers:

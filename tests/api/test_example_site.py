@@ -236,6 +236,11 @@ def test_a_login_shows_the_nickname_and_the_avatar_keeper_kept(
         "  .map(x => x.toString(16).padStart(2, '0')).join('')));")
     profile = stack.profile(openid_for(APPID, SIM_USERS[0].key))
     assert digest == profile["avatar_sha256"]
+    revalidated = page.execute_async_script(  # keeper's ETag and 304 pass through the site
+        "const done = arguments[arguments.length - 1];"
+        "fetch('/avatar', {cache: 'no-store', headers: {'If-None-Match': arguments[0]}})"
+        ".then(r => done(r.status));", f'"{digest}"')
+    assert revalidated == 304
     original = re.sub(r"/\d+$", "/0", profile["avatar_url"])
     kept = requests.get(original, timeout=5).content  # WeChat's image, kept verbatim
     assert hashlib.sha256(kept).hexdigest() == digest
