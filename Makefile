@@ -46,8 +46,9 @@ clean:
 
 # Install the systemd units for this checkout (run as root). The checkout should live outside
 # /home and /root (the units use ProtectHome=yes), e.g. in /opt/keeper. Also: keeper-ctl (runs a
-# keeper command as the service), the group keeper-avatars and /var/lib/keeper-avatars (README,
-# "Avatars"), /etc/keeper/keeper.toml (avatar_dir set to that directory) and keeper.env if missing.
+# keeper command as the service), the groups keeper-avatars and keeper-api with
+# /var/lib/keeper-avatars (README, "Avatars") and /run/keeper-api (the API's unix socket),
+# /etc/keeper/keeper.toml (avatar_dir set to that directory), keeper.env and api-keys if missing.
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/keeper
 BINDIR ?= /usr/local/bin
@@ -60,7 +61,7 @@ install-systemd: $(STAMP)
 	  case "$$(stat -c %A "$$d")" in *x|*t) ;; *) echo "install-systemd: $$d (mode $$(stat -c %a "$$d")) does not let other users in, so the service could not run keeper from $(CURDIR): chmod o+x it, or move the checkout (e.g. to /opt/keeper)" >&2; exit 1;; esac; \
 	  d=$$(dirname "$$d"); done; fi
 	install -d -m 0755 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)/etc/tmpfiles.d $(DESTDIR)/etc/sysusers.d
-	for unit in keeper.service keeper-sweep.service keeper@.service; do \
+	for unit in keeper.service keeper-sweep.service keeper@.service keeper-api.service; do \
 	  sed 's#/opt/keeper#$(CURDIR)#g' systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit; \
 	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit; \
 	done
@@ -73,12 +74,18 @@ install-systemd: $(STAMP)
 	  sed 's#^avatar_dir = .*#avatar_dir = "$(AVATARDIR)"#' config/keeper.toml > $(DESTDIR)$(CONFDIR)/keeper.toml
 	chmod 0644 $(DESTDIR)$(CONFDIR)/keeper.toml
 	test -e $(DESTDIR)$(CONFDIR)/keeper.env || install -m 0600 systemd/keeper.env.example $(DESTDIR)$(CONFDIR)/keeper.env
+	@# Read by systemd alone (LoadCredential=), as root: no other user needs it.
+	test -e $(DESTDIR)$(CONFDIR)/api-keys || (umask 077 && \
+	  sed 's#/opt/keeper#$(CURDIR)#g' systemd/api-keys.example > $(DESTDIR)$(CONFDIR)/api-keys)
 	if [ -z "$(DESTDIR)" ]; then \
-	  getent group keeper-avatars >/dev/null || systemd-sysusers /etc/sysusers.d/keeper.conf 2>/dev/null || groupadd --system keeper-avatars; \
-	  systemd-tmpfiles --create /etc/tmpfiles.d/keeper.conf 2>/dev/null || install -d -m 2770 -g keeper-avatars $(AVATARDIR); \
+	  { getent group keeper-avatars && getent group keeper-api; } >/dev/null || systemd-sysusers /etc/sysusers.d/keeper.conf 2>/dev/null || \
+	    for g in keeper-avatars keeper-api; do getent group $$g >/dev/null || groupadd --system $$g; done; \
+	  systemd-tmpfiles --create /etc/tmpfiles.d/keeper.conf 2>/dev/null || { \
+	    install -d -m 2770 -g keeper-avatars $(AVATARDIR) && install -d -m 2770 -g keeper-api /run/keeper-api; }; \
 	fi
 	if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed; next: put each AppSecret in $(CONFDIR)/secrets/<appid> (mode 0600), edit $(CONFDIR)/keeper.toml, then: systemctl enable --now keeper"
+	@echo "the application API: add the line of '$(CURDIR)/$(BIN)/keeper api-key --name NAME --scopes tokens,grants,read' to $(CONFDIR)/api-keys, then: systemctl enable --now keeper-api"
 
 # keeper under a real systemd: boots a Debian bookworm container (systemd-nspawn; the tree is
 # cached in $(SYSTEMD_CHECK_CACHE)) and runs the service's life cycle in it. Root only.

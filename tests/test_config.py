@@ -210,3 +210,55 @@ def test_unknown_keys_that_are_not_plain_names_are_quoted_on_one_line() -> None:
     with pytest.raises(ConfigError) as e:
         build({"": [], "a\nb": 1, "quotas": {}})
     assert "\n" not in str(e.value) and "'a\\nb'" in str(e.value)
+
+
+def test_the_api_table_defaults_to_loopback_and_a_keys_file_beside_the_config(
+    tmp_path: Path,
+) -> None:
+    c = build_config({}, env={}, source=str(tmp_path / "keeper.toml"))
+    assert (c.api.host, c.api.port, c.api.socket) == ("127.0.0.1", 8790, None)
+    assert c.api.keys_file == tmp_path / "api-keys"
+    assert c.access_refresh == "ahead" and c.api.processes == 1
+
+
+def test_the_keys_file_is_looked_up_among_systemd_credentials_first(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "api-keys").write_text("")
+    c = build_config({"api": {"keys_file": "api-keys"}}, env={"CREDENTIALS_DIRECTORY":
+                     str(creds)}, source=str(tmp_path / "keeper.toml"))
+    assert c.api.keys_file == creds / "api-keys"
+
+
+@pytest.mark.parametrize("listen,where", [
+    ("0.0.0.0:80", ("0.0.0.0", 80, None)),  # noqa: S104  (what the operator wrote)
+    ("[::1]:8790", ("::1", 8790, None)),
+    ("localhost:1", ("localhost", 1, None)),
+    ("unix:/run/keeper-api/api.sock", (None, None, Path("/run/keeper-api/api.sock"))),
+])
+def test_api_listen_takes_host_port_or_a_unix_socket(
+    listen: str, where: tuple[object, ...]
+) -> None:
+    api = build({"api": {"listen": listen}}).api
+    assert (api.host, api.port, api.socket) == where
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"api": {"listen": "8790"}}, "api.listen"),
+    ({"api": {"listen": "host:0"}}, "api.listen"),
+    ({"api": {"listen": "host:70000"}}, "api.listen"),
+    ({"api": {"listen": "[zz::1]:80"}}, "api.listen"),
+    ({"api": {"listen": "unix:api.sock"}}, "api.listen"),
+    ({"api": {"listen": 8790}}, "api.listen"),
+    ({"api": {"processes": 0}}, "api.processes"),
+    ({"api": {"threads": True}}, "api.threads"),
+    ({"api": {"token_wait": "1h"}}, "api.token_wait"),
+    ({"api": {"keys_file": ""}}, "api.keys_file"),
+    ({"api": {"key": "x"}}, "api.key"),
+    ({"api": "on"}, "api"),
+    ({"access_refresh": "lazy"}, "access_refresh"),
+])
+def test_bad_api_values_are_refused_naming_the_key(data: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build(data)
+    assert str(e.value).startswith(key) or str(e.value).endswith(key), str(e.value)

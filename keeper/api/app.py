@@ -49,6 +49,9 @@ class Api:
         self.appids = frozenset(a.appid for a in config.apps)
         self.rt = Runtime.build(config, open_store=False)
         self.store = self.rt.store
+        # A request waits for a quota permit no longer than for a busy grant (a sweep waits
+        # longer: it has nobody waiting on it).
+        self.rt.worker.quota_wait_s = min(config.api.token_wait_s, 5.0)
         self.journal: Journal = self.rt.journal()
         self.desk = TokenDesk(store=self.store, worker=self.rt.worker, lease_s=config.lease_s,
                               wait_s=config.api.token_wait_s, journal=self.journal,

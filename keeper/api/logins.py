@@ -6,6 +6,7 @@ never retried: when WeChat does not answer, the user logs in again.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ from keeper.errors import (
     AppConfigRejected,
     BadCode,
     ConfigError,
+    DatabaseUnavailable,
     KeeperError,
     QuotaExceeded,
     TransientApiError,
@@ -99,7 +101,25 @@ def exchange(
         refresh_issued_at=now, state=ACTIVE,
         profile_stop=48001 if answer.is_snapshotuser else None,
     )
-    store.upsert_grants([GrantWrite(grant, schedule(grant, lifetime(app, config)))], now)
+    _store(store, GrantWrite(grant, schedule(grant, lifetime(app, config))))
     log.info("grant.stored", appid=app.appid, openid=answer.openid,
              snapshot=answer.is_snapshotuser)
     return Login(app.appid, answer.openid, answer.unionid, answer.scope, answer.is_snapshotuser)
+
+
+#: Pauses between attempts to store a new grant while the database blips: the code is spent,
+#: so these tokens exist nowhere else, and a short outage should not cost the user a login.
+STORE_RETRIES_S = (0.2, 0.5, 1.0)
+
+
+def _store(store: Store, write: GrantWrite) -> None:
+    for pause in (*STORE_RETRIES_S, None):
+        try:
+            store.upsert_grants([write], utcnow())
+            return
+        except DatabaseUnavailable:
+            if pause is None:
+                raise
+            log.warning("grant.store_retry", appid=write.grant.appid,
+                        openid=write.grant.openid, in_s=pause)
+            time.sleep(pause)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
+import time
 from pathlib import Path
+from types import FrameType
 
 import structlog
 import uvicorn
@@ -19,7 +22,7 @@ import uvicorn
 from keeper import __version__
 from keeper.api.keys import KeyRing
 from keeper.config import Config
-from keeper.errors import ConfigError
+from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated
 from keeper.service.runtime import open_store
 
 log = structlog.get_logger("keeper.api")
@@ -47,12 +50,38 @@ def _clear_stale_socket(path: Path) -> None:
     raise ConfigError(f"api.listen: another server listens on {path}")
 
 
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def _wait_for_database(config: Config) -> None:
+    """As ``keeper run`` does at start: wait until the database answers with a current schema
+    (checked once here, not once per server process), saying so once per kind of trouble. A
+    wrong encryption key is not waited for: it is a configuration error (exit 2)."""
+    delay, said = 1.0, ""
+    while True:
+        try:
+            open_store(config).close()
+        except (DatabaseUnavailable, SchemaOutdated) as e:
+            event = ("database.schema_outdated" if isinstance(e, SchemaOutdated)
+                     else "database.unavailable")
+            if event != said:
+                log.error(event, command="serve", error=str(e), retry_in_s=delay)
+                said = event
+            time.sleep(delay)  # SIGTERM meanwhile ends keeper at once (_stopped)
+            delay = min(delay * 2, 30.0)
+            continue
+        if said:
+            log.info("database.recovered", command="serve")
+        return
+
+
 def serve(config: Config) -> int:
     """Run the API until SIGTERM or SIGINT; the exit code."""
-    KeyRing(config.api.keys_file)  # a missing or bad keys file: one line and exit 2, now
-    # The schema and the encryption key, checked before any server process starts: an
-    # outdated schema or a wrong key is one line (not a traceback per process).
-    open_store(config).close()
+    keys = KeyRing(config.api.keys_file)  # a missing or bad keys file: one line and exit 2
+    if not len(keys):
+        log.warning("api.no_keys", keys_file=str(config.api.keys_file),
+                    hint="keeper api-key --name NAME --scopes tokens, then add its line")
     api = config.api
     where: dict[str, object]
     if api.socket is not None:
@@ -64,7 +93,14 @@ def serve(config: Config) -> int:
     os.environ["KEEPER_CONFIG"] = str(Path(config.source).resolve())
     log.info("keeper.started", version=__version__, pid=os.getpid(), command="serve",
              listen=api.listen, processes=api.processes, **config.redacted())
+    # uvicorn re-raises the SIGTERM or SIGINT that stopped it, once it has shut down, to the
+    # handler in place before it started: with the default one the process would die of it
+    # (status 143 after a clean stop, not the exit 0 systemd and the contract expect). This one
+    # exits 0, and also stops keeper at once if the signal comes before uvicorn listens for it.
+    # (With api.processes > 1 uvicorn's supervisor takes the signals and returns by itself.)
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        _wait_for_database(config)
         uvicorn.run(
             "keeper.api.app:factory", factory=True, workers=api.processes,
             http="httptools", loop="uvloop", lifespan="on",
@@ -73,6 +109,9 @@ def serve(config: Config) -> int:
             h11_max_incomplete_event_size=16 * 1024,
             **where,  # type: ignore[arg-type]
         )
-    except SystemExit as e:  # uvicorn's own exit: the port is taken, the start failed
+    except SystemExit as e:  # uvicorn's own exit (the port is taken, the start failed), or ours
         return 1 if e.code not in (0, None) else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0

@@ -130,7 +130,7 @@ class TokenDesk:
                 row = self._read(appid, openid)
                 if self._fresh(row, min_valid_s):
                     return Token(row.access_token, row.access_expires_at, row.scope, False)
-                token = self._refresh(appid, openid)
+                token = self._refresh(appid, openid, min_valid_s)
                 if token is not None:
                     return token
                 # Another process holds the grant: its token may do meanwhile.
@@ -160,12 +160,14 @@ class TokenDesk:
     def _fresh(self, row: TokenRow, min_valid_s: float) -> bool:
         return row.access_expires_at > self.clock() + timedelta(seconds=min_valid_s)
 
-    def _refresh(self, appid: str, openid: str) -> Token | None:
-        """Lease the grant and refresh it; ``None`` when another process holds it."""
+    def _refresh(self, appid: str, openid: str, min_valid_s: float) -> Token | None:
+        """Lease the grant and refresh it; ``None`` when another process holds it, or has
+        refreshed it since it was read (the lease is taken only while the token is stale)."""
         now = self.clock()
         lease_id = new_lease_id()
-        leased = self.store.claim_one(appid, openid, lease_id=lease_id,
-                                      lease_until=now + timedelta(seconds=self.lease_s), now=now)
+        leased = self.store.claim_one(
+            appid, openid, lease_id=lease_id, lease_until=now + timedelta(seconds=self.lease_s),
+            now=now, expiring_by=now + timedelta(seconds=min_valid_s))
         if leased is None:
             return None
         result = self.worker.work(leased, profile_reads=False, force_refresh=True)

@@ -104,15 +104,22 @@ class Leases:
         return [_grant(r, self.cipher) for r in sorted(rows, key=lambda r: order[r.id])]
 
     def claim_one(
-        self, appid: str, openid: str, *, lease_id: str, lease_until: datetime, now: datetime
+        self, appid: str, openid: str, *, lease_id: str, lease_until: datetime, now: datetime,
+        expiring_by: datetime | None = None,
     ) -> Grant | None:
-        """Lease one grant for a one-user command; ``None`` if another process holds it."""
+        """Lease one grant for a one-user command; ``None`` if another process holds it.
+
+        ``expiring_by``: lease it only if its access token expires by then. A caller that read
+        a stale token may find it refreshed by another process since: then nothing is leased
+        (and it reads the new token) instead of refreshing it a second time.
+        """
+        query = update(grants).where(grants.c.appid == appid, grants.c.openid == openid,
+                                     self._free(now))
+        if expiring_by is not None:
+            query = query.where(grants.c.access_expires_at <= expiring_by)
         with translate("leasing a grant"), self.engine.begin() as conn:
             row = conn.execute(
-                update(grants)
-                .where(grants.c.appid == appid, grants.c.openid == openid, self._free(now))
-                .values(lease_id=lease_id, lease_until=lease_until)
-                .returning(*grants.c)
+                query.values(lease_id=lease_id, lease_until=lease_until).returning(*grants.c)
             ).first()
         return _grant(row, self.cipher) if row else None
 

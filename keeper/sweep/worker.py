@@ -111,11 +111,13 @@ class Worker:
         #: Set by a sweep that gave up on WeChat: grants still queued go back untouched.
         self.halt = threading.Event()
         self.clocks = {a.appid: lifetime(a, config) for a in config.apps}
+        #: The longest a call waits for a quota permit (an API request waits less).
+        self.quota_wait_s = QUOTA_MAX_WAIT_S
 
     def _refresh(self, p: _Progress, counts: Counter[str], reason: str) -> None:
         g = p.grant
         p.stage = "refresh"
-        self.gate.acquire(g.appid, "refresh", max_wait_s=QUOTA_MAX_WAIT_S)
+        self.gate.acquire(g.appid, "refresh", max_wait_s=self.quota_wait_s)
         answer = self.client.refresh(g.appid, g.refresh_token)
         if answer.openid != g.openid:
             # Never store (or hand out) another user's token as this one's.
@@ -139,7 +141,7 @@ class Worker:
     def _userinfo(self, p: _Progress) -> Profile:
         g = p.grant
         p.stage = "profile"
-        self.gate.acquire(g.appid, "userinfo", max_wait_s=QUOTA_MAX_WAIT_S)
+        self.gate.acquire(g.appid, "userinfo", max_wait_s=self.quota_wait_s)
         data = self.client.userinfo(g.access_token, g.openid, self.config.userinfo_lang)
         answered = data.get("openid")
         if answered is not None and answered != g.openid:

@@ -171,3 +171,18 @@ def test_the_schedule_puts_refresh_work_before_access_work() -> None:
     assert s.refresh_due_at == g.refresh_issued_at + 29 * DAY
     assert s.access_due_at == g.access_expires_at - timedelta(seconds=300)
     assert s.profile_due_at is not None and s.profile_due_at < NOW
+
+
+ON_DEMAND = replace(CLOCK, access_ahead=False)
+
+
+def test_on_demand_sweeps_leave_access_tokens_alone_but_keep_refresh_tokens_alive() -> None:
+    expired = grant(access_expires_at=NOW - DAY)
+    assert refresh_reason(expired, ON_DEMAND, NOW) is None
+    assert schedule(expired, ON_DEMAND).access_due_at is None
+    assert schedule(expired, CLOCK).access_due_at == NOW - DAY - timedelta(seconds=300)
+    day29 = grant(access_expires_at=NOW - DAY, refresh_issued_at=NOW - 29 * DAY)
+    assert refresh_reason(day29, ON_DEMAND, NOW) == REFRESH_DAY
+    assert schedule(day29, ON_DEMAND).refresh_due_at == NOW
+    held = schedule(replace(expired, retry_at=NOW + DAY), ON_DEMAND)
+    assert held.access_due_at is None and held.refresh_due_at == NOW + 19 * DAY

@@ -175,3 +175,28 @@ def test_run_stops_on_sigint_too(sim: Simulator, keeper: Keeper, signum: int) ->
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0
+
+
+def test_on_demand_sweeps_keep_refresh_tokens_alive_and_leave_access_tokens_to_the_caller(
+    sim: Simulator, keeper: Keeper
+) -> None:
+    """access_refresh = "on_demand": no call for an expired access token alone; the refresh
+    day and a profile read (which needs a valid access token) still refresh; `keeper token`
+    refreshes when asked."""
+    keeper.write_config(keeper.config.read_text().replace(
+        'log_level = "debug"', 'log_level = "debug"\naccess_refresh = "on_demand"'))
+    seed(sim, keeper, [
+        make_grant("expired", access_in_s=-60, scope="snsapi_base"),
+        make_grant("day29", issued_days_ago=29.1, access_in_s=-60, scope="snsapi_base"),
+        make_grant("profile-due", access_in_s=-60, scope="snsapi_userinfo"),
+    ])
+    summary = json.loads(keeper.run("sweep", "--json").out)
+    assert summary["refresh_tokens_refreshed"] == 1  # day29
+    assert summary["access_tokens_refreshed"] == 1  # profile-due, to read the profile
+    assert summary["profiles_fetched"] == 1 and summary["transient_failures"] == 0
+    assert endpoint(sim, "refresh")["calls"] == 2
+    again = json.loads(keeper.run("sweep", "--json").out)
+    assert again["access_tokens_refreshed"] == again["refresh_tokens_refreshed"] == 0
+    ran = keeper.run("token", "--app", APPID, "expired")
+    assert ran.code == 0 and ran.out.strip() == sim.current_tokens()["expired"][0]
+    assert endpoint(sim, "refresh")["calls"] == 3

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from keeper.api.keys import parse_keys
+from keeper.config.api import DEFAULT_KEYS_FILE
 from keeper.wechat.simulator import Simulator
 from tests.conftest import (
     IN_CI,
@@ -292,7 +294,7 @@ def _systemd_analyze() -> str:
     return tool
 
 
-UNITS = ["keeper.service", "keeper-sweep.service", "keeper@.service"]
+UNITS = ["keeper.service", "keeper-sweep.service", "keeper@.service", "keeper-api.service"]
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -322,6 +324,30 @@ def test_install_systemd_renders_the_units_for_this_checkout(tmp_path: Path) -> 
         assert f"{ROOT}/.venv/bin/keeper" in text and "/opt/keeper" not in text
     assert (tmp_path / "etc/keeper/keeper.toml").exists()
     assert (tmp_path / "etc/keeper/keeper.env").stat().st_mode & 0o077 == 0
+    # The API's keys file: root's alone (systemd reads it for LoadCredential=), a valid keys
+    # file with no key yet, whose comments name this checkout's `keeper api-key`.
+    keys = tmp_path / "etc/keeper/api-keys"
+    assert keys.stat().st_mode & 0o077 == 0
+    assert parse_keys(keys.read_text(), str(keys)) == []
+    assert f"{ROOT}/.venv/bin/keeper api-key" in keys.read_text()
+
+
+def test_the_api_unit_shares_the_services_user_and_reads_its_keys_as_a_credential() -> None:
+    api = (ROOT / "systemd" / "keeper-api.service").read_text()
+    service = (ROOT / "systemd" / "keeper.service").read_text()
+    for line in ("User=keeper", "DynamicUser=yes", "StateDirectory=keeper",
+                 "WorkingDirectory=/var/lib/keeper",
+                 "Environment=KEEPER_DATABASE_URL=sqlite:////var/lib/keeper/keeper.db",
+                 "LoadCredential=appsecret:/etc/keeper/secrets",
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+        assert f"\n{line}\n" in api and f"\n{line}\n" in service, line
+    assert "/.venv/bin/keeper --config /etc/keeper/keeper.toml serve\n" in api
+    # keys_file's default, "api-keys", is looked up in $CREDENTIALS_DIRECTORY first.
+    assert f"\nLoadCredential={DEFAULT_KEYS_FILE}:/etc/keeper/api-keys\n" in api
+    assert "\nSupplementaryGroups=keeper-api\nReadWritePaths=-/run/keeper-api\n" in api
+    assert "d /run/keeper-api 2770 root keeper-api -" in \
+        (ROOT / "systemd" / "keeper.tmpfiles").read_text()
+    assert "g keeper-api -" in (ROOT / "systemd" / "keeper.sysusers").read_text()
 
 
 def test_units_keep_avatars_outside_the_private_state_directory() -> None:
