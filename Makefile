@@ -29,14 +29,17 @@ test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check keeper tests
+	$(BIN)/ruff check keeper tests examples
 	$(BIN)/mypy
+	$(BIN)/mypy examples/website/app.py
 
 bench: $(STAMP)
 	$(BIN)/keeper bench
 
+# Keeps the file's leading comment lines (pip freeze writes none).
 constraints: $(TEST_STAMP)
-	$(BIN)/python -m pip freeze --exclude-editable | grep -vi '^keeper' > constraints.txt
+	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -vi '^keeper'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) var/demo .pytest_cache

@@ -157,7 +157,8 @@ _ADMIN_POSTS: dict[str, Callable[[Admin, dict[str, Any]], Mapping[str, object] |
     "apps": lambda sim, data: sim.add_app(str(data["appid"]), str(data["secret"])),
     "grants": lambda sim, data: {"added": sim.add_grants(list(data["grants"]))},
     "codes": lambda sim, data: {"code": sim.issue_code(**_pick(
-        data, "appid", "openid", "scope", "unionid", "snapshot", "ttl_s", "legacy_profile"))},
+        data, "appid", "openid", "scope", "unionid", "snapshot", "ttl_s", "legacy_profile",
+        "profile"))},
     "force": lambda sim, data: sim.force(str(data["endpoint"]), data["answer"],
                                          **_pick(data, "count", "openid")),
     "script": lambda sim, data: sim.script(str(data["openid"]), str(data["endpoint"]),

@@ -68,18 +68,22 @@ class Control(SimState):
 
     def issue_code(self, *, appid: str, openid: str, scope: str = "snsapi_login",
                    unionid: str | None = None, snapshot: bool = False,
-                   ttl_s: float = 300.0, legacy_profile: bool = False) -> str:
+                   ttl_s: float = 300.0, legacy_profile: bool = False,
+                   profile: dict[str, object] | None = None) -> str:
         """A fresh login code, as WeChat passes to the app's callback; usable for ttl_s.
 
         ``scope`` defaults to ``snsapi_login``, what a website's QR login grants (an Official
         Account page grants ``snsapi_base`` or ``snsapi_userinfo``). Exchanging the code when
         the simulator already holds a grant of this user in this app replaces that grant's
         tokens (its old refresh token then answers 40030), as a new authorization does.
+        ``profile``: fields merged over the default profile, as add_grant's (the exchange
+        sets them on the grant; without it a grant the simulator holds keeps its own).
         """
         code = secrets.token_hex(16)
         with self._lock:
             self._codes[code] = _Code(appid, openid, scope, unionid, snapshot,
-                                      self._clock() + ttl_s, legacy_profile)
+                                      self._clock() + ttl_s, legacy_profile,
+                                      profile=None if profile is None else dict(profile))
             self._codes_issued += 1
         return code
 

@@ -202,6 +202,7 @@ class Endpoints(SimState):
         grant.access_token, grant.refresh_token = _token("AT"), _token("RT")
         grant.access_expires_at, grant.refresh_issued_at = now + ACCESS_TOKEN_LIFETIME_S, now
         grant.scope, grant.unionid = code.scope, code.unionid
+        grant.profile = grant.profile if code.profile is None else code.profile
         grant.state = "snapshot" if code.snapshot else "ok"
         self._store_grant(grant)
         payload = _token_payload(grant)

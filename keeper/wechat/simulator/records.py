@@ -102,6 +102,7 @@ class _Code:
     expires_at: float
     legacy_profile: bool = False
     used: bool = False
+    profile: dict[str, object] | None = None  # becomes the grant's profile when exchanged
 
 
 @dataclass(slots=True, eq=False)

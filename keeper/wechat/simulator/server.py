@@ -14,13 +14,14 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from keeper.wechat.simulator.admin import Admin
+from keeper.wechat.simulator.authorize import LOGIN_PAGES, Authorize
 from keeper.wechat.simulator.avatar_host import AvatarHost
 from keeper.wechat.simulator.endpoints import Endpoints
 from keeper.wechat.simulator.hostile import _ENDLESS_WRITE_TIMEOUT_S, Hostile
 from keeper.wechat.simulator.records import _NOT_FOUND, _PATHS, _admin_reply, _Reply
 
 
-class Simulator(Admin, Endpoints, AvatarHost, Hostile):
+class Simulator(Admin, Authorize, Endpoints, AvatarHost, Hostile):
     """WeChat's OAuth2 endpoints on a loopback HTTP server, with knobs for every failure.
 
     ``latency_s``: slept before every API, avatar and hostile answer (outside any lock).
@@ -41,8 +42,13 @@ class Simulator(Admin, Endpoints, AvatarHost, Hostile):
     older refresh token answers 40030. ``script()`` serves a user the odd answers of
     ``keeper.wechat.simulator.answers.ODD_ANSWERS`` (or any errcode) on chosen endpoints.
 
-    Avatar (``/mmopen/``) and hostile (``/hostile/``) requests are not API calls: they are
-    neither counted in the endpoint figures nor ever given a forced or random failure.
+    ``/connect/qrconnect`` (and ``/connect/oauth2/authorize``) is the authorize page a user
+    logs in on: confirming it redirects to the app's redirect_uri with a fresh code and the
+    state (see ``keeper.wechat.simulator.authorize``).
+
+    Avatar (``/mmopen/``), hostile (``/hostile/``) and authorize-page requests are not API
+    calls: they are neither counted in the endpoint figures nor ever given a forced or random
+    failure.
     """
 
     def _bind(self) -> _Server:
@@ -95,6 +101,8 @@ class Simulator(Admin, Endpoints, AvatarHost, Hostile):
             reply = self._avatar(path)
         elif method == "GET" and path.startswith("/hostile/"):
             reply = self._hostile_reply(path)
+        elif method in ("GET", "POST") and path in LOGIN_PAGES:
+            reply = self._login_page(method, path, query, body)
         else:
             reply = _NOT_FOUND
         return reply, reply.stall_s or self._latency_s
