@@ -103,7 +103,7 @@ def serve(config: Config) -> int:
         _wait_for_database(config)
         uvicorn.run(
             "keeper.api.app:factory", factory=True, workers=api.processes,
-            http="httptools", loop="uvloop", lifespan="on",
+            http="keeper.api.protocol:BoundedHttpToolsProtocol", loop="uvloop", lifespan="on",
             log_config=None, access_log=False, server_header=False, proxy_headers=False,
             timeout_graceful_shutdown=GRACE_S, timeout_keep_alive=5,
             h11_max_incomplete_event_size=16 * 1024,

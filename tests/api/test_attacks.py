@@ -1,0 +1,68 @@
+"""keeper serve attacked at the HTTP level: idle and half-sent connections, oversized headers,
+broken encodings and bodies cut short. Each is answered (or dropped) and the server goes on."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from keeper.wechat.simulator import Simulator
+from tests.api.server import Served
+from tests.conftest import APPID
+
+
+def _raw(served: Served, data: bytes, *, read: bool = True) -> bytes:
+    host, port = served.base.removeprefix("http://").split(":")
+    chunks = []
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        try:
+            s.sendall(data)
+            while read and (chunk := s.recv(65536)):
+                chunks.append(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # the server closed on the rest of what was sent: a drop (or after its answer)
+    return b"".join(chunks)
+
+
+def test_hostile_connections_do_not_stop_the_server(served: Served, sim: Simulator) -> None:
+    host, port = served.base.removeprefix("http://").split(":")
+    # 300 connections that never finish their request line, and 50 that stop mid-body.
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(300)]
+    for s in idle[:150]:
+        s.sendall(b"GET /v1/reauth HTTP/1.1\r\nHost: x\r\n")
+    for s in idle[250:]:
+        s.sendall(b"PUT /v1/apps/" + APPID.encode() + b"/users/o1 HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 60000\r\n"
+                  b"Authorization: Bearer " + served.keys["all"].encode() + b"\r\n\r\n{\"a")
+    started = time.monotonic()
+    assert served.call("GET", "/v1/reauth").status_code == 200
+    assert time.monotonic() - started < 5
+    for s in idle:
+        s.close()
+
+    answers = {
+        "huge header": _raw(served, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: "
+                            + b"a" * 200_000 + b"\r\n\r\n"),
+        "endless headers": _raw(served, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                + b"X-A: b\r\n" * 20_000),
+        "bad percent": _raw(served, b"GET /v1/unionids/%zz%ff HTTP/1.1\r\nHost: x\r\n"
+                            b"Authorization: Bearer " + served.keys["all"].encode()
+                            + b"\r\nConnection: close\r\n\r\n"),
+        "not utf-8": _raw(served, b"GET /v1/apps/\xff\xfe/users/o HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\n\r\n"),
+        "bad request line": _raw(served, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+        "chunked lie": _raw(served, b"POST /v1/grants HTTP/1.1\r\nHost: x\r\n"
+                            b"Authorization: Bearer " + served.keys["all"].encode() + b"\r\n"
+                            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                            b"zz\r\n{}\r\n0\r\n\r\n"),
+    }
+    for name, answer in answers.items():
+        status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.1 ") else b""
+        assert answer == b"" or status.startswith(b"4"), (name, answer[:200])
+    for name in ("huge header", "endless headers"):
+        assert answers[name] == b"" or b" 431 " in answers[name].split(b"\r\n")[0], name
+    # Under the cap (32 KiB for the request line and headers) is fine.
+    assert served.call("GET", "/healthz", key=None,
+                       headers={"X-Pad": "a" * 20_000}).status_code == 200
+    assert served.call("GET", "/healthz", key=None).status_code == 200
+    assert served.proc.poll() is None
