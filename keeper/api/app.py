@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from keeper.api import protocol
 from keeper.api.http import AccessLog, Handler, Problem, unavailable
 from keeper.api.keys import KeyRing
 from keeper.api.logins import CodeRejected, ExchangeFailed
@@ -154,5 +155,6 @@ def factory() -> Starlette:
     configuration comes from ``$KEEPER_CONFIG``, which ``keeper serve`` sets."""
     config = load_config(os.environ.get("KEEPER_CONFIG"))
     configure(config.log_level)
+    protocol.head_timeout_s = config.api.head_timeout_s  # this process's connections
     return create_app(config)
 

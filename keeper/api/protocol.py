@@ -1,12 +1,15 @@
-"""uvicorn's httptools protocol with a cap on a request's head (request line and headers).
+"""uvicorn's httptools protocol with bounds on a request's head (request line and headers).
 
-uvicorn bounds nothing there with httptools, so one client could grow a server process's
-memory without end by never finishing its headers. Past ``MAX_HEAD_BYTES`` the request is
-answered 431 and the connection closed (nginx's default allows four buffers of 8 KiB).
+uvicorn bounds nothing there with httptools: one client could grow a server process's memory
+without end by never finishing its headers, or hold connections open for ever by sending them
+slowly (its keep-alive timeout starts only after a first answer). Past ``MAX_HEAD_BYTES`` the
+request is answered 431 and the connection closed (nginx's default allows four buffers of
+8 KiB); a head not complete within ``head_timeout_s`` (``[api] head_timeout``) closes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -20,11 +23,42 @@ _ANSWER = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
            b"content-length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
 
 
+#: Set from the configuration by the application factory, in each server process.
+head_timeout_s = 10.0
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """Counts the bytes received while a request's head is being read."""
+    """Counts the bytes received while a request's head is being read, and times it."""
 
     _head_bytes = 0
     _in_body = False
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(head_timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_body and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._start_head_timer()
 
     def data_received(self, data: bytes) -> None:
         if not self._in_body:
@@ -38,6 +72,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_body = True
+        self._stop_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

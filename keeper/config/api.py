@@ -42,6 +42,8 @@ class ApiConfig:
     threads: int = 40
     #: Longest a token request waits for a refresh another request or process is making.
     token_wait_s: float = 10.0
+    #: A request's line and headers must arrive within this (slow clients hold connections).
+    head_timeout_s: float = 10.0
     max_body_bytes: int = MAX_BODY_BYTES
 
 
@@ -87,12 +89,16 @@ def parse_api(raw: object, resolve: Callable[[str], Path]) -> ApiConfig:
     token_wait = t.duration("token_wait", 10)
     if not 0.1 <= token_wait <= 300:
         raise ConfigError(f"api.token_wait: expected 0.1 s to 5 min, got {token_wait:g}")
+    head_timeout = t.duration("head_timeout", 10)
+    if not 1 <= head_timeout <= 300:
+        raise ConfigError(f"api.head_timeout: expected 1 s to 5 min, got {head_timeout:g}")
     values: dict[str, Any] = {
         "listen": listen, "host": host, "port": port, "socket": sock,
         "keys_file": resolve(keys),
         "processes": _whole(t, "processes", 1, 1, 64),
         "threads": _whole(t, "threads", 40, 1, 1000),
         "token_wait_s": token_wait,
+        "head_timeout_s": head_timeout,
     }
     t.finish()
     return ApiConfig(**values)

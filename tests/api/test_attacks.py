@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 from keeper.wechat.simulator import Simulator
-from tests.api.server import Served
-from tests.conftest import APPID
+from tests.api.server import Served, serving
+from tests.conftest import APPID, Keeper
 
 
 def _raw(served: Served, data: bytes, *, read: bool = True) -> bytes:
@@ -66,3 +67,21 @@ def test_hostile_connections_do_not_stop_the_server(served: Served, sim: Simulat
                        headers={"X-Pad": "a" * 20_000}).status_code == 200
     assert served.call("GET", "/healthz", key=None).status_code == 200
     assert served.proc.poll() is None
+
+
+def test_a_request_head_that_comes_too_slowly_is_dropped(
+    keeper: Keeper, sim: Simulator, tmp_path: Path
+) -> None:
+    with serving(keeper, db_url=f"sqlite:///{tmp_path / 'keeper.db'}", api_base=sim.url,
+                 api_extra='head_timeout = "1s"') as served:
+        host, port = served.base.removeprefix("http://").split(":")
+        silent = socket.create_connection((host, int(port)), timeout=10)
+        slow = socket.create_connection((host, int(port)), timeout=10)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        assert silent.recv(100) == b"" and slow.recv(100) == b""  # closed by the server
+        assert time.monotonic() - started < 8
+        silent.close()
+        slow.close()
+        # A client that is merely idle between requests is not cut mid-answer.
+        assert served.call("GET", "/healthz", key=None).status_code == 200
