@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,12 +62,44 @@ def make_keys(keeper: Keeper, keys_file: str = "api-keys") -> dict[str, str]:
     return keys
 
 
+#: Servers whose stderr a thread reads as it comes, by pid: a pipe nobody reads fills after
+#: ~64 KiB of log lines, and the server then blocks mid-request writing its access log.
+_DRAINED: dict[int, tuple[threading.Thread, list[str]]] = {}
+
+
+def drain(proc: subprocess.Popen[str]) -> None:
+    """Read the process's stderr in a thread from now on; :func:`stop` returns it all."""
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        lines.extend(proc.stderr)
+
+    reader = threading.Thread(target=read, name=f"drain-{proc.pid}", daemon=True)
+    reader.start()
+    _DRAINED[proc.pid] = (reader, lines)
+
+
+def _logged(proc: subprocess.Popen[str], timeout: float | None = None) -> str:
+    """Everything the process wrote to stderr, once it has exited (or within ``timeout``)."""
+    drained = _DRAINED.get(proc.pid)
+    if drained is None:
+        _, err = proc.communicate(timeout=timeout)
+        return err
+    reader, lines = drained
+    proc.wait(timeout)
+    del _DRAINED[proc.pid]
+    reader.join()
+    proc.communicate()  # stdout, and the pipes closed
+    return "".join(lines)
+
+
 def wait_healthy(base: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"keeper serve exited with {proc.returncode}: "
-                                 f"{proc.stderr.read() if proc.stderr else ''}")
+                                 f"{_logged(proc)}")
         try:
             if requests.get(base + "/healthz", timeout=1).status_code == 200:
                 return
@@ -81,10 +114,10 @@ def stop(proc: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str]:
     if proc.poll() is None:
         proc.terminate()
     try:
-        _, err = proc.communicate(timeout=timeout)
+        err = _logged(proc, timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        err = _logged(proc)
     OUTPUTS.texts.append(err)
     return proc.returncode, err
 
@@ -105,6 +138,7 @@ keys_file = "api-keys"
         db.upgrade(engine)
         engine.dispose()
     proc = keeper.start("serve")
+    drain(proc)
     base = f"http://127.0.0.1:{port}"
     served = Served(base, keys, proc, keeper)
     try:
