@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from keeper.api import protocol
 from keeper.api.http import AccessLog, Handler, Problem, unavailable
@@ -123,8 +124,19 @@ class Api:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed(request)
     return Problem(exc.status_code, codes.get(exc.status_code, "bad_request"),
-                   str(exc.detail), headers=exc.headers).response()
+                   str(exc.detail), headers=headers).response()
+
+
+def _allowed(request: Request) -> str:
+    """Every method the request's path answers: each method of a path is a route of its own,
+    and Starlette's 405 names only the first route's."""
+    methods = {m for route in ROUTES if route.matches(request.scope)[0] is not Match.NONE
+               for m in route.methods or ()}
+    return ", ".join(sorted(methods))
 
 
 def create_app(config: Config, keys: KeyRing | None = None) -> Starlette:
