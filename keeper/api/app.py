@@ -58,7 +58,7 @@ class Api:
         self.desk = TokenDesk(store=self.store, worker=self.rt.worker, lease_s=config.lease_s,
                               wait_s=config.api.token_wait_s, journal=self.journal,
                               clock=utcnow)
-        self.openapi = document(config).encode("utf-8")
+        self.openapi = document(config, utcnow()).encode("utf-8")
         self._replayer: threading.Thread | None = None
 
     def start(self) -> None:

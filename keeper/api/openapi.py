@@ -8,13 +8,23 @@ against it, so it cannot drift from what the server does.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from typing import Any
 
 from keeper import __version__
 from keeper.api.keys import SCOPES
 from keeper.config import ACCESS_TOKEN_LIFE_S, Config
+from keeper.core.grant_lines import AHEAD, EARLIEST, MAX_SCOPE_CHARS, MAX_TOKEN_BYTES
 
 ID_PATTERN = "^[\\x21-\\x7e]{1,128}$"
+#: Printable ASCII without spaces: WeChat's tokens and login codes.
+TOKEN_PATTERN = f"^[\\x21-\\x7e]{{1,{MAX_TOKEN_BYTES}}}$"
+#: RFC 3339 (keeper also reads the other ISO 8601 forms with an offset that Python does).
+ISO_PATTERN = ("^[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+               "T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?"
+               "(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+#: The image types keeper keeps avatars as (keeper.avatars.fetcher).
+IMAGES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 REASONS = ["refresh_token_invalid", "refresh_token_expired", "authorization_revoked",
            "refresh_token_expiring", "other"]
 
@@ -45,10 +55,13 @@ def _json(schema: str, description: str, headers: dict[str, Any] | None = None
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before asking again",
                                "required": True,
-                               "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+                               "schema": {"type": "integer", "minimum": 1}}}
+CHALLENGE = {"WWW-Authenticate": {"description": "how to authenticate", "required": True,
+                                  "schema": {"type": "string", "const": 'Bearer realm="keeper"'}}}
 ERRORS = {
-    "400": _json("Error", "a bad request: `field` names the parameter or body field at fault"),
-    "401": _json("Error", "no known API key (`Authorization: Bearer KEY`)"),
+    "400": _json("Error", "a bad request: `field` names the parameter or body field at fault; "
+                 "`code_rejected`: WeChat refused the login code (`errcode`)"),
+    "401": _json("Error", "no known API key (`Authorization: Bearer KEY`)", CHALLENGE),
     "403": _json("Error", "the key lacks the scope this operation needs"),
     "404": _json("Error", "`unknown_app`, `no_grant`, `no_avatar` or `not_found`"),
     "413": _json("Error", "the body is larger than the limit (64 KiB)"),
@@ -69,15 +82,31 @@ def _param(name: str, where: str, schema: dict[str, Any], description: str,
             "schema": schema}
 
 
-def document(config: Config) -> str:
-    """The document, with the configured appids as the only ones the paths take."""
+def _time(name: str, now: datetime) -> dict[str, Any]:
+    """A time keeper accepts in a grant: from 2010 to a little after ``now``. The bound on Unix
+    seconds is taken at start-up and cut to midnight (UTC), so it stays inside what the server
+    takes later and the document stays the same all day."""
+    ahead = now + AHEAD.get(name, timedelta(days=1))
+    latest = ahead.replace(hour=0, minute=0, second=0, microsecond=0)
+    return {"oneOf": [
+        {"type": "number", "minimum": int(EARLIEST.timestamp()),
+         "maximum": int(latest.timestamp())},
+        {"type": "string", "format": "date-time", "pattern": ISO_PATTERN},
+    ], "description": f"ISO 8601 with offset, or Unix seconds; from {EARLIEST:%Y-%m-%d} to "
+                      f"{AHEAD.get(name, timedelta(days=1)).days} days from now"}
+
+
+def document(config: Config, now: datetime) -> str:
+    """The document, with the configured appids as the only ones the paths take; ``now``
+    bounds the times a grant may carry."""
     appids = sorted(a.appid for a in config.apps)
     string = {"type": "string"}
     time = {"type": "string", "format": "date-time"}
     appid = _param("appid", "path", {"type": "string", "enum": appids} if appids else
                    {"type": "string", "pattern": ID_PATTERN}, "a configured WeChat appid")
-    openid = _param("openid", "path", {"type": "string", "pattern": ID_PATTERN},
-                    "the user's openid in that app")
+    an_appid = {"type": "string", "enum": appids} if appids else string
+    an_id = {"type": "string", "pattern": ID_PATTERN}
+    openid = _param("openid", "path", an_id, "the user's openid in that app")
     user = [appid, openid]
     reauth_props = {"appid": string, "openid": string, "unionid": _nullable("string"),
                     "reason": {"type": "string", "enum": REASONS},
@@ -91,8 +120,8 @@ def document(config: Config) -> str:
         "Health": _obj(["status"], {"status": {"type": "string", "enum": ["ok", "unavailable"]},
                                     "error": string, "detail": string}),
         "LoginRequest": _obj(["appid", "code"], {
-            "appid": {"type": "string", "enum": appids} if appids else string,
-            "code": {"type": "string", "minLength": 1, "maxLength": 512},
+            "appid": an_appid,
+            "code": {"type": "string", "pattern": TOKEN_PATTERN},
         }),
         "Login": _obj(["appid", "openid", "unionid", "scope", "is_snapshotuser"], {
             "appid": string, "openid": string, "unionid": _nullable("string"),
@@ -100,15 +129,19 @@ def document(config: Config) -> str:
         }),
         "GrantIn": _obj(["access_token", "refresh_token", "scope", "access_expires_at",
                          "refresh_issued_at"], {
-            "appid": string, "openid": string,
-            "access_token": {"type": "string", "minLength": 1, "maxLength": 512},
-            "refresh_token": {"type": "string", "minLength": 1, "maxLength": 512},
-            "scope": {"type": "string", "pattern": "^[a-z_]+(,[a-z_]+)*$", "maxLength": 128},
-            "unionid": _nullable("string"),
-            "access_expires_at": {"type": ["string", "number"], "description":
-                                  "ISO 8601 with offset, or Unix seconds"},
-            "refresh_issued_at": {"type": ["string", "number"], "description":
-                                  "when WeChat first issued this refresh token"},
+            "appid": {**an_appid, "description": "optional; the path's, if given"},
+            "openid": {**an_id, "description": "optional; the path's, if given"},
+            "access_token": {"type": "string", "pattern": TOKEN_PATTERN},
+            "refresh_token": {"type": "string", "pattern": TOKEN_PATTERN},
+            "scope": {"type": "string", "pattern": "^[a-z_]+(,[a-z_]+)*$",
+                      "maxLength": MAX_SCOPE_CHARS},
+            "unionid": {"oneOf": [{"type": "null"}, an_id,
+                                  {"type": "string", "pattern": "^\\s*$"}],
+                        "description": "null or blank: none"},
+            "access_expires_at": _time("access_expires_at", now),
+            "refresh_issued_at": {**_time("refresh_issued_at", now), "description":
+                                  "when WeChat first issued this refresh token (ISO 8601 with "
+                                  "offset, or Unix seconds)"},
         }),
         "Grant": _obj(["appid", "openid", "unionid", "scope", "state", "access_expires_at",
                        "refresh_issued_at"], {
@@ -164,6 +197,10 @@ def document(config: Config) -> str:
             o["security"] = [{"bearer": []}]
         return o
 
+    avatar_headers = {
+        "ETag": {"description": "the image's SHA-256, quoted", "required": True,
+                 "schema": {"type": "string", "pattern": '^"[0-9a-f]{64}"$'}},
+        "Cache-Control": {"required": True, "schema": {"type": "string"}}}
     paths = {
         "/healthz": {"get": op("the server and its database answer", None, {
             "200": _json("Health", "ok"),
@@ -193,8 +230,8 @@ def document(config: Config) -> str:
         "/v1/apps/{appid}/users/{openid}/token": {"get": op(
             "a valid access token, refreshed first when it would expire within `min_valid` "
             "seconds; requests at once for one stale token make one refresh call", "tokens",
-            {"200": {**_json("Token", "the token"), "headers": {"Cache-Control": {
-                "schema": {"type": "string", "enum": ["no-store"]}}}},
+            {"200": _json("Token", "the token", {"Cache-Control": {
+                "required": True, "schema": {"type": "string", "const": "no-store"}}}),
              "409": _json("Error", "`reauth_required`: the user must log in again "
                                    "(`reason`, `errcode`, `since`)"),
              **_errors("400", "401", "403", "404", "503")},
@@ -205,10 +242,9 @@ def document(config: Config) -> str:
                            f"{int(config.access_margin_s)})", required=False)])},
         "/v1/apps/{appid}/users/{openid}/avatar": {"get": op(
             "the kept avatar image; `ETag` is its SHA-256", "read",
-            {"200": {"description": "the image", "headers": {"ETag": {"schema": string}},
-                     "content": {"image/*": {"schema": {"type": "string",
-                                                        "format": "binary"}}}},
-             "304": {"description": "`If-None-Match` matched"},
+            {"200": {"description": "the image", "headers": avatar_headers, "content": {
+                kind: {"schema": {"type": "string", "format": "binary"}} for kind in IMAGES}},
+             "304": {"description": "`If-None-Match` matched", "headers": avatar_headers},
              **_errors("400", "401", "403", "404", "503")},
             [*user, _param("If-None-Match", "header", string, "an ETag seen before",
                            required=False)])},
