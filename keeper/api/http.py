@@ -143,6 +143,8 @@ def authenticate(api: Api, request: Request, scope: str) -> str:
     key = api.keys.find(presented.strip())
     if key is None:
         raise Problem(401, "unauthorized", "unknown API key", headers=challenge)
+    # The access log names the key of a 403 too: which client asks beyond its scopes.
+    request.scope["keeper.key"] = key.name
     if scope not in key.scopes:
         raise Problem(403, "forbidden", f"the key {key.name} lacks the scope {scope}")
     return key.name
