@@ -175,7 +175,8 @@ class Keeper:
         )
 
 
-def config_text(*, db_url: str, api_base: str, extra: str = "", app_extra: str = "") -> str:
+def config_text(*, db_url: str, api_base: str, extra: str = "", app_extra: str = "",
+                read_timeout: float = 0.5) -> str:
     return f"""
 database_url = "{db_url}"
 api_base = "{api_base}"
@@ -183,7 +184,7 @@ avatar_hosts = ["127.0.0.1"]
 workers = 8
 sweep_interval = 1
 connect_timeout = 1
-read_timeout = 0.5
+read_timeout = {read_timeout}
 lease = "2m"
 log_level = "debug"
 encryption_key_file = "keeper.key"

@@ -94,7 +94,7 @@ def _logged(proc: subprocess.Popen[str], timeout: float | None = None) -> str:
     return "".join(lines)
 
 
-def wait_healthy(base: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+def wait_healthy(base: str, proc: subprocess.Popen[str], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -124,9 +124,10 @@ def stop(proc: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str]:
 
 @contextmanager
 def serving(keeper: Keeper, *, db_url: str, api_base: str, extra: str = "",
-            api_extra: str = "") -> Iterator[Served]:
+            api_extra: str = "", read_timeout: float = 0.5) -> Iterator[Served]:
     port = free_port()
-    keeper.write_config(config_text(db_url=db_url, api_base=api_base, extra=extra) + f"""
+    keeper.write_config(config_text(db_url=db_url, api_base=api_base, extra=extra,
+                                    read_timeout=read_timeout) + f"""
 [api]
 listen = "127.0.0.1:{port}"
 keys_file = "api-keys"

@@ -35,7 +35,10 @@ def store_of(served: Served, db_url: str) -> Store:
 @pytest.fixture
 def served2(keeper: Keeper, sim: Simulator, db_url: str) -> Iterator[Served]:
     """Two server processes (uvicorn workers) on one socket, a 1 s wait for busy grants."""
-    with serving(keeper, db_url=db_url, api_base=sim.url,
+    # A read timeout well above the simulator's latencies here: on a loaded machine a refresh
+    # WeChat answered must not time out on keeper's side (with rotating refresh tokens the
+    # next try would then be refused, and count as a second call).
+    with serving(keeper, db_url=db_url, api_base=sim.url, read_timeout=5,
                  api_extra="processes = 2\ntoken_wait = \"3s\"") as s:
         yield s
 
@@ -166,9 +169,9 @@ def test_a_token_wechat_renewed_while_the_database_failed_is_not_lost(
     write fails after database_timeout, the answer goes to the journal, the caller still gets
     the new token, and the replay thread writes it once the lock is gone."""
     url = f"sqlite:///{tmp_path / 'keeper.db'}"
-    with serving(keeper, db_url=url, api_base=sim.url,
+    with serving(keeper, db_url=url, api_base=sim.url, read_timeout=5,
                  extra='database_timeout = "1s"') as served:
-        # Under the client's read timeout (0.5 s), long enough for the lock to be taken.
+        # Long enough for the lock to be taken while the call is in flight.
         sim.configure(latency_s=0.25, rotate_refresh_tokens=True)
         seed(sim, keeper, [make_grant("o-blip", access_in_s=-10)])
         outage = Outage(url, seconds=3, when=lambda: endpoint(sim, "refresh")["calls"] > 0)
@@ -189,17 +192,19 @@ def test_a_token_wechat_renewed_while_the_database_failed_is_not_lost(
 
 
 def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(
-    served: Served, sim: Simulator
+    keeper: Keeper, sim: Simulator, tmp_path: Path
 ) -> None:
-    seed(sim, served.keeper, [make_grant("o-term", access_in_s=-10)])
-    sim.configure(latency_s=0.4)  # under the read timeout (0.5 s): in flight at SIGTERM
-    answers: list[requests.Response] = []
-    asker = threading.Thread(target=lambda: answers.append(
-        served.call("GET", served.user(APPID, "o-term", "/token"))))
-    asker.start()
-    wait_for(lambda: endpoint(sim, "refresh")["calls"] == 1)
-    code, err = stop(served.proc, timeout=12)
-    asker.join(10)
+    with serving(keeper, db_url=f"sqlite:///{tmp_path / 'keeper.db'}", api_base=sim.url,
+                 read_timeout=5) as served:
+        seed(sim, keeper, [make_grant("o-term", access_in_s=-10)])
+        sim.configure(latency_s=1.0)  # in flight when SIGTERM comes
+        answers: list[requests.Response] = []
+        asker = threading.Thread(target=lambda: answers.append(
+            served.call("GET", served.user(APPID, "o-term", "/token"))))
+        asker.start()
+        wait_for(lambda: endpoint(sim, "refresh")["calls"] == 1)
+        code, err = stop(served.proc, timeout=12)
+        asker.join(10)
     assert code == 0
     assert answers and answers[0].status_code == 200
     assert answers[0].json()["access_token"] == sim.current_tokens()["o-term"][0]
