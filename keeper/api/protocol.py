@@ -61,14 +61,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._start_head_timer()
 
     def data_received(self, data: bytes) -> None:
-        if not self._in_body:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                if not self.transport.is_closing():
-                    self.transport.write(_ANSWER)
-                    self.transport.close()
-                return
+        if self._in_body:
+            super().data_received(data)
+            return
+        if self._head_bytes > MAX_HEAD_BYTES:
+            return  # refused already; the connection is closing
+        # Counted, then parsed: a chunk that completes the head may carry body bytes too,
+        # which are not the head's. What is refused is a head still open past the cap.
+        self._head_bytes += len(data)
         super().data_received(data)
+        if not self._in_body and self._head_bytes > MAX_HEAD_BYTES:
+            if not self.transport.is_closing():
+                self.transport.write(_ANSWER)
+                self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._in_body = True
