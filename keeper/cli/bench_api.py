@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupted)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us ignoring it
+        signal.signal(sig, interrupted)
     sim: Sim | None = None
     sweep: Child | None = None
     bench: Bench | None = None
