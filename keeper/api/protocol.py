@@ -70,10 +70,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # which are not the head's. What is refused is a head still open past the cap.
         self._head_bytes += len(data)
         super().data_received(data)
-        if not self._in_body and self._head_bytes > MAX_HEAD_BYTES:
-            if not self.transport.is_closing():
-                self.transport.write(_ANSWER)
-                self.transport.close()
+        if (not self._in_body and self._head_bytes > MAX_HEAD_BYTES
+                and not self.transport.is_closing()):
+            self.transport.write(_ANSWER)
+            self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._in_body = True

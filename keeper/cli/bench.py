@@ -192,6 +192,11 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["api"]:  # keeper bench api: the HTTP API (keeper/cli/bench_api.py)
+        from keeper.cli.bench_api import main as bench_api
+
+        return bench_api(argv[1:])
     p = argparse.ArgumentParser(prog="keeper bench", description=__doc__)
     p.add_argument("--grants", type=int, default=20000, help="grants due (unbound run)")
     p.add_argument("--latency-ms", type=float, default=50.0)

@@ -61,15 +61,17 @@ class Runtime:
 
     @classmethod
     def build(
-        cls, config: Config, *, open_store: bool = True, stop: threading.Event | None = None
+        cls, config: Config, *, open_store: bool = True, stop: threading.Event | None = None,
+        pool_size: int = 4, max_overflow: int | None = None,
     ) -> Runtime:
         """Every part, wired. ``open_store=False`` leaves checking the database to the caller
-        (the service waits for it instead of failing)."""
+        (the service waits for it instead of failing). ``pool_size``, ``max_overflow``: the
+        store's connection pool (see :func:`keeper.store.db.make_engine`)."""
         for app in config.apps:
             register_secret(app.secret)
         stop = stop or threading.Event()
-        store = Store(config.database_url, cipher=cipher_for(config), pool_size=4,
-                      timeout_s=config.database_timeout_s)
+        store = Store(config.database_url, cipher=cipher_for(config), pool_size=pool_size,
+                      max_overflow=max_overflow, timeout_s=config.database_timeout_s)
         if open_store:
             store.open()
         client = WeChatClient(

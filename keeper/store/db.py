@@ -75,22 +75,27 @@ def _sqlite_pragmas(busy_ms: int) -> Any:
     return apply
 
 
-def make_engine(url: str, *, pool_size: int = 8, timeout_s: float = 30.0) -> Engine:
+def make_engine(url: str, *, pool_size: int = 8, max_overflow: int | None = None,
+                timeout_s: float = 30.0) -> Engine:
     """An engine with the settings keeper relies on. SQLite's file is created mode 0600.
+
+    ``max_overflow``: connections opened past ``pool_size`` when all are busy, and closed
+    again when returned (default: ``pool_size`` more).
 
     ``timeout_s``: the longest a statement may run on PostgreSQL (``statement_timeout``; lock
     waits get a third of it, at most 10 s) and the longest a wait for SQLite's write lock may
     last. ``0``: no statement timeout (migrations).
     """
     try:
-        return _make_engine(url, pool_size=pool_size, timeout_s=timeout_s)
+        return _make_engine(url, pool_size=pool_size, timeout_s=timeout_s,
+                            max_overflow=pool_size if max_overflow is None else max_overflow)
     except (exc.ArgumentError, ImportError) as e:
         raise ConfigError(
             f"database_url {redact_url(url)!r} is not usable: {type(e).__name__}"
         ) from None
 
 
-def _make_engine(url: str, *, pool_size: int, timeout_s: float) -> Engine:
+def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: float) -> Engine:
     parsed = make_url(url)
     if is_sqlite(url):
         path = sqlite_path(url)
@@ -103,7 +108,7 @@ def _make_engine(url: str, *, pool_size: int, timeout_s: float) -> Engine:
             parsed,
             connect_args={"timeout": busy_s, "check_same_thread": False},
             pool_size=pool_size,
-            max_overflow=pool_size,
+            max_overflow=max_overflow,
             pool_timeout=max(POOL_TIMEOUT_S, busy_s),
             hide_parameters=True,
         )
@@ -120,7 +125,7 @@ def _make_engine(url: str, *, pool_size: int, timeout_s: float) -> Engine:
     return create_engine(
         parsed,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=max_overflow,
         pool_pre_ping=True,  # survive a database restart without failing the next sweep
         pool_recycle=1800,
         pool_timeout=POOL_TIMEOUT_S,

@@ -31,11 +31,12 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users):
 
     def __init__(
         self, url: str, *, cipher: Cipher, pool_size: int = 8, auto_upgrade: bool | None = None,
-        timeout_s: float = 30.0,
+        timeout_s: float = 30.0, max_overflow: int | None = None,
     ) -> None:
         self.url = url
         self.cipher = cipher
-        self.engine: Engine = make_engine(url, pool_size=pool_size, timeout_s=timeout_s)
+        self.engine: Engine = make_engine(url, pool_size=pool_size, max_overflow=max_overflow,
+                                          timeout_s=timeout_s)
         self.sqlite = is_sqlite(url)
         self.auto_upgrade = self.sqlite if auto_upgrade is None else auto_upgrade
 

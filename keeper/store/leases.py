@@ -12,7 +12,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, case, delete, select, update
+from sqlalchemy import BindParameter, Engine, bindparam, case, delete, select, update
 
 from keeper.core.models import REAUTH, Grant
 from keeper.crypto import Cipher, WrongKey
@@ -43,7 +43,7 @@ class Leases:
         raise NotImplementedError
 
     @staticmethod
-    def _free(now: datetime) -> Any:
+    def _free(now: datetime | BindParameter[datetime]) -> Any:
         """Not leased, or leased by a process whose lease has lapsed (it crashed)."""
         return grants.c.lease_id.is_(None) | (grants.c.lease_until <= now)
 
@@ -113,14 +113,13 @@ class Leases:
         a stale token may find it refreshed by another process since: then nothing is leased
         (and it reads the new token) instead of refreshing it a second time.
         """
-        query = update(grants).where(grants.c.appid == appid, grants.c.openid == openid,
-                                     self._free(now))
+        params = {"b_appid": appid, "b_openid": openid, "b_now": now, "b_lease_id": lease_id,
+                  "b_lease_until": lease_until}
+        query = _CLAIM_ONE
         if expiring_by is not None:
-            query = query.where(grants.c.access_expires_at <= expiring_by)
+            query, params["b_expiring_by"] = _CLAIM_ONE_STALE, expiring_by
         with translate("leasing a grant"), self.engine.begin() as conn:
-            row = conn.execute(
-                query.values(lease_id=lease_id, lease_until=lease_until).returning(*grants.c)
-            ).first()
+            row = conn.execute(query, params).first()
         return _grant(row, self.cipher) if row else None
 
     def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> int:
@@ -137,12 +136,7 @@ class Leases:
             return 0
         with translate("saving results"), self.engine.begin() as conn:
             ids = [w.grant.id for w in writes]
-            rows = {r.id: r for r in conn.execute(
-                select(grants.c.id, grants.c.lease_id, grants.c.access_token,
-                       grants.c.refresh_token)
-                .where(grants.c.id.in_(ids))
-                .with_for_update()
-            )}
+            rows = {r.id: r for r in conn.execute(_HELD, {"b_ids": ids})}
             mine: list[GrantWrite] = []
             for w in writes:
                 row = rows.get(w.grant.id)
@@ -160,21 +154,13 @@ class Leases:
             params = [
                 {
                     "b_id": w.grant.id,
+                    "b_now": now,
                     **self._tokens(w.grant),
                     **_schedule_values(w.schedule),
                 }
                 for w in mine
             ]
-            conn.execute(
-                update(grants)
-                .where(grants.c.id == bindparam("b_id"))
-                .values(
-                    {k: bindparam(k)
-                     for k in (*_MUTABLE, "key_id", *(c.name for c in DUE_COLUMNS))}
-                    | {"lease_id": None, "lease_until": None, "updated_at": now}
-                ),
-                params,
-            )
+            conn.execute(_WRITE, params)
             self._record(conn, mine)
         return len(mine)
 
@@ -234,6 +220,40 @@ class Leases:
                 .values(lease_id=None, lease_until=None)
             )
         return int(result.rowcount or 0)
+
+
+# Statements built once. ``keeper serve`` runs them for every token it refreshes (one grant
+# at a time), and building one with its cache key cost more CPU than running it: half of
+# claim_one's 2.6 ms, a quarter of apply's 3.3 ms (``keeper bench api``).
+_CLAIM_ONE = (
+    update(grants)
+    .where(grants.c.appid == bindparam("b_appid"), grants.c.openid == bindparam("b_openid"),
+           Leases._free(bindparam("b_now", type_=grants.c.lease_until.type)))
+    .values(lease_id=bindparam("b_lease_id"), lease_until=bindparam("b_lease_until"))
+    .returning(*grants.c)
+)
+#: claim_one for an on-demand refresh: only while the access token is still stale.
+_CLAIM_ONE_STALE = _CLAIM_ONE.where(
+    grants.c.access_expires_at
+    <= bindparam("b_expiring_by", type_=grants.c.access_expires_at.type)
+)
+#: apply's first step: the rows its results are for, locked, with what decides whether each
+#: result is still wanted.
+_HELD = (
+    select(grants.c.id, grants.c.lease_id, grants.c.access_token, grants.c.refresh_token)
+    .where(grants.c.id.in_(bindparam("b_ids", expanding=True)))
+    .with_for_update()
+)
+#: apply's write of one result (executemany), ending the lease.
+_WRITE = (
+    update(grants)
+    .where(grants.c.id == bindparam("b_id"))
+    .values(
+        {k: bindparam(k) for k in (*_MUTABLE, "key_id", *(c.name for c in DUE_COLUMNS))}
+        | {"lease_id": None, "lease_until": None,
+           "updated_at": bindparam("b_now", type_=grants.c.updated_at.type)}
+    )
+)
 
 
 def take_seqs(conn: Any, name: str, n: int) -> range:
