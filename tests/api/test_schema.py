@@ -46,7 +46,9 @@ MUST_ANSWER = {
     "DELETE /v1/apps/{appid}/users/{openid}": {204, 404},
     "GET /v1/apps/{appid}/users/{openid}": {200, 404},
     "GET /v1/apps/{appid}/users/{openid}/token": {200, 404},
-    "GET /v1/apps/{appid}/users/{openid}/avatar": {200, 304, 404},
+    # 304 is not required: whether the run sends a matching If-None-Match depends on the
+    # examples drawn (a fresh clone drew none); test_endpoints checks the 304 itself.
+    "GET /v1/apps/{appid}/users/{openid}/avatar": {200, 404},
     "GET /v1/reauth": {200, 400},
     "GET /v1/unionids/{unionid}": {200},
 }
