@@ -20,13 +20,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keeper.core.grant_lines import ID_RE
+
 if TYPE_CHECKING:
     from keeper.api.app import Api
 
 log = structlog.get_logger("keeper.api")
-
-#: WeChat's ids: printable ASCII without spaces (as ``keeper import`` takes them).
-_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class Problem(Exception):
@@ -59,7 +58,7 @@ def unavailable(error: str, detail: str, retry_after_s: int) -> Problem:
 def path_id(request: Request, name: str) -> str:
     """A path parameter that is an appid, openid or unionid."""
     value = str(request.path_params.get(name, ""))
-    if not _ID.fullmatch(value):
+    if not ID_RE.fullmatch(value):
         raise bad_request(name, "expected printable ASCII without spaces, 1 to 128 characters")
     return value
 
@@ -182,4 +181,4 @@ class AccessLog:
 
 def _loggable(value: object) -> str | None:
     """A path id for the log: only when it is one (a bad one is named by the 400 instead)."""
-    return value if isinstance(value, str) and _ID.fullmatch(value) else None
+    return value if isinstance(value, str) and ID_RE.fullmatch(value) else None

@@ -14,9 +14,9 @@ from typing import Any
 from keeper import __version__
 from keeper.api.keys import SCOPES
 from keeper.config import ACCESS_TOKEN_LIFE_S, Config
-from keeper.core.grant_lines import AHEAD, EARLIEST, MAX_SCOPE_CHARS, MAX_TOKEN_BYTES
+from keeper.core.grant_lines import AHEAD, EARLIEST, ID_RE, MAX_SCOPE_CHARS, MAX_TOKEN_BYTES
 
-ID_PATTERN = "^[\\x21-\\x7e]{1,128}$"
+ID_PATTERN = f"^{ID_RE.pattern}$"
 #: Printable ASCII without spaces: WeChat's tokens and login codes.
 TOKEN_PATTERN = f"^[\\x21-\\x7e]{{1,{MAX_TOKEN_BYTES}}}$"
 #: RFC 3339 (keeper also reads the other ISO 8601 forms with an offset that Python does).

@@ -35,7 +35,8 @@ EARLIEST = datetime(2010, 1, 1, tzinfo=UTC)
 #: How far ahead of ``now`` each time may be (an access token lives 2 h; a little clock skew).
 AHEAD = {"access_expires_at": timedelta(days=366), "refresh_issued_at": timedelta(days=1)}
 
-_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
+#: WeChat's ids as keeper takes them anywhere (import lines, API paths).
+ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
 _TOKEN = re.compile(rf"[\x21-\x7e]{{1,{MAX_TOKEN_BYTES}}}")
 _SCOPE = re.compile(r"[a-z_]+(?:,[a-z_]+)*")
 
@@ -145,16 +146,16 @@ def parse_line(
         error = BadLine(f"missing {', '.join(missing)}")
         error.field = missing[0]
         raise error
-    appid = _string(data, "appid", _ID, "an appid (printable ASCII, no spaces)")
+    appid = _string(data, "appid", ID_RE, "an appid (printable ASCII, no spaces)")
     if appid not in set(appids):
         raise BadLine("not configured (no [[apps]] entry)", "appid")
-    openid = _string(data, "openid", _ID, f"an openid (printable ASCII, no spaces, at most "
+    openid = _string(data, "openid", ID_RE, f"an openid (printable ASCII, no spaces, at most "
                                           f"{MAX_ID_CHARS} characters)")
     unionid: str | None = None
     raw_unionid = data.get("unionid")
     blank = isinstance(raw_unionid, str) and not raw_unionid.strip()
     if raw_unionid is not None and not blank:
-        unionid = _string(data, "unionid", _ID, f"a unionid (printable ASCII, no spaces, at "
+        unionid = _string(data, "unionid", ID_RE, f"a unionid (printable ASCII, no spaces, at "
                                                 f"most {MAX_ID_CHARS} characters)")
     tokens = [
         _string(data, key, _TOKEN, f"a token (printable ASCII, 1 to {MAX_TOKEN_BYTES} bytes)")
@@ -177,7 +178,7 @@ def parse_line(
     )
     # Unknown keys are named in a log line: only keys that are plain names are named.
     unknown = tuple(sorted({
-        k if _ID.fullmatch(k) else "(a key that is not printable ASCII)"
+        k if ID_RE.fullmatch(k) else "(a key that is not printable ASCII)"
         for k in set(data) - set(REQUIRED) - set(OPTIONAL)
     }))
     return grant, unknown
