@@ -40,12 +40,17 @@ def register_secret(value: str | None) -> None:
 
 def scrub(text: str) -> str:
     """``text`` with query-string and JSON secrets and every registered secret masked."""
-    text = _QUERY_SECRET.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
-    text = _JSON_SECRET.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+    if "=" in text or ":" in text:  # both patterns need one (most values have neither)
+        text = _scrub_patterns(text)
     for secret in tuple(_known_secrets):
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+def _scrub_patterns(text: str) -> str:
+    text = _QUERY_SECRET.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+    return _JSON_SECRET.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
 
 
 def _scrub_value(value: Any) -> Any:

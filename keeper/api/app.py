@@ -34,6 +34,7 @@ from keeper.config import Config, load_config
 from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
 from keeper.log import configure
 from keeper.service.runtime import Runtime
+from keeper.store.token_reader import TokenReader
 from keeper.sweep.engine import utcnow
 from keeper.sweep.journal import Journal
 
@@ -63,6 +64,8 @@ class Api:
         self.desk = TokenDesk(store=self.store, worker=self.rt.worker, lease_s=config.lease_s,
                               wait_s=config.api.token_wait_s, journal=self.journal,
                               clock=utcnow)
+        # The token endpoint's fast path (a fresh token read on the event loop).
+        self.reader = TokenReader(self.store.engine, self.store.cipher)
         self.openapi = document(config, utcnow()).encode("utf-8")
         self._replayer: threading.Thread | None = None
 
@@ -157,6 +160,7 @@ def create_app(config: Config, keys: KeyRing | None = None) -> Starlette:
         try:
             yield
         finally:
+            await api.reader.close()
             await anyio.to_thread.run_sync(api.close)
             log.info("api.stopped", pid=os.getpid())
 

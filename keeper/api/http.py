@@ -105,13 +105,20 @@ def _no_constant(name: str) -> Any:
 
 
 Handler = Callable[["Api", Request, Any], Response]
+#: A route's shortcut on the event loop: an answer, or ``None`` to run the handler.
+Shortcut = Callable[["Api", Request], Awaitable[Response | None]]
 
 
-def endpoint(route: str, scope: str | None, *, body: bool = False
+def endpoint(route: str, scope: str | None, *, body: bool = False,
+             shortcut: Shortcut | None = None,
              ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
     """A route's handler: the key checked for ``scope`` (``None``: no key), the JSON body read
     when ``body``, then ``fn(api, request, body)`` in the thread pool. Problems become their
-    answers, and every other failure a 500 that names no value."""
+    answers, and every other failure a 500 that names no value.
+
+    ``shortcut``: tried first, on the event loop (no thread hop); the handler runs only when
+    it answers ``None``.
+    """
 
     def wrap(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
@@ -120,6 +127,10 @@ def endpoint(route: str, scope: str | None, *, body: bool = False
             try:
                 if scope is not None:
                     request.scope["keeper.key"] = authenticate(api, request, scope)
+                if shortcut is not None:
+                    answer = await shortcut(api, request)
+                    if answer is not None:
+                        return answer
                 payload = await read_json(request, api.config.api.max_body_bytes) if body \
                     else None
                 return await run_in_threadpool(api.answer, fn, request, payload)

@@ -112,29 +112,32 @@ class TokenDesk:
         self._flights = _Flights()
 
     def token(self, appid: str, openid: str, *, min_valid_s: float,
-              busy_floor_s: float = BUSY_FLOOR_S) -> Token:
-        """A token valid for at least ``min_valid_s`` more seconds.
+              busy_floor_s: float = BUSY_FLOOR_S, row: TokenRow | None = None) -> Token:
+        """A token valid for at least ``min_valid_s`` more seconds. ``row``: the grant's row
+        as just read by the caller (saves reading it again).
 
         Raises :class:`NoGrant`, :class:`MustReauthorize` or :class:`Unavailable`.
         """
-        row = self._read(appid, openid)
-        if self._fresh(row, min_valid_s):
+        if row is None or row.state == REAUTH:
+            row = self._read(appid, openid)
+        if self.fresh(row, min_valid_s):
             return Token(row.access_token, row.access_expires_at, row.scope, False)
         deadline = time.monotonic() + self.wait_s
         with self._flights.hold(row.id, deadline - time.monotonic()) as got:
             if not got:
                 raise self._busy(openid)
-            # Whoever held the flight before may have refreshed it already.
             pause = self.poll_s
             while True:
-                row = self._read(appid, openid)
-                if self._fresh(row, min_valid_s):
-                    return Token(row.access_token, row.access_expires_at, row.scope, False)
+                # The lease is taken only while the token is still stale, so whoever held the
+                # flight before (or another process) having refreshed it makes this None.
                 token = self._refresh(appid, openid, min_valid_s)
                 if token is not None:
                     return token
+                row = self._read(appid, openid)
+                if self.fresh(row, min_valid_s):
+                    return Token(row.access_token, row.access_expires_at, row.scope, False)
                 # Another process holds the grant: its token may do meanwhile.
-                if self._fresh(row, min(min_valid_s, busy_floor_s)):
+                if self.fresh(row, min(min_valid_s, busy_floor_s)):
                     return Token(row.access_token, row.access_expires_at, row.scope, False)
                 if time.monotonic() + pause > deadline:
                     raise self._busy(openid)
@@ -157,7 +160,8 @@ class TokenDesk:
             raise MustReauthorize(openid, self.store.reauth_record(row.id))
         return row
 
-    def _fresh(self, row: TokenRow, min_valid_s: float) -> bool:
+    def fresh(self, row: TokenRow, min_valid_s: float) -> bool:
+        """Whether the row's token stays valid ``min_valid_s`` seconds more."""
         return row.access_expires_at > self.clock() + timedelta(seconds=min_valid_s)
 
     def _refresh(self, appid: str, openid: str, min_valid_s: float) -> Token | None:

@@ -118,8 +118,14 @@ class Leases:
         query = _CLAIM_ONE
         if expiring_by is not None:
             query, params["b_expiring_by"] = _CLAIM_ONE_STALE, expiring_by
-        with translate("leasing a grant"), self.engine.begin() as conn:
+        with translate("leasing a grant"), self.engine.connect() as conn:
+            if not self.sqlite:
+                # One statement is atomic by itself: autocommit spares the BEGIN and COMMIT
+                # round trips (a third of an on-demand refresh's database time).
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             row = conn.execute(query, params).first()
+            if self.sqlite:
+                conn.commit()
         return _grant(row, self.cipher) if row else None
 
     def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> int:

@@ -27,8 +27,8 @@ IP = shutil.which("ip") or "/usr/sbin/ip"
 class Outage:
     """The database refuses keeper for ``seconds`` once ``when()`` holds.
 
-    PostgreSQL: every connection to the database is terminated every 0.2 s (a storm of
-    ``pg_terminate_backend``). SQLite: another connection holds the write lock, so every
+    PostgreSQL: the database refuses new connections, and every open one is terminated
+    every 0.2 s (a storm of ``pg_terminate_backend``). SQLite: another connection holds the write lock, so every
     write waits out keeper's ``database_timeout`` and fails.
     """
 
@@ -74,13 +74,21 @@ class Outage:
         engine = create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as conn:
-                self.started.set()
-                end = time.monotonic() + self.seconds
-                while time.monotonic() < end:
-                    self.kills += len(conn.execute(text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": name}).all())
-                    time.sleep(0.2)
+                # New connections are refused for the whole outage (without this, keeper
+                # reconnected between two rounds of the storm and wrote its results there,
+                # so a test could find nothing held when it stopped keeper).
+                conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false'))
+                try:
+                    self.started.set()
+                    end = time.monotonic() + self.seconds
+                    while time.monotonic() < end:
+                        self.kills += len(conn.execute(text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = :db AND pid <> pg_backend_pid()"),
+                            {"db": name}).all())
+                        time.sleep(0.2)
+                finally:
+                    conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true'))
         finally:
             engine.dispose()
 
