@@ -270,7 +270,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         valid, detail = True, "ok"
         errcode: int | None = 0
         try:
-            rt.client.check(grant.access_token, grant.openid)
+            rt.client.check(grant.access_token, grant.openid, appid=grant.appid)
         except TransientApiError as e:
             raise Failed(f"WeChat could not be asked: {e}") from None
         except ApiError as e:  # WeChat's answer: the token is not valid

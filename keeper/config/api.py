@@ -102,3 +102,16 @@ def parse_api(raw: object, resolve: Callable[[str], Path]) -> ApiConfig:
     }
     t.finish()
     return ApiConfig(**values)
+
+
+def parse_metrics_listen(value: object) -> tuple[str, str | None, int | None]:
+    """``metrics_listen``: ``HOST:PORT`` (IPv6 as ``[::1]:9790``), or ``""`` for none."""
+    if not isinstance(value, str):
+        raise ConfigError(f"metrics_listen: expected \"HOST:PORT\" or \"\", got {show(value)}")
+    if value == "":
+        return "", None, None
+    if value.startswith("unix:"):
+        raise ConfigError(f"metrics_listen: expected HOST:PORT (Prometheus scrapes over TCP), "
+                          f"got {show(value)}")
+    host, port, _ = parse_listen(value, "metrics_listen")
+    return value, host, port

@@ -14,10 +14,11 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from keeper.config.api import parse_api
+from keeper.config.api import parse_api, parse_metrics_listen
 from keeper.config.model import (
     ACCESS_REFRESH,
     ACCESS_TOKEN_LIFE_S,
+    DEFAULT_METRICS_LISTEN,
     DEFAULT_PATH,
     DEFAULT_QUOTAS,
     ENDPOINTS,
@@ -58,8 +59,6 @@ def _resolve(name: str, env: Mapping[str, str], base: Path) -> Path:
     if creds and (Path(creds) / path).is_file():
         return Path(creds) / path
     return base / path
-
-
 
 
 def _quotas(
@@ -259,6 +258,8 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         raise ConfigError(f"access_refresh: expected \"ahead\" or \"on_demand\", got "
                           f"{show(access_refresh)}")
     api = parse_api(t.pop("api", None), lambda name: _resolve(name, env, base))
+    metrics_listen, metrics_host, metrics_port = parse_metrics_listen(t.pop("metrics_listen",
+                                                                       DEFAULT_METRICS_LISTEN))
     config = Config(
         database_url=database_url,
         api_base=api_base.rstrip("/"),
@@ -283,6 +284,9 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         journal_dir=Path(journal_dir),
         access_refresh=str(access_refresh),
         api=api,
+        metrics_listen=metrics_listen,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
         encryption_key_files=(
             tuple(_resolve(k, env, base) for k in key_files) or _credential_key(env)
         ),

@@ -27,6 +27,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: would refresh on every sweep.
 ACCESS_TOKEN_LIFE_S = 7200
 ACCESS_REFRESH = ("ahead", "on_demand")
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9790"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,10 @@ class Config:
     #: refresh tokens are kept alive, access tokens are refreshed when asked for.
     access_refresh: str = "ahead"
     api: ApiConfig = field(default_factory=ApiConfig)
+    #: Where ``keeper run`` serves ``/metrics`` (``HOST:PORT``); ``""``: not served.
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
+    metrics_host: str | None = "127.0.0.1"
+    metrics_port: int | None = 9790
 
     def app(self, appid: str) -> AppConfig:
         """The app called ``appid``; ``ConfigError`` if it is not configured."""
@@ -112,6 +117,7 @@ class Config:
             "access_refresh": self.access_refresh,
             "api_listen": self.api.listen,
             "api_keys_file": str(self.api.keys_file),
+            "metrics_listen": self.metrics_listen,
             "log_level": self.log_level,
             "encryption_key_files": [str(p) for p in self.encryption_key_files] or "default",
             "apps": [

@@ -4,7 +4,7 @@ service.
 Each process has its own scheduler (APScheduler's job stores cannot be shared between
 processes); processes coordinate only through the database. Signal handlers only set flags
 and wake the main thread, which waits on an Event, pings systemd's watchdog, applies reloads
-and shuts down in a fixed, logged order: scheduler, in-flight sweep, leases, engine.
+and shuts down in a fixed, logged order: scheduler, in-flight sweep, leases, metrics, engine.
 
 Signals: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP reloads the
 configuration file, then sweeps; SIGUSR1 sweeps now.
@@ -34,6 +34,7 @@ from keeper.errors import (
     StoreError,
 )
 from keeper.log import set_level
+from keeper.service.metrics import start_metrics, stop_metrics
 from keeper.service.notify import Notifier, sweep_status
 from keeper.service.runtime import Runtime, cipher_for
 from keeper.sweep.engine import Sweeper
@@ -239,6 +240,8 @@ class Service:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         self.notifier.status("starting")
+        self.metrics = start_metrics(self.config, store=lambda: self.runtime.store,
+                                     current=lambda: self.config)
         if not self._wait_for_database():
             return self._shutdown()
         self.scheduler.add_job(
@@ -289,6 +292,7 @@ class Service:
             os._exit(0)  # the sweep's thread cannot be interrupted inside the driver
         log.info("keeper.stopping", step="workers")
         self.sweeper.close()
+        stop_metrics(self.metrics)
         log.info("keeper.stopping", step="database")
         self.runtime.close()
         self.notifier.close()

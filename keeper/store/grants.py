@@ -19,6 +19,7 @@ from keeper.crypto import Cipher, WrongKey
 from keeper.store.avatar_state import AvatarState
 from keeper.store.db import ensure_schema, is_sqlite, make_engine, translate
 from keeper.store.leases import Leases
+from keeper.store.observe import Observations
 from keeper.store.quota_state import QuotaState
 from keeper.store.reports import Reports
 from keeper.store.rows import _MUTABLE, GrantWrite, _grant, _schedule_values
@@ -26,7 +27,7 @@ from keeper.store.schema import grants, meta, reauth
 from keeper.store.users import Users
 
 
-class Store(Leases, Reports, QuotaState, AvatarState, Users):
+class Store(Leases, Reports, QuotaState, AvatarState, Users, Observations):
     """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
 
     def __init__(

@@ -19,6 +19,7 @@ import structlog
 from keeper.config import AppConfig
 from keeper.core.quota import Gcra, pause_until, paused_tat_us, take
 from keeper.errors import KeeperError
+from keeper.metrics import process as metrics
 from keeper.store.grants import Store
 
 # Named as before the re-layout: the name is in every log line ("logger"), which stays.
@@ -86,15 +87,21 @@ class QuotaGate:
                 tat = self.store.quota_tat(appid, endpoint)
                 decision = take(params, tat, now_us, self.batch)
                 if decision.granted:
-                    if self.store.quota_swap(appid, endpoint, tat, decision.new_tat_us):
+                    if self.store.quota_swap(appid, endpoint, tat, decision.new_tat_us,
+                                             permits=decision.granted, now_us=now_us,
+                                             period_us=params.period_us):
                         pool.permits = decision.granted - 1
                         pool.expires = time.monotonic() + params.slack_s / 2
+                        metrics.quota_taken(appid, endpoint, decision.granted)
                         return
                     continue  # another process took permits first: look again
             if decision.wait_s > max_wait_s:
                 until = datetime.fromtimestamp(self.clock() + decision.wait_s, UTC)
+                metrics.quota_exhausted(appid, endpoint)
                 raise QuotaWait(appid, endpoint, until)
+            waited = time.monotonic()
             self.stop.wait(decision.wait_s)
+            metrics.quota_waited(appid, endpoint, time.monotonic() - waited)
 
     def pause(self, appid: str, endpoint: str, errcode: int, now: datetime) -> datetime:
         """WeChat answered 45011/45009: no process calls ``endpoint`` until its window rolls."""

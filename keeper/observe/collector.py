@@ -1,0 +1,172 @@
+"""The database's side of ``/metrics``: a Prometheus collector that reads a few cheap, indexed
+counts at scrape time and keeps them for ``ttl_s`` seconds, so scrapes from several
+Prometheus servers (or a refreshing dashboard) cost the database one read per few seconds.
+
+The counts are the ones ``keeper status`` gives, by app: their sums agree with
+``keeper status --json`` read at the same moment (``keeper_grants`` with ``grants``,
+``keeper_reauth_records`` with ``reauth_required``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from keeper.config import Config
+from keeper.core.models import ACTIVE, EXPIRING, REAUTH
+from keeper.core.quota import usage
+from keeper.errors import StoreError
+from keeper.store.grants import Store
+
+log = structlog.get_logger("keeper.metrics")
+
+#: How long one read of the database serves scrapes (the contract allows 10 s of lag).
+TTL_S = 5.0
+STATES = (ACTIVE, EXPIRING, REAUTH)
+REASONS = ("refresh_token_invalid", "refresh_token_expired", "authorization_revoked",
+           "refresh_token_expiring", "other")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Snapshot:
+    """One read of the database."""
+
+    grants: dict[tuple[str, str], int] = field(default_factory=dict)
+    reauth: dict[tuple[str, str], int] = field(default_factory=dict)
+    due: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    last_sweep: datetime | None = None
+    quota: list[tuple[str, str, int, int]] = field(default_factory=list)  # app, ep, used, limit
+    seconds: float = 0.0
+    ok: bool = True
+
+
+class DatabaseCollector(Collector):
+    """Gauges read from the database. ``store``: the store to read (a callable, so a
+    reloaded service's new store is used)."""
+
+    def __init__(self, *, store: Callable[[], Store], config: Callable[[], Config],
+                 ttl_s: float = TTL_S, clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.config = config
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._cached: Snapshot | None = None
+        self._read_at = 0.0  # monotonic
+        self._said_failure = False
+
+    def snapshot(self) -> Snapshot:
+        """The cached read, or a new one when it is older than ``ttl_s``. Concurrent scrapes
+        wait for one read instead of each making their own."""
+        with self._lock:
+            if self._cached is None or time.monotonic() - self._read_at >= self.ttl_s:
+                self._cached = self._read()
+                self._read_at = time.monotonic()
+            return self._cached
+
+    def _read(self) -> Snapshot:
+        started = time.perf_counter()
+        store, config, now = self.store(), self.config(), self.clock()
+        overdue = now - timedelta(seconds=3 * config.sweep_interval_s)
+        apps = [a.appid for a in config.apps]
+        try:
+            snap = Snapshot(
+                grants=store.grant_counts(), reauth=store.reauth_counts(),
+                due=store.due_counts(apps, now, overdue),
+                last_sweep=store.last_sweep_finished_at(),
+                quota=quota_used(store, config, now),
+            )
+        except StoreError as e:
+            if not self._said_failure:  # once per outage; the gauge says the rest
+                log.warning("metrics.database_unavailable", error=str(e))
+                self._said_failure = True
+            return Snapshot(ok=False, seconds=time.perf_counter() - started)
+        self._said_failure = False
+        snap.seconds = time.perf_counter() - started
+        return snap
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        up = GaugeMetricFamily("keeper_database_up",
+                               "1 when the last read of the database for these metrics worked.")
+        up.add_metric([], 1 if snap.ok else 0)
+        yield up
+        took = GaugeMetricFamily("keeper_database_read_seconds",
+                                 "How long the last read of the database for these metrics took.")
+        took.add_metric([], snap.seconds)
+        yield took
+        if not snap.ok:
+            return
+        apps = [a.appid for a in self.config().apps]
+        yield _family("keeper_grants", "Grants by app and state (active, expiring, reauth).",
+                      ["app", "state"], snap.grants, [(a, s) for a in apps for s in STATES])
+        yield _family("keeper_reauth_records", "Users who must re-authorize (or whose refresh "
+                      "token WeChat declined to renew), by app and reason.", ["app", "reason"],
+                      snap.reauth, [(a, r) for a in apps for r in REASONS])
+        due = GaugeMetricFamily("keeper_work_due", "Grants whose work (refresh, access, "
+                                "profile) is due now, by app.", labels=["app", "kind"])
+        overdue = GaugeMetricFamily(
+            "keeper_work_overdue", "Grants whose work has been due for more than three sweep "
+            "intervals, by app.", labels=["app", "kind"])
+        for (app, kind), (now_n, old_n) in sorted(snap.due.items()):
+            due.add_metric([app, kind], now_n)
+            overdue.add_metric([app, kind], old_n)
+        yield due
+        yield overdue
+        if snap.last_sweep is not None:
+            last = GaugeMetricFamily(
+                "keeper_last_sweep_finished_timestamp_seconds",
+                "When the latest finished sweep of any keeper process ended (Unix seconds).")
+            last.add_metric([], snap.last_sweep.timestamp())
+            yield last
+        used = GaugeMetricFamily("keeper_quota_window_permits", "Quota permits taken by all "
+                                 "processes in the current quota window.",
+                                 labels=["app", "endpoint"])
+        limit = GaugeMetricFamily("keeper_quota_limit_permits", "The quota: permits allowed "
+                                  "per quota window.", labels=["app", "endpoint"])
+        for app, endpoint, n, most in snap.quota:
+            used.add_metric([app, endpoint], n)
+            limit.add_metric([app, endpoint], most)
+        yield used
+        yield limit
+
+
+def _family(name: str, doc: str, labels: list[str], counts: dict[tuple[str, str], int],
+            zeros: list[tuple[str, str]]) -> GaugeMetricFamily:
+    """A gauge of ``counts``, with a 0 for each of ``zeros`` not in it (so an alert on a
+    configured app's series has a series to look at)."""
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for key in sorted(set(counts) | set(zeros)):
+        family.add_metric(list(key), counts.get(key, 0))
+    return family
+
+
+def quota_used(store: Store, config: Config, now: datetime) -> list[tuple[str, str, int, int]]:
+    """(app, endpoint, permits taken in the current window, quota count) for every configured
+    quota; what the quota rows say (every process's permits)."""
+    rows = {(r["appid"], r["endpoint"]): r for r in store.quota_rows()}
+    now_us = int(now.timestamp() * 1_000_000)
+    found = []
+    for app in config.apps:
+        for endpoint, quota in app.quotas.items():
+            if quota is None:
+                continue
+            period_us = round(quota.period_s * 1_000_000)
+            row = rows.get((app.appid, endpoint))
+            used = usage(row["window_us"], row["window_permits"], row["previous_permits"],
+                         now_us, period_us).current if row else 0
+            found.append((app.appid, endpoint, used, quota.count))
+    return found
+
+

@@ -1,0 +1,38 @@
+"""Metrics and the status page: an index for grants by app and state (and the re-login
+forecast), and the permits each quota row handed out in its current and previous window.
+
+``ix_grants_state`` (appid, state, refresh_issued_at) makes the scrape's "grants by app and
+state" an index-only scan instead of reading every row with its tokens, and the forecast a
+range scan. ``quota_state`` counts permits per window in the same statement that takes them.
+
+Numbered 0007 beside the events work's 0006, which is being written at the same time: until
+the two are merged this revision follows 0005, and the merge re-points it to 0006.
+
+Revision ID: 0007
+Revises: 0005
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index("ix_grants_state", "grants", ["appid", "state", "refresh_issued_at"])
+    with op.batch_alter_table("quota_state") as batch:
+        for name in ("window_us", "window_permits", "previous_permits"):
+            batch.add_column(sa.Column(name, sa.BigInteger, nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("quota_state") as batch:
+        for name in ("previous_permits", "window_permits", "window_us"):
+            batch.drop_column(name)
+    op.drop_index("ix_grants_state", "grants")
