@@ -21,8 +21,8 @@ from prometheus_client.registry import Collector
 
 from keeper.config import Config
 from keeper.core.models import ACTIVE, EXPIRING, REAUTH
-from keeper.core.quota import usage
 from keeper.errors import StoreError
+from keeper.observe.report import quota_use
 from keeper.store.grants import Store
 
 log = structlog.get_logger("keeper.metrics")
@@ -85,7 +85,8 @@ class DatabaseCollector(Collector):
                 grants=store.grant_counts(), reauth=store.reauth_counts(),
                 due=store.due_counts(apps, now, overdue),
                 last_sweep=store.last_sweep_finished_at(),
-                quota=quota_used(store, config, now),
+                quota=[(q.appid, q.endpoint, q.used, q.limit)
+                       for q in quota_use(store, config, now)],
             )
         except StoreError as e:
             if not self._said_failure:  # once per outage; the gauge says the rest
@@ -150,23 +151,3 @@ def _family(name: str, doc: str, labels: list[str], counts: dict[tuple[str, str]
     for key in sorted(set(counts) | set(zeros)):
         family.add_metric(list(key), counts.get(key, 0))
     return family
-
-
-def quota_used(store: Store, config: Config, now: datetime) -> list[tuple[str, str, int, int]]:
-    """(app, endpoint, permits taken in the current window, quota count) for every configured
-    quota; what the quota rows say (every process's permits)."""
-    rows = {(r["appid"], r["endpoint"]): r for r in store.quota_rows()}
-    now_us = int(now.timestamp() * 1_000_000)
-    found = []
-    for app in config.apps:
-        for endpoint, quota in app.quotas.items():
-            if quota is None:
-                continue
-            period_us = round(quota.period_s * 1_000_000)
-            row = rows.get((app.appid, endpoint))
-            used = usage(row["window_us"], row["window_permits"], row["previous_permits"],
-                         now_us, period_us).current if row else 0
-            found.append((app.appid, endpoint, used, quota.count))
-    return found
-
-
