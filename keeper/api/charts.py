@@ -23,8 +23,8 @@ class Bar:
 
 
 def nice_max(value: float) -> float:
-    """The axis's top: 1, 2 or 5 times a power of ten, at least ``value`` (at least 1)."""
-    if value <= 1:
+    """The axis's top: 1, 2 or 5 times a power of ten, at least ``value`` (1 for nothing)."""
+    if value <= 0:
         return 1.0
     power = 10 ** math.floor(math.log10(value))
     for step in (1, 2, 5, 10):

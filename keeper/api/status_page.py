@@ -34,7 +34,7 @@ th,td{text-align:right;padding:4px 8px;border-bottom:1px solid #edf0f2}
 th:first-child,td:first-child{text-align:left}th{color:#5b6670;font-weight:600}
 .chart .grid{stroke:#e4e7eb}.chart .axis{fill:#5b6670;font-size:11px}
 .chart .bar{fill:#8fb8de}.chart .bar-part{fill:#c0392b}.chart .bar.alert{fill:#e67e22}
-#sweep-chart .bar{fill:#6c9a5b}
+#sweep-chart .bar{fill:#6c9a5b}#sweep-chart .bar.alert{fill:#e67e22}
 .legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
 .meter-back{fill:#edf0f2}.meter-fill{fill:#4a90c2}.meter-fill.alert{fill:#c0392b}
 .scroll{max-height:320px;overflow-y:auto}
@@ -50,8 +50,8 @@ def _stats(report: Report) -> str:
         f'<div class="stat" data-key="{k}"><span class="n">{report.status[k]:,}</span>'
         f'<span class="k">{k.replace("_", " ")}</span></div>' for k in STATUS_KEYS)
     last = report.status.get("last_sweep")
-    when = (f"last sweep finished {escape(last['finished_at'])}" if last
-            else "no sweep has finished yet")
+    when = (f"the last sweep finished {_cst(datetime.fromisoformat(last['finished_at']))} "
+            "China time" if last else "no sweep has finished yet")
     return (f'<section id="summary"><h2>Now</h2><p class="note">The counts of '
             f"<code>keeper status</code>; {when}.</p><div class=\"stats\">{cells}</div>"
             "</section>")
