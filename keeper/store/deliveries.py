@@ -84,8 +84,8 @@ class Deliveries:
     def fan_out(self, key: str, holder: str, types: Collection[str], *, now: datetime,
                 batch: int = 1000) -> int | None:
         """Give the webhook a delivery row for each event past its cursor whose type it
-        wants, due now, and move the cursor past them: one transaction. The number of rows
-        made, or None when ``holder`` no longer holds the webhook."""
+        wants, due now, and move the cursor past them (at most ``batch``): one transaction.
+        The number of events passed, or None when ``holder`` no longer holds the webhook."""
         with translate("fanning out events"), self.engine.begin() as conn:
             cursor = conn.execute(
                 select(webhooks.c.cursor)
@@ -107,7 +107,7 @@ class Deliveries:
                 conn.execute(insert(deliveries), wanted)
             conn.execute(update(webhooks).where(webhooks.c.key == key)
                          .values(cursor=rows[-1].seq))
-        return len(wanted)
+        return len(rows)
 
     def due(self, key: str, now: datetime) -> Due | None:
         """The webhook's delivery due longest ago (then the oldest event), if any."""
