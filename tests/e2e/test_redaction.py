@@ -40,7 +40,8 @@ secret_env = "KEEPER_HOOK_SECRET"
     grants = [make_grant(f"o{i}", access_in_s=-60, issued_days_ago=29.5 if i % 2 else 2)
               for i in range(12)] + [make_grant("revoked", access_in_s=-60, state="revoked")]
     seed(sim, keeper, grants)
-    secrets = {SECRET, hook_secret, query_secret} | {g["access_token"] for g in grants} | {g["refresh_token"] for g in grants}
+    secrets = {SECRET, hook_secret, query_secret} | {g["access_token"] for g in grants}
+    secrets |= {g["refresh_token"] for g in grants}
     for answer in ("timeout", "502", "truncated", "html", -1, 45011, 40125, 41002, 99999):
         sim.force("refresh", answer)  # type: ignore[arg-type]
     sim.force("userinfo", 42001)
