@@ -33,6 +33,8 @@ log = structlog.get_logger("keeper.events")
 
 #: How often an idle webhook looks for new events (a sweep's write also wakes it at once).
 POLL_S = 0.5
+#: Due deliveries read at once (then sent one by one, the lease checked before each).
+BATCH = 50
 #: How often delivered events past the retention are pruned.
 PRUNE_EVERY_S = 600.0
 
@@ -129,12 +131,15 @@ class Deliverer:
                     self._top[hook.key] = top
                 if passed:
                     continue
-            due = self.store.due(hook.key, now)
-            if due is None:
+            batch = self.store.due(hook.key, now, limit=BATCH)
+            if not batch:
                 break
-            began = time.monotonic()
-            outcome = sender.send(due.event_id, due.body, t=int(time.time()))
-            counts[self._settle(hook, due, outcome, time.monotonic() - began)] += 1
+            for due in batch:  # one at a time, holding the lease for each
+                if self.stop.is_set() or not self._hold(hook, self.clock()):
+                    break
+                began = time.monotonic()
+                outcome = sender.send(due.event_id, due.body, t=int(time.time()))
+                counts[self._settle(hook, due, outcome, time.monotonic() - began)] += 1
         return counts
 
     def _settle(self, hook: WebhookConfig, due: Due, outcome: Outcome, took_s: float) -> str:

@@ -109,18 +109,18 @@ class Deliveries:
                          .values(cursor=rows[-1].seq))
         return len(rows)
 
-    def due(self, key: str, now: datetime) -> Due | None:
-        """The webhook's delivery due longest ago (then the oldest event), if any."""
+    def due(self, key: str, now: datetime, limit: int = 1) -> list[Due]:
+        """The webhook's deliveries due by ``now``, the one due longest ago first (then the
+        oldest event), at most ``limit``."""
         q = (select(deliveries.c.event_id, events.c.type, events.c.body, deliveries.c.attempts,
                     deliveries.c.first_try_at)
              .join(events, events.c.id == deliveries.c.event_id)
              .where(deliveries.c.webhook == key, deliveries.c.state == PENDING,
                     deliveries.c.next_attempt_at <= now)
-             .order_by(deliveries.c.next_attempt_at, deliveries.c.seq).limit(1))
+             .order_by(deliveries.c.next_attempt_at, deliveries.c.seq).limit(limit))
         with translate("reading deliveries"), self.engine.connect() as conn:
-            row = conn.execute(q).first()
-        return Due(row.event_id, row.type, row.body, row.attempts, row.first_try_at) \
-            if row else None
+            return [Due(r.event_id, r.type, r.body, r.attempts, r.first_try_at)
+                    for r in conn.execute(q)]
 
     def settle(self, key: str, due: Due, *, now: datetime, state: str,
                next_attempt_at: datetime | None, status: int | None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -15,7 +15,7 @@ from keeper.core.events import AVATAR_CHANGED, TYPES, next_attempt
 from keeper.core.models import Profile
 from keeper.core.policy import after_reauth, schedule
 from keeper.store.avatar_state import AvatarDue
-from keeper.store.deliveries import DELIVERED, FAILED, PENDING
+from keeper.store.deliveries import DELIVERED, FAILED, PENDING, Due
 from keeper.store.events import record_events
 from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite
@@ -32,6 +32,11 @@ def bodies(store: Store) -> list[dict[str, object]]:
         rows = conn.execute(select(events.c.body, events.c.seq).order_by(events.c.seq)).all()
     assert [r.seq for r in rows] == sorted({r.seq for r in rows})  # unique, increasing
     return [json.loads(r.body) for r in rows]
+
+
+def next_due(store: Store, now: datetime) -> Due | None:
+    due = store.due(HOOK, now, limit=1)
+    return due[0] if due else None
 
 
 def profile_write(store: Store, openid: str, profile: Profile) -> None:
@@ -136,7 +141,7 @@ def test_a_new_webhook_starts_at_the_newest_event_then_gets_each_wanted_one_once
         rows = conn.execute(select(deliveries.c.event_id, deliveries.c.state)
                             .order_by(deliveries.c.seq)).all()
     assert len(rows) == 2 and {r.state for r in rows} == {PENDING}
-    first = store.due(HOOK, NOW)
+    first = next_due(store, NOW)
     assert first is not None and first.event_id == rows[0].event_id
     assert json.loads(first.body)["data"]["openid"] == "o1"
 
@@ -165,7 +170,7 @@ def test_a_failing_delivery_is_retried_for_72_hours_then_failed_and_replay_reviv
     record(store, "o1", "o2")
     store.fan_out(HOOK, "A", TYPES, now=NOW)
     now, attempts = NOW, 0
-    while (due := store.due(HOOK, now)) is not None and due.event_id:
+    while (due := next_due(store, now)) is not None:
         attempts += 1
         retry = next_attempt(due.attempts + 1, due.first_try_at, now, draw=0.5)
         store.settle(HOOK, due, now=now, state=PENDING if retry else FAILED,
@@ -181,7 +186,7 @@ def test_a_failing_delivery_is_retried_for_72_hours_then_failed_and_replay_reviv
     assert store.replay(now, event_id=failed[0]["id"]) == 1
     assert store.delivery_counts() == {"events_pending": 1, "events_failed": 1}
     assert store.replay(now) == 1  # every failed one
-    due = store.due(HOOK, now)
+    due = next_due(store, now)
     assert due is not None and due.attempts == 0
     assert store.settle(HOOK, due, now=now, state=DELIVERED, next_attempt_at=None,
                         status=204, error=None)
@@ -196,7 +201,7 @@ def test_prune_forgets_old_events_no_webhook_still_has_to_send(store: Store) -> 
     record(store, "o0", "o1")
     store.fan_out(HOOK, "A", {"reauth.recorded"}, now=NOW)
     put(store, grant("o0"))  # reauth.cleared: no webhook wants it
-    due = store.due(HOOK, NOW)
+    due = next_due(store, NOW)
     assert due is not None
     store.settle(HOOK, due, now=NOW, state=DELIVERED, next_attempt_at=None, status=200,
                  error=None)
