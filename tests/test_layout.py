@@ -16,14 +16,15 @@ KEEPER = ROOT / "keeper"
 
 #: Each package's layer: a module may import from its own layer and those below, never above.
 #: config, log and crypto share a layer (none imports another); avatars sits below sweep
-#: because a sweep runs the avatar pass.
+#: because a sweep runs the avatar pass; events (delivery to webhooks) beside it, since it
+#: needs only the store and configuration.
 LAYERS: dict[str, int] = {
     "errors": 0,
     "core": 1,
     "config": 2, "log": 2, "crypto": 2,
     "wechat": 3,
     "store": 4,
-    "avatars": 5,
+    "avatars": 5, "events": 5,
     "sweep": 6,
     "service": 7,
     "api": 8,

@@ -317,6 +317,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         summary = last["summary"] if last else {}
         data["apps_rejected"] = summary.get("apps_rejected", [])
         data["keeper_bug_answers"] = summary.get("keeper_bug_answers", 0)
+        data.update(store.delivery_counts())  # events_pending, events_failed
     finally:
         store.close()
     if args.json:
@@ -324,7 +325,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     for key in ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
                 "retrying", "profiles_failing", "avatars_saved", "avatars_refused",
-                "avatars_missing", "apps_rejected", "keeper_bug_answers"):
+                "avatars_missing", "apps_rejected", "keeper_bug_answers", "events_pending",
+                "events_failed"):
         _out(f"{key:18} {data[key]}")
     for reason, n in sorted(data["reauth_by_reason"].items()):
         _out(f"  {reason:16} {n}")
@@ -525,6 +527,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("openid", metavar="OPENID")
     command("status", cmd_status, "counts and the last sweep", json_flag=True)
     command("reauth", cmd_reauth, "users who must re-authorize", json_flag=True)
+    from keeper.cli.events import add_parser as add_events
+
+    add_events(command)
     sp = command("rotate-key", cmd_rotate_key,
                  "re-encrypt every token under the first key of encryption_key_file",
                  json_flag=True)

@@ -34,6 +34,7 @@ from keeper.config.values import (
     refuse_secrets,
     show,
 )
+from keeper.config.webhooks import DEFAULT_RETENTION_S, parse_webhooks
 from keeper.core.quota import Quota, parse_quota
 from keeper.errors import ConfigError
 
@@ -259,6 +260,10 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         raise ConfigError(f"access_refresh: expected \"ahead\" or \"on_demand\", got "
                           f"{show(access_refresh)}")
     api = parse_api(t.pop("api", None), lambda name: _resolve(name, env, base))
+    webhooks = parse_webhooks(t.pop("webhooks", None), env, lambda n: _resolve(n, env, base))
+    retention = t.duration("events_retention", DEFAULT_RETENTION_S)
+    if retention < 3600:
+        raise ConfigError(f"events_retention: must be at least 1 hour, got {retention:g}")
     config = Config(
         database_url=database_url,
         api_base=api_base.rstrip("/"),
@@ -283,6 +288,8 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         journal_dir=Path(journal_dir),
         access_refresh=str(access_refresh),
         api=api,
+        webhooks=webhooks,
+        events_retention_s=retention,
         encryption_key_files=(
             tuple(_resolve(k, env, base) for k in key_files) or _credential_key(env)
         ),

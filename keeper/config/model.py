@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from keeper.config.api import ApiConfig
+from keeper.config.webhooks import DEFAULT_RETENTION_S, WebhookConfig
 from keeper.core.quota import Quota
 from keeper.errors import ConfigError
 
@@ -84,6 +85,9 @@ class Config:
     #: refresh tokens are kept alive, access tokens are refreshed when asked for.
     access_refresh: str = "ahead"
     api: ApiConfig = field(default_factory=ApiConfig)
+    #: Where events are sent (``[[webhooks]]``), and how long sent ones are kept.
+    webhooks: tuple[WebhookConfig, ...] = ()
+    events_retention_s: float = DEFAULT_RETENTION_S
 
     def app(self, appid: str) -> AppConfig:
         """The app called ``appid``; ``ConfigError`` if it is not configured."""
@@ -113,6 +117,8 @@ class Config:
             "api_listen": self.api.listen,
             "api_keys_file": str(self.api.keys_file),
             "log_level": self.log_level,
+            "webhooks": [w.redacted() for w in self.webhooks],
+            "events_retention_s": self.events_retention_s,
             "encryption_key_files": [str(p) for p in self.encryption_key_files] or "default",
             "apps": [
                 {

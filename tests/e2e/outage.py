@@ -28,8 +28,8 @@ class Outage:
     """The database refuses keeper for ``seconds`` once ``when()`` holds.
 
     PostgreSQL: the database refuses new connections, and every open one is terminated
-    every 0.2 s (a storm of ``pg_terminate_backend``). SQLite: another connection holds the write lock, so every
-    write waits out keeper's ``database_timeout`` and fails.
+    every 0.2 s (a storm of ``pg_terminate_backend``). SQLite: another connection holds the
+    write lock, so every write waits out keeper's ``database_timeout`` and fails.
     """
 
     def __init__(self, url: str, *, seconds: float, when: Callable[[], bool]) -> None:
