@@ -262,3 +262,38 @@ def test_bad_api_values_are_refused_naming_the_key(data: dict[str, object], key:
     with pytest.raises(ConfigError) as e:
         build(data)
     assert str(e.value).startswith(key) or str(e.value).endswith(key), str(e.value)
+
+
+def test_webhooks_take_their_secret_from_credentials_first_and_default_to_every_event(
+    tmp_path: Path,
+) -> None:
+    from keeper.core.events import TYPES
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "webhook_shop").write_text("whsec-from-credentials\n")
+    (tmp_path / "webhook_shop").write_text("whsec-beside-the-file\n")
+    example = (ROOT / "config" / "keeper.toml").read_text().split("# [[webhooks]]")[1]
+    table = "[[webhooks]]\n" + "\n".join(line[2:] for line in example.splitlines()
+                                          if line.startswith("# "))
+    import tomllib
+
+    data = tomllib.loads(table)
+    c = build_config(data, env={"CREDENTIALS_DIRECTORY": str(creds)},
+                     source=str(tmp_path / "keeper.toml"))
+    (hook,) = c.webhooks
+    assert hook.secret == "whsec-from-credentials" and hook.events == frozenset(TYPES)
+    assert hook.timeout_s == 10 and len(hook.key) == 12 and hook.host == "shop.example.com"
+    assert "whsec" not in repr(hook) and "shop.example.com/hooks" not in repr(c)
+    assert c.redacted()["webhooks"] == [{
+        "key": hook.key, "host": "shop.example.com", "events": sorted(TYPES),
+        "secret_source": f"file {creds / 'webhook_shop'}", "timeout_s": 10.0}]
+    c = build_config(data, env={}, source=str(tmp_path / "keeper.toml"))
+    assert c.webhooks[0].secret == "whsec-beside-the-file"
+    assert c.events_retention_s == 7 * 86400
+
+
+def test_the_same_webhook_url_twice_is_refused() -> None:
+    hook = {"url": "https://a/h", "secret_env": "S"}
+    with pytest.raises(ConfigError, match=r"webhooks\[1\].url: the same url as webhooks\[0\]"):
+        build_config({"webhooks": [hook, hook]}, env={"S": "x" * 10}, source="t")

@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "config": 2, "log": 2, "crypto": 2, "metrics": 2,
     "wechat": 3,
     "store": 4,
-    "avatars": 5, "observe": 5,
+    "avatars": 5, "events": 5, "observe": 5,
     "sweep": 6,
     "service": 7,
     "api": 8,

@@ -28,7 +28,8 @@ margin-bottom:16px}
 h2{font-size:16px;margin:0 0 10px}p.note{color:#5b6670;margin:4px 0 10px;font-size:13px}
 .stats{display:grid;grid-template-columns:repeat(4,1fr);gap:10px}
 .stat{border:1px solid #e4e7eb;border-radius:5px;padding:8px 12px}
-.stat .n{display:block;font-size:22px;font-weight:600}.stat .k{color:#5b6670;font-size:12px}
+.stat .n{display:block;font-size:22px;font-weight:600}.stat.alert .n{color:#c0392b}
+.stat .k{color:#5b6670;font-size:12px}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:right;padding:4px 8px;border-bottom:1px solid #edf0f2}
 th:first-child,td:first-child{text-align:left}th{color:#5b6670;font-weight:600}
@@ -133,6 +134,19 @@ def _quota(report: Report) -> str:
             + "</table></section>")
 
 
+def _events(report: Report) -> str:
+    pending, failed = report.status["events_pending"], report.status["events_failed"]
+    return ('<section id="events"><h2>Events</h2><p class="note">Deliveries to the '
+            f"{report.webhooks} configured webhook(s): waiting for their first attempt or a "
+            "retry, and given up after retrying (<code>keeper events --failed</code>; "
+            '<code>keeper events replay --failed</code>).</p><div class="stats">'
+            f'<div class="stat" data-key="events_pending"><span class="n">{pending:,}</span>'
+            '<span class="k">events pending</span></div>'
+            f'<div class="stat{" alert" if failed else ""}" data-key="events_failed">'
+            f'<span class="n">{failed:,}</span><span class="k">events failed</span></div>'
+            "</div></section>")
+
+
 def render(report: Report) -> str:
     """The whole page."""
     return (
@@ -143,5 +157,5 @@ def render(report: Report) -> str:
         f"time ({escape(report.now.isoformat(timespec='seconds'))}) · keeper "
         f"{escape(__version__)}</span></header><main>"
         + _stats(report) + _forecast(report) + _grants(report) + _sweeps(report)
-        + _quota(report) + "</main></body></html>"
+        + _quota(report) + _events(report) + "</main></body></html>"
     )

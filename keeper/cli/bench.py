@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         from keeper.cli.bench_api import main as bench_api
 
         return bench_api(argv[1:])
+    if argv[:1] == ["events"]:  # keeper bench events: delivery to webhooks
+        from keeper.cli.bench_events import main as bench_events
+
+        return bench_events(argv[1:])
     p = argparse.ArgumentParser(prog="keeper bench", description=__doc__)
     p.add_argument("--grants", type=int, default=20000, help="grants due (unbound run)")
     p.add_argument("--latency-ms", type=float, default=50.0)

@@ -318,6 +318,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         summary = last["summary"] if last else {}
         data["apps_rejected"] = summary.get("apps_rejected", [])
         data["keeper_bug_answers"] = summary.get("keeper_bug_answers", 0)
+        data.update(store.delivery_counts())  # events_pending, events_failed
     finally:
         store.close()
     if args.json:
@@ -325,7 +326,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     for key in ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
                 "retrying", "profiles_failing", "avatars_saved", "avatars_refused",
-                "avatars_missing", "apps_rejected", "keeper_bug_answers"):
+                "avatars_missing", "apps_rejected", "keeper_bug_answers", "events_pending",
+                "events_failed"):
         _out(f"{key:18} {data[key]}")
     for reason, n in sorted(data["reauth_by_reason"].items()):
         _out(f"  {reason:16} {n}")
@@ -554,6 +556,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = command("forecast", cmd_forecast, "users whose refresh token's lifetime ends on each "
                  "of the coming days (China time)", json_flag=True)
     sp.add_argument("--days", type=int, default=30, metavar="N", help="days (default 30)")
+    from keeper.cli.events import add_parser as add_events
+
+    add_events(command)
     sp = command("rotate-key", cmd_rotate_key,
                  "re-encrypt every token under the first key of encryption_key_file",
                  json_flag=True)

@@ -18,6 +18,7 @@ from keeper.config.values import Table, path_value, show
 from keeper.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:8790"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9790"
 DEFAULT_KEYS_FILE = "api-keys"
 #: How large a request body may be: a login code or an import line is well under 2 KiB.
 MAX_BODY_BYTES = 64 * 1024
@@ -105,7 +106,10 @@ def parse_api(raw: object, resolve: Callable[[str], Path]) -> ApiConfig:
 
 
 def parse_metrics_listen(value: object) -> tuple[str, str | None, int | None]:
-    """``metrics_listen``: ``HOST:PORT`` (IPv6 as ``[::1]:9790``), or ``""`` for none."""
+    """``metrics_listen``: ``HOST:PORT`` (IPv6 as ``[::1]:9790``), or ``""`` for none;
+    ``None`` (not set): the default, loopback port 9790."""
+    if value is None:
+        value = DEFAULT_METRICS_LISTEN
     if not isinstance(value, str):
         raise ConfigError(f"metrics_listen: expected \"HOST:PORT\" or \"\", got {show(value)}")
     if value == "":

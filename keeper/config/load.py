@@ -18,7 +18,6 @@ from keeper.config.api import parse_api, parse_metrics_listen
 from keeper.config.model import (
     ACCESS_REFRESH,
     ACCESS_TOKEN_LIFE_S,
-    DEFAULT_METRICS_LISTEN,
     DEFAULT_PATH,
     DEFAULT_QUOTAS,
     ENDPOINTS,
@@ -35,6 +34,7 @@ from keeper.config.values import (
     refuse_secrets,
     show,
 )
+from keeper.config.webhooks import DEFAULT_RETENTION_S, parse_webhooks
 from keeper.core.quota import Quota, parse_quota
 from keeper.errors import ConfigError
 
@@ -258,8 +258,11 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         raise ConfigError(f"access_refresh: expected \"ahead\" or \"on_demand\", got "
                           f"{show(access_refresh)}")
     api = parse_api(t.pop("api", None), lambda name: _resolve(name, env, base))
-    metrics_listen, metrics_host, metrics_port = parse_metrics_listen(t.pop("metrics_listen",
-                                                                       DEFAULT_METRICS_LISTEN))
+    m_listen, m_host, m_port = parse_metrics_listen(t.pop("metrics_listen", None))
+    webhooks = parse_webhooks(t.pop("webhooks", None), env, lambda n: _resolve(n, env, base))
+    retention = t.duration("events_retention", DEFAULT_RETENTION_S)
+    if retention < 3600:
+        raise ConfigError(f"events_retention: must be at least 1 hour, got {retention:g}")
     config = Config(
         database_url=database_url,
         api_base=api_base.rstrip("/"),
@@ -284,9 +287,9 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         journal_dir=Path(journal_dir),
         access_refresh=str(access_refresh),
         api=api,
-        metrics_listen=metrics_listen,
-        metrics_host=metrics_host,
-        metrics_port=metrics_port,
+        metrics_listen=m_listen, metrics_host=m_host, metrics_port=m_port,
+        webhooks=webhooks,
+        events_retention_s=retention,
         encryption_key_files=(
             tuple(_resolve(k, env, base) for k in key_files) or _credential_key(env)
         ),

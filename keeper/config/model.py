@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keeper.config.api import ApiConfig
+from keeper.config.api import DEFAULT_METRICS_LISTEN, ApiConfig
+from keeper.config.webhooks import DEFAULT_RETENTION_S, WebhookConfig
 from keeper.core.quota import Quota
 from keeper.errors import ConfigError
 
@@ -27,7 +28,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: would refresh on every sweep.
 ACCESS_TOKEN_LIFE_S = 7200
 ACCESS_REFRESH = ("ahead", "on_demand")
-DEFAULT_METRICS_LISTEN = "127.0.0.1:9790"
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,9 @@ class Config:
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     metrics_host: str | None = "127.0.0.1"
     metrics_port: int | None = 9790
+    #: Where events are sent (``[[webhooks]]``), and how long sent ones are kept.
+    webhooks: tuple[WebhookConfig, ...] = ()
+    events_retention_s: float = DEFAULT_RETENTION_S
 
     def app(self, appid: str) -> AppConfig:
         """The app called ``appid``; ``ConfigError`` if it is not configured."""
@@ -119,6 +122,8 @@ class Config:
             "api_keys_file": str(self.api.keys_file),
             "metrics_listen": self.metrics_listen,
             "log_level": self.log_level,
+            "webhooks": [w.redacted() for w in self.webhooks],
+            "events_retention_s": self.events_retention_s,
             "encryption_key_files": [str(p) for p in self.encryption_key_files] or "default",
             "apps": [
                 {

@@ -47,6 +47,7 @@ class Snapshot:
     due: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     last_sweep: datetime | None = None
     quota: list[tuple[str, str, int, int]] = field(default_factory=list)  # app, ep, used, limit
+    events: dict[str, int] = field(default_factory=dict)  # events_pending, events_failed
     seconds: float = 0.0
     ok: bool = True
 
@@ -87,6 +88,7 @@ class DatabaseCollector(Collector):
                 last_sweep=store.last_sweep_finished_at(),
                 quota=[(q.appid, q.endpoint, q.used, q.limit)
                        for q in quota_use(store, config, now)],
+                events=store.delivery_counts(),
             )
         except StoreError as e:
             if not self._said_failure:  # once per outage; the gauge says the rest
@@ -141,6 +143,13 @@ class DatabaseCollector(Collector):
             limit.add_metric([app, endpoint], most)
         yield used
         yield limit
+        for key, doc in (("pending", "Event deliveries to webhooks waiting (first attempt or "
+                                     "a retry), as keeper status counts events_pending."),
+                         ("failed", "Event deliveries given up after retrying for the retry "
+                                    "period (keeper events --failed; replay them).")):
+            family = GaugeMetricFamily(f"keeper_events_{key}", doc)
+            family.add_metric([], snap.events.get(f"events_{key}", 0))
+            yield family
 
 
 def _family(name: str, doc: str, labels: list[str], counts: dict[tuple[str, str], int],

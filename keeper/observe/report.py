@@ -51,6 +51,7 @@ class Report:
     forecast: list[Day]
     sweeps: list[Sweep]
     quota: list[QuotaUse]
+    webhooks: int = 0  # configured [[webhooks]]
 
 
 def build_report(store: Store, config: Config, now: datetime,
@@ -58,10 +59,11 @@ def build_report(store: Store, config: Config, now: datetime,
     """Everything on the status page, read at ``now``."""
     status = store.status(now)
     status["last_sweep"] = store.last_sweep()
+    status.update(store.delivery_counts())  # events_pending, events_failed
     return Report(now=now, status=status, grants=store.grant_counts(),
                   forecast=forecast(store, config, now, days),
                   sweeps=[_sweep(s) for s in store.recent_sweeps(SWEEPS_SHOWN)],
-                  quota=quota_use(store, config, now))
+                  quota=quota_use(store, config, now), webhooks=len(config.webhooks))
 
 
 def _sweep(row: dict[str, Any]) -> Sweep:

@@ -10,6 +10,7 @@ from keeper.avatars.sweep_pass import AvatarKeeper
 from keeper.config import Config
 from keeper.crypto import Cipher, create_key_file, load_keys
 from keeper.errors import ConfigError
+from keeper.events.deliverer import Deliverer
 from keeper.log import register_secret
 from keeper.service.statedir import guard_sqlite_file
 from keeper.store.db import is_sqlite, sqlite_path
@@ -98,6 +99,17 @@ class Runtime:
     def sweeper(self) -> Sweeper:
         return Sweeper(config=self.config, store=self.store, worker=self.worker, stop=self.stop,
                        avatars=self.avatars, journal=self.journal())
+
+    def deliverer(self) -> Deliverer:
+        """The events' delivery loop, on a store (and connection pool) of its own: a slow
+        receiver never holds a connection a sweep needs."""
+        for hook in self.config.webhooks:
+            register_secret(hook.secret)
+        store = Store(self.config.database_url, cipher=self.store.cipher,
+                      pool_size=len(self.config.webhooks) + 1, max_overflow=1,
+                      timeout_s=self.config.database_timeout_s)
+        return Deliverer(store=store, webhooks=self.config.webhooks, stop=self.stop,
+                         retention_s=self.config.events_retention_s)
 
     def close(self) -> None:
         self.client.close()

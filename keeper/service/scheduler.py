@@ -1,10 +1,9 @@
 """``keeper run``: an in-memory APScheduler that sweeps every ``sweep_interval``, as a systemd
-service.
-
-Each process has its own scheduler (APScheduler's job stores cannot be shared between
-processes); processes coordinate only through the database. Signal handlers only set flags
-and wake the main thread, which waits on an Event, pings systemd's watchdog, applies reloads
-and shuts down in a fixed, logged order: scheduler, in-flight sweep, leases, metrics, engine.
+service, and delivers events to webhooks on threads of its own. Each process has its own
+scheduler (APScheduler's job stores cannot be shared between processes); processes coordinate
+only through the database. Signal handlers only set flags and wake the main thread, which
+waits on an Event, pings systemd's watchdog, applies reloads and shuts down in a fixed, logged
+order: scheduler, in-flight sweep, events, leases, metrics, engine.
 
 Signals: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP reloads the
 configuration file, then sweeps; SIGUSR1 sweeps now.
@@ -26,13 +25,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from keeper.config import Config
-from keeper.errors import (
-    ConfigError,
-    DatabaseUnavailable,
-    KeeperError,
-    SchemaOutdated,
-    StoreError,
-)
+from keeper.errors import ConfigError, DatabaseUnavailable, KeeperError, SchemaOutdated, StoreError
 from keeper.log import set_level
 from keeper.service.metrics import start_metrics, stop_metrics
 from keeper.service.notify import Notifier, sweep_status
@@ -70,7 +63,9 @@ class Service:
         self._db_failures = 0
         self._swap = threading.Lock()
         self.runtime = Runtime.build(config, open_store=False, stop=self.stop)
+        self.deliverer = self.runtime.deliverer()  # [[webhooks]]: read at start only
         self.sweeper: Sweeper = self.runtime.sweeper()
+        self.sweeper.on_written = self.deliverer.poke
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -163,6 +158,7 @@ class Service:
         self.runtime = runtime
         self.sweeper = runtime.sweeper()
         self.sweeper.adopt(old_sweeper)  # results not yet written are carried over
+        self.sweeper.on_written = self.deliverer.poke
         self.config = config
         old.close()
 
@@ -249,6 +245,7 @@ class Service:
             next_run_time=datetime.now(UTC),
         )
         self.scheduler.start()
+        self.deliverer.start()  # threads of its own: a dead receiver never slows a sweep
         log.info("scheduler.started", interval_s=self.config.sweep_interval_s,
                  watchdog_s=self.notifier.watchdog_s)
         self.notifier.ready("running")
@@ -280,6 +277,8 @@ class Service:
         # Calls whose grants the sweep gave back may still bring answers: wait for them too.
         while finished and self.sweeper.working() and time.monotonic() < deadline:
             self.stop.wait(0.05)
+        log.info("keeper.stopping", step="events")  # attempts in flight; leases given back
+        self.deliverer.join(deadline)
         log.info("keeper.stopping", step="results", held=self.sweeper.held_count())
         # What the database did not take (it is down, or the sweep is stuck in it) is kept
         # in the journal, which the next start writes before it claims anything.
@@ -294,6 +293,7 @@ class Service:
         self.sweeper.close()
         stop_metrics(self.metrics)
         log.info("keeper.stopping", step="database")
+        self.deliverer.close()
         self.runtime.close()
         self.notifier.close()
         log.info("keeper.stopped")

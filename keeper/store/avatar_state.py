@@ -10,7 +10,9 @@ from datetime import datetime
 
 from sqlalchemy import Engine, select, update
 
+from keeper.core.events import AVATAR_CHANGED, NewEvent
 from keeper.store.db import translate
+from keeper.store.events import record_events
 from keeper.store.schema import grants, profiles
 
 
@@ -51,7 +53,8 @@ class AvatarState:
         error: str | None = None, clear_file: bool = False,
     ) -> bool:
         """The outcome of checking one avatar. Written only if the profile still shows the
-        same ``headimgurl`` (a newer read keeps it due); True if written."""
+        same ``headimgurl`` (a newer read keeps it due); True if written. A copy whose SHA-256
+        differs from the one kept before records ``avatar.changed`` in the same transaction."""
         values: dict[str, object] = {"avatar_due": False, "avatar_error": error}
         if error is None:
             values["avatar_url"] = due.headimgurl
@@ -61,6 +64,7 @@ class AvatarState:
         elif clear_file:
             values.update(avatar_sha256=None, avatar_path=None, avatar_size=None,
                           avatar_type=None, avatar_saved_at=None)
+        new_sha = sha256 if sha256 is not None else (None if clear_file else due.avatar_sha256)
         with translate("recording an avatar"), self.engine.begin() as conn:
             result = conn.execute(
                 update(profiles)
@@ -68,7 +72,15 @@ class AvatarState:
                        profiles.c.headimgurl == due.headimgurl)
                 .values(values)
             )
-        return bool(result.rowcount == 1)
+            written = result.rowcount == 1
+            # The first copy of a user's avatar is no change (as the first profile is not).
+            if written and due.avatar_sha256 is not None and new_sha != due.avatar_sha256:
+                unionid = conn.execute(select(grants.c.unionid)
+                                       .where(grants.c.id == due.grant_id)).scalar()
+                record_events(conn, [NewEvent(
+                    AVATAR_CHANGED, due.appid, due.openid, unionid,
+                    {"old_sha256": due.avatar_sha256, "new_sha256": new_sha})], now)
+        return bool(written)
 
     def avatar_paths(self) -> set[str]:
         """Every file some profile points to (relative to avatar_dir)."""

@@ -14,10 +14,13 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from keeper.core.events import reauth_cleared
 from keeper.core.models import Grant
 from keeper.crypto import Cipher, WrongKey
 from keeper.store.avatar_state import AvatarState
 from keeper.store.db import ensure_schema, is_sqlite, make_engine, translate
+from keeper.store.deliveries import Deliveries
+from keeper.store.events import Outbox, record_events
 from keeper.store.leases import Leases
 from keeper.store.observe import Observations
 from keeper.store.quota_state import QuotaState
@@ -27,7 +30,8 @@ from keeper.store.schema import grants, meta, reauth
 from keeper.store.users import Users
 
 
-class Store(Leases, Reports, QuotaState, AvatarState, Users, Observations):
+class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
+            Observations):
     """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
 
     def __init__(
@@ -126,8 +130,9 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Observations):
     def upsert_grants(self, writes: Sequence[GrantWrite], now: datetime) -> int:
         """Insert or replace grants by (appid, openid) — a login or an import.
 
-        A new grant for a user clears their re-authorization record and any lease (a sweep
-        working the old tokens then loses its write, so the new tokens win). The profile
+        A new grant for a user clears their re-authorization record (``reauth.cleared``, in
+        the same transaction) and any lease (a sweep working the old tokens then loses its
+        write, so the new tokens win). The profile
         schedule of an existing grant is kept: re-importing does not re-read every profile.
         """
         if not writes:
@@ -161,11 +166,19 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Observations):
             by_app: dict[str, list[str]] = {}
             for w in writes:
                 by_app.setdefault(w.grant.appid, []).append(w.grant.openid)
+            cleared: dict[int, str] = {}
             for appid, openids in by_app.items():
                 ids = select(grants.c.id).where(
                     grants.c.appid == appid, grants.c.openid.in_(openids)
                 )
-                conn.execute(delete(reauth).where(reauth.c.grant_id.in_(ids)))
+                cleared.update((r.grant_id, r.reason) for r in conn.execute(
+                    delete(reauth).where(reauth.c.grant_id.in_(ids))
+                    .returning(reauth.c.grant_id, reauth.c.reason)))
+            if cleared:
+                who = conn.execute(select(grants.c.appid, grants.c.openid, grants.c.unionid,
+                                          grants.c.id).where(grants.c.id.in_(list(cleared))))
+                record_events(conn, [reauth_cleared(r.appid, r.openid, r.unionid,
+                                                    cleared[r.id]) for r in who], now)
         return len(rows)
 
     # -- grants out ------------------------------------------------------------------------

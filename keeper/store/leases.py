@@ -16,7 +16,10 @@ from sqlalchemy import BindParameter, Engine, bindparam, case, delete, select, u
 
 from keeper.core.models import REAUTH, Grant
 from keeper.crypto import Cipher, WrongKey
+from keeper.store.changes import stored_profiles, stored_records, sweep_events
+from keeper.store.counters import take_seqs
 from keeper.store.db import translate
+from keeper.store.events import record_events
 from keeper.store.rows import (
     _MUTABLE,
     _PROFILE_FIELDS,
@@ -26,7 +29,7 @@ from keeper.store.rows import (
     _profile_values,
     _schedule_values,
 )
-from keeper.store.schema import counters, grants, profiles, reauth
+from keeper.store.schema import grants, profiles, reauth
 
 
 class Leases:
@@ -167,7 +170,7 @@ class Leases:
                 for w in mine
             ]
             conn.execute(_WRITE, params)
-            self._record(conn, mine)
+            self._record(conn, mine, now)
         return len(mine)
 
     def _holds(self, row: Any, base: tuple[str, str]) -> bool:
@@ -179,7 +182,11 @@ class Leases:
             return False
         return stored == base
 
-    def _record(self, conn: Any, writes: Sequence[GrantWrite]) -> None:
+    def _record(self, conn: Any, writes: Sequence[GrantWrite], now: datetime) -> None:
+        # What is about to be replaced, read first in this transaction: the events say what
+        # changed, and commit (or roll back) with the change.
+        old_profiles = stored_profiles(conn, writes)
+        old_records = stored_records(conn, writes)
         profile_rows = [
             {"grant_id": w.grant.id, **_profile_values(w.profile)} for w in writes if w.profile
         ]
@@ -195,8 +202,10 @@ class Leases:
             conn.execute(stmt.on_conflict_do_update(index_elements=["grant_id"], set_=set_),
                          profile_rows)
         cleared = [w.grant.id for w in writes if w.clear_reauth]
+        gone: dict[int, str] = {}
         if cleared:
-            conn.execute(delete(reauth).where(reauth.c.grant_id.in_(cleared)))
+            gone = dict(conn.execute(delete(reauth).where(reauth.c.grant_id.in_(cleared))
+                                     .returning(reauth.c.grant_id, reauth.c.reason)).all())
         records = [
             {"grant_id": w.grant.id, "reason": w.reauth.reason, "errcode": w.reauth.errcode,
              "since": w.reauth.since}
@@ -214,6 +223,9 @@ class Leases:
                 ),
                 records,
             )
+        # Last: the events counter is taken after the reauth one (one order, no deadlock).
+        record_events(conn, sweep_events(writes, old_profiles=old_profiles,
+                                         old_records=old_records, cleared=gone), now)
 
     def release(self, grant_ids: Sequence[int], lease_id: str) -> int:
         """End leases on grants that were not worked; they stay due as they were."""
@@ -260,14 +272,3 @@ _WRITE = (
            "updated_at": bindparam("b_now", type_=grants.c.updated_at.type)}
     )
 )
-
-
-def take_seqs(conn: Any, name: str, n: int) -> range:
-    """``n`` numbers of the sequence ``name``, in order. The counter's row stays locked until
-    the transaction ends, so transactions that take numbers commit in the order of their
-    numbers: a reader that sees number k has already seen every number below it."""
-    top = conn.execute(
-        update(counters).where(counters.c.name == name)
-        .values(value=counters.c.value + n).returning(counters.c.value)
-    ).scalar_one()
-    return range(int(top) - n + 1, int(top) + 1)

@@ -175,3 +175,50 @@ meta = Table(
     Column("name", String(32), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+#: The outbox (migration 0006): one row per event, its body the exact JSON text sent.
+events = Table(
+    "events",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    # From ``counters`` under its row lock: numbers follow commit order (see take_seqs).
+    Column("seq", BigInteger, nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("appid", String(64), nullable=False),
+    Column("openid", String(128), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("body", Text, nullable=False),
+    Index("ix_events_seq", "seq", unique=True),
+    Index("ix_events_created_at", "created_at"),
+)
+
+#: One row per webhook (``key``, from its url): how far events were fanned out to it, and
+#: the lease of the one process sending to it.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("key", String(16), primary_key=True),
+    Column("cursor", BigInteger, nullable=False),
+    Column("holder", String(96)),
+    Column("lease_until", UTCDateTime),
+)
+
+#: One row per (webhook, event) to send: pending (due at ``next_attempt_at``), delivered or
+#: failed.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("webhook", String(16), primary_key=True),
+    Column("event_id", String(32), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime),
+    Column("first_try_at", UTCDateTime, nullable=False),
+    Column("last_status", Integer),
+    Column("last_error", String(120)),
+    Column("delivered_at", UTCDateTime),
+    Index("ix_deliveries_due", "webhook", "state", "next_attempt_at"),
+    Index("ix_deliveries_event", "event_id"),
+    Index("ix_deliveries_state", "state"),
+)

@@ -5,13 +5,15 @@ which provides ``engine`` and ``cipher``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, delete, func, select
 
+from keeper.core.events import GRANT_DELETED, NewEvent
 from keeper.crypto import Cipher
 from keeper.store.db import translate
+from keeper.store.events import record_events
 from keeper.store.schema import grants, profiles, reauth
 
 
@@ -58,15 +60,18 @@ class Users:
         return TokenRow(row.id, row.state, row.scope, self.cipher.decrypt(row.access_token),
                         row.access_expires_at, row.lease_until if row.lease_id else None)
 
-    def delete_user(self, appid: str, openid: str) -> tuple[bool, str | None]:
-        """Forget a user: the grant, its profile and re-authorization record (both by cascade).
+    def delete_user(self, appid: str, openid: str, *, now: datetime | None = None
+                    ) -> tuple[bool, str | None]:
+        """Forget a user: the grant, its profile and re-authorization record (both by cascade),
+        and record ``grant.deleted`` in the same transaction.
 
         Returns (whether there was a grant, the avatar file it leaves unused). The caller
         removes that file: after the commit, and only a file no other profile points to.
         """
+        now = now or datetime.now(UTC)
         with translate("deleting a grant"), self.engine.begin() as conn:
             row = conn.execute(
-                select(grants.c.id, profiles.c.avatar_path)
+                select(grants.c.id, grants.c.unionid, profiles.c.avatar_path)
                 .outerjoin(profiles, profiles.c.grant_id == grants.c.id)
                 .where(grants.c.appid == appid, grants.c.openid == openid)
                 .with_for_update(of=grants)
@@ -78,6 +83,7 @@ class Users:
             conn.execute(delete(profiles).where(profiles.c.grant_id == row.id))
             conn.execute(delete(reauth).where(reauth.c.grant_id == row.id))
             conn.execute(delete(grants).where(grants.c.id == row.id))
+            record_events(conn, [NewEvent(GRANT_DELETED, appid, openid, row.unionid)], now)
             path = row.avatar_path
             if path is not None:
                 others = conn.execute(

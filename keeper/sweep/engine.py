@@ -99,6 +99,9 @@ class Sweeper:
         #: watchdog stops pinging systemd when a running sweep stops turning.
         self.busy_since: float | None = None
         self.last_turn: float = time.monotonic()
+        #: Called after results were committed (they may have recorded events): the service
+        #: wakes its event delivery with it.
+        self.on_written: Callable[[], None] | None = None
 
     def _start_threads(self) -> None:
         while len(self._threads) < self.config.workers:
@@ -163,6 +166,8 @@ class Sweeper:
                     self._releases.pop(lease_id, None)
         if superseded:
             log.info("results.superseded", count=superseded)
+        if written and self.on_written is not None:
+            self.on_written()
         return written, superseded
 
     def _apply(self, lease_id: str, chunk: list[Held], now: datetime) -> int:

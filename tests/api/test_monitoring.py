@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -61,8 +62,25 @@ def status(keeper: Keeper) -> dict[str, object]:
     return data
 
 
+WEBHOOK = """
+[[webhooks]]
+url = "http://127.0.0.1:9/nobody-listens"
+secret_env = "KEEPER_HOOK_SECRET"
+"""
+
+
+@pytest.fixture
+def served(keeper: Keeper, sim: Simulator, db_url: str) -> Iterator[Served]:
+    """``keeper serve`` (both databases) with a webhook nobody answers: events wait."""
+    keeper.env["KEEPER_HOOK_SECRET"] = "webhook-secret"
+    with serving(keeper, db_url=db_url, api_base=sim.url, extra=WEBHOOK) as s:
+        yield s
+
+
 def test_the_database_gauges_agree_with_keeper_status(served: Served, sim: Simulator) -> None:
+    assert served.keeper.run("events", "deliver").code == 0  # the webhook is known from now
     population(sim, served.keeper)
+    assert served.keeper.run("events", "deliver").code in (0, 1)  # refused: retried later
     before = status(served.keeper)
     samples = scrape(served)  # the server's first scrape: nothing cached yet
     assert status(served.keeper) == before  # nothing changed while it was read
@@ -72,6 +90,9 @@ def test_the_database_gauges_agree_with_keeper_status(served: Served, sim: Simul
     assert total(samples, "keeper_reauth_records") == before["reauth_required"] == 3
     assert total(samples, "keeper_reauth_records", reason="refresh_token_expiring") == 1
     assert total(samples, "keeper_database_up") == 1
+    assert samples["keeper_events_pending"] == [({}, before["events_pending"])]
+    assert isinstance(before["events_pending"], int) and before["events_pending"] >= 3
+    assert samples["keeper_events_failed"] == [({}, before["events_failed"])]
     last = before["last_sweep"]
     assert isinstance(last, dict)
     assert total(samples, "keeper_last_sweep_finished_timestamp_seconds") == pytest.approx(

@@ -29,7 +29,8 @@ from tests.conftest import Keeper
 from tests.e2e.helpers import make_grant, seed
 
 STATUS_KEYS = ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
-               "retrying", "profiles_failing", "avatars_saved")
+               "retrying", "profiles_failing", "avatars_saved", "events_pending",
+               "events_failed")
 
 
 @pytest.fixture(scope="module")

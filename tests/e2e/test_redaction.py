@@ -13,6 +13,7 @@ import sqlite3
 from keeper.wechat.simulator import Simulator
 from tests.conftest import APPID, SECRET, Keeper, wait_for
 from tests.e2e.helpers import endpoint, make_grant, seed
+from tests.events.receiver import Receiver
 
 
 def test_no_secret_reaches_any_output(sim: Simulator, keeper: Keeper) -> None:
@@ -24,11 +25,25 @@ def test_no_secret_reaches_any_output(sim: Simulator, keeper: Keeper) -> None:
         if keep_stdout:
             printed.append(ran.out)
 
+    # A webhook that refuses every other request, its secret from the environment and its url
+    # carrying a secret of the receiver's in the query string: neither may be printed, and
+    # no event body may hold a token.
+    receiver = Receiver(answer=lambda n, _: 500 if n % 2 else 200)
+    hook_secret, query_secret = "whsec-redaction-4e1f0a9b2c", "receiver-query-token-77d1"
+    keeper.env["KEEPER_HOOK_SECRET"] = hook_secret
+    keeper.write_config(keeper.config.read_text().replace("[[apps]]", f"""[[webhooks]]
+url = "{receiver.url}?token={query_secret}"
+secret_env = "KEEPER_HOOK_SECRET"
+
+[[apps]]"""))
     sim.configure(rotate_refresh_tokens=True)
     grants = [make_grant(f"o{i}", access_in_s=-60, issued_days_ago=29.5 if i % 2 else 2)
-              for i in range(12)] + [make_grant("revoked", access_in_s=-60, state="revoked")]
+              for i in range(12)] + [make_grant(f"revoked{i}", access_in_s=-60, state="revoked")
+                                     for i in ("", "2")]
     seed(sim, keeper, grants)
-    secrets = {SECRET} | {g["access_token"] for g in grants} | {g["refresh_token"] for g in grants}
+    run("events", "deliver")  # the webhook is known from now on: it gets the events below
+    secrets = {SECRET, hook_secret, query_secret} | {g["access_token"] for g in grants}
+    secrets |= {g["refresh_token"] for g in grants}
     for answer in ("timeout", "502", "truncated", "html", -1, 45011, 40125, 41002, 99999):
         sim.force("refresh", answer)  # type: ignore[arg-type]
     sim.force("userinfo", 42001)
@@ -57,9 +72,15 @@ def test_no_secret_reaches_any_output(sim: Simulator, keeper: Keeper) -> None:
 
     service = keeper.start("run")
     wait_for(lambda: endpoint(sim, "refresh")["calls"] > 0)
+    # One delivered, one refused (a revoked user the forced answers hit backs off first).
+    receiver.wait_for(lambda r: len(r.seen) >= 2, timeout=60)
     service.send_signal(signal.SIGTERM)
     out, err = service.communicate(timeout=15)
     printed += [out, err]
+    run("events", "--json")
+    run("events", "deliver")
+    receiver.stop()
+    assert "event.delivered" in err and "event.retry" in err
 
     db = sqlite3.connect(keeper.workdir / "keeper.db")
     for access, refresh in db.execute("select access_token, refresh_token from grants"):
@@ -72,3 +93,5 @@ def test_no_secret_reaches_any_output(sim: Simulator, keeper: Keeper) -> None:
     assert "sweep.finished" in text and "import.bad_line" in text
     leaks = sorted(s for s in secrets if s in text)
     assert leaks == []
+    sent = b"".join(seen.body for seen in receiver.seen).decode()
+    assert sorted(s for s in secrets if s in sent) == []  # an event never carries a token

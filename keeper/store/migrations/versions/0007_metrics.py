@@ -5,11 +5,10 @@ forecast), and the permits each quota row handed out in its current and previous
 state" an index-only scan instead of reading every row with its tokens, and the forecast a
 range scan. ``quota_state`` counts permits per window in the same statement that takes them.
 
-Numbered 0007 beside the events work's 0006, which is being written at the same time: until
-the two are merged this revision follows 0005, and the merge re-points it to 0006.
+Written beside the events work's 0006 (issue 11, merged first), which it follows.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-11-29
 """
 
@@ -19,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

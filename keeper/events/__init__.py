@@ -1,0 +1,1 @@
+"""Delivering events to webhooks: signing, one attempt over HTTP, the delivery loop."""
