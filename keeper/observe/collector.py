@@ -109,6 +109,10 @@ class DatabaseCollector(Collector):
                                  "How long the last read of the database for these metrics took.")
         took.add_metric([], snap.seconds)
         yield took
+        interval = GaugeMetricFamily("keeper_sweep_interval_seconds",
+                                     "The configured sweep_interval (for alerts on late sweeps).")
+        interval.add_metric([], self.config().sweep_interval_s)
+        yield interval
         if not snap.ok:
             return
         apps = [a.appid for a in self.config().apps]
