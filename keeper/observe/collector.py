@@ -67,6 +67,11 @@ class DatabaseCollector(Collector):
         self._read_at = 0.0  # monotonic
         self._said_failure = False
 
+    @property
+    def last(self) -> Snapshot | None:
+        """The read scrapes are answered from now (``None`` before the first)."""
+        return self._cached
+
     def snapshot(self) -> Snapshot:
         """The cached read, or a new one when it is older than ``ttl_s``. Concurrent scrapes
         wait for one read instead of each making their own."""
