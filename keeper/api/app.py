@@ -72,8 +72,8 @@ class Api:
         self.openapi = document(config, utcnow()).encode("utf-8")
         # /metrics: this process's metrics (every server process's, in multiprocess mode)
         # and the database's gauges, read at most every few seconds.
-        self.registry = registry_for(DatabaseCollector(store=lambda: self.store,
-                                                       config=lambda: self.config))
+        self.collector = DatabaseCollector(store=lambda: self.store, config=lambda: self.config)
+        self.registry = registry_for(self.collector)
         self._replayer: threading.Thread | None = None
 
     def start(self) -> None:
@@ -83,6 +83,7 @@ class Api:
         self._replayer.start()
 
     def close(self) -> None:
+        self.collector.close()
         self.rt.stop.set()
         if self._replayer is not None:
             self._replayer.join(timeout=5)

@@ -2,11 +2,13 @@
 
 1. The sweep's refreshes per second with metrics off and on, in one run, alternated (off,
    on, off, on...) so drift on a shared machine falls on both. "On" is what ``keeper run``
-   does with ``metrics_listen`` set: process metrics recorded, and the listener scraped every
-   second (a database read every second: the cache's time-to-live is 1 s here, not 5 s).
-2. A scrape of a database holding ``--scrape-grants`` grants (1,000,000 by default), put
-   there with one INSERT ... SELECT, not through keeper: the database read of an uncached
-   scrape, and the whole scrape through the HTTP listener.
+   does with ``metrics_listen`` set: process metrics recorded and the database collector
+   renewing its read every 5 s, with the listener scraped every second (Prometheus's
+   default is every 15 s).
+2. A database holding ``--scrape-grants`` grants (1,000,000 by default), put there with one
+   INSERT ... SELECT, not through keeper: the database read behind the gauges (every scrape
+   reading, no cache), and scrapes through the HTTP listener as keeper serves them (the
+   first waits for a read; later ones are answered from the read renewed in the background).
 
 Prints the figures beside the targets (within 5 %; under 200 ms), as text and one JSON line.
 """
@@ -50,8 +52,9 @@ SCRAPE_EVERY_S = 1.0
 def scraped(rt: Runtime) -> Iterator[None]:
     """keeper run's listener on a free port, scraped every second while the sweep runs."""
     process.enable()
-    collector = DatabaseCollector(store=lambda: rt.store, config=lambda: rt.config, ttl_s=1.0)
-    server = MetricsServer("127.0.0.1", 0, registry_for(collector)).start()
+    collector = DatabaseCollector(store=lambda: rt.store, config=lambda: rt.config)
+    server = MetricsServer("127.0.0.1", 0, registry_for(collector),
+                           on_close=collector.close).start()
     done = threading.Event()
 
     def scrape() -> None:
@@ -81,9 +84,11 @@ def sweep_cost(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  metrics {mode}: {r['refreshes']} refreshes in {r['seconds']} s = "
               f"{r['refreshes_per_s']}/s", flush=True)
     off, on = statistics.mean(rates["off"]), statistics.mean(rates["on"])
+    off_m, on_m = statistics.median(rates["off"]), statistics.median(rates["on"])
     return {"grants": args.grants, "rounds": args.rounds, "off_per_s": rates["off"],
             "on_per_s": rates["on"], "off_mean": round(off, 1), "on_mean": round(on, 1),
-            "difference_pct": round(100 * (off - on) / off, 2)}
+            "difference_pct": round(100 * (off - on) / off, 2),
+            "median_difference_pct": round(100 * (off_m - on_m) / off_m, 2)}
 
 
 def fill(url: str, n: int) -> None:
@@ -114,8 +119,8 @@ def fill(url: str, n: int) -> None:
     stamp = now.isoformat() if pg else now.replace(tzinfo=None).isoformat(sep=" ")
     with engine.begin() as conn:
         conn.execute(text(sql), {"n": n, "now": stamp})
-        conn.execute(text("INSERT INTO reauth (grant_id, reason, errcode, since, seq) "
-                          "SELECT id, 'authorization_revoked', 42007, created_at, id "
+        conn.execute(text("INSERT INTO reauth (grant_id, reason, errcode, since, seq, appid) "
+                          "SELECT id, 'authorization_revoked', 42007, created_at, id, appid "
                           "FROM grants WHERE state = 'reauth'"))
         conn.execute(text("INSERT INTO sweeps (started_at, finished_at, host, pid, summary) "
                           "SELECT created_at, created_at, 'bench', 1, '{\"seconds\": 1}' "
@@ -135,24 +140,29 @@ def scrape_cost(kind: str, n: int, repeat: int, workdir: Path) -> dict[str, Any]
         config = build_config({"database_url": url, "apps": [{"appid": a} for a in APPS]},
                               env={}, source=str(workdir / "bench.toml"))
         store = Store(url, cipher=Cipher([Fernet.generate_key()]), auto_upgrade=False)
-        collector = DatabaseCollector(store=lambda: store, config=lambda: config, ttl_s=0)
-        server = MetricsServer("127.0.0.1", 0, registry_for(collector)).start()
-        reads, scrapes = [], []
+        uncached = DatabaseCollector(store=lambda: store, config=lambda: config, ttl_s=0)
+        reads = []
+        for _ in range(repeat):
+            reads.append(uncached.snapshot().seconds)
+        grants = sum(uncached.snapshot().grants.values())
+        collector = DatabaseCollector(store=lambda: store, config=lambda: config)
+        server = MetricsServer("127.0.0.1", 0, registry_for(collector),
+                               on_close=collector.close).start()
+        scrapes = []
         try:
             with requests.Session() as http:
-                for _ in range(repeat):
+                for _ in range(repeat + 1):
                     t = time.perf_counter()
-                    got = http.get(f"http://127.0.0.1:{server.port}/metrics", timeout=30)
+                    http.get(f"http://127.0.0.1:{server.port}/metrics",
+                             timeout=30).raise_for_status()
                     scrapes.append(time.perf_counter() - t)
-                    got.raise_for_status()
-                    assert collector.last is not None
-                    reads.append(collector.last.seconds)  # this scrape's own read
-            grants = sum(collector.last.grants.values()) if collector.last else 0
+                    time.sleep(SCRAPE_EVERY_S)  # a scraper's pace, not a wait for a result
         finally:
             server.close()
             store.close()
     return {"database": kind, "grants": grants, "filled_s": round(filled_s, 1),
-            "database_read_ms": _ms(reads), "scrape_ms": _ms(scrapes)}
+            "database_read_ms": _ms(reads), "first_scrape_ms": round(1000 * scrapes[0], 1),
+            "scrape_ms": _ms(scrapes[1:])}
 
 
 def _ms(seconds: list[float]) -> dict[str, float]:
@@ -166,7 +176,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--grants", type=int, default=20000, help="grants due per sweep")
     p.add_argument("--latency-ms", type=float, default=50.0)
     p.add_argument("--workers", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2, help="sweeps with metrics off and on each")
+    p.add_argument("--rounds", type=int, default=3, help="sweeps with metrics off and on each")
     p.add_argument("--scrape-grants", type=int, default=1_000_000)
     p.add_argument("--repeat", type=int, default=10, help="uncached scrapes measured")
     p.add_argument("--databases", default="sqlite,postgresql")
@@ -178,14 +188,15 @@ def main(argv: list[str]) -> int:
               f"{args.workers} workers, metrics off and on alternated ...", flush=True)
         result["sweep"] = s = sweep_cost(args)
         print(f"  mean {s['off_mean']}/s off, {s['on_mean']}/s on: {s['difference_pct']} % "
-              "(target: within 5 %)", flush=True)
+              f"(medians: {s['median_difference_pct']} %; target: within 5 %)", flush=True)
     result["scrape"] = []
     for kind in filter(None, args.databases.split(",")):
         print(f"scrape: {args.scrape_grants} grants on {kind} ...", flush=True)
         with tempfile.TemporaryDirectory(prefix="keeper-bench-metrics-") as tmp:
             r = scrape_cost(kind, args.scrape_grants, args.repeat, Path(tmp))
         result["scrape"].append(r)
-        print(f"  filled in {r['filled_s']} s; database read {r['database_read_ms']} ms, "
-              f"whole scrape {r['scrape_ms']} ms (target: under 200 ms)", flush=True)
+        print(f"  filled in {r['filled_s']} s; database read {r['database_read_ms']} ms; "
+              f"first scrape {r['first_scrape_ms']} ms, then {r['scrape_ms']} ms "
+              "(target: under 200 ms)", flush=True)
     print(json.dumps(result))
     return 0

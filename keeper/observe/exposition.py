@@ -60,7 +60,9 @@ StartResponse = Callable[..., Any]
 class MetricsServer:
     """``GET /metrics`` on ``host:port`` in a thread of its own (``keeper run``)."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, *,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.on_close = on_close
         metrics = make_wsgi_app(registry)
 
         def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -83,8 +85,11 @@ class MetricsServer:
         return self
 
     def close(self) -> None:
-        """Stop answering and close the socket (waits for the serving thread)."""
+        """Stop answering and close the socket (waits for the serving thread), then
+        ``on_close`` (the collector's background reads)."""
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+        if self.on_close is not None:
+            self.on_close()
 

@@ -25,9 +25,10 @@ def start_metrics(config: Config, *, store: Callable[[], Store],
     process.enable(bool(config.metrics_listen))
     if config.metrics_host is None or config.metrics_port is None:
         return None
-    registry = registry_for(DatabaseCollector(store=store, config=current))
+    collector = DatabaseCollector(store=store, config=current)
     try:
-        server = MetricsServer(config.metrics_host, config.metrics_port, registry).start()
+        server = MetricsServer(config.metrics_host, config.metrics_port,
+                               registry_for(collector), on_close=collector.close).start()
     except OSError as e:
         log.error("metrics.listen_failed", listen=config.metrics_listen,
                   error=e.strerror or type(e).__name__)

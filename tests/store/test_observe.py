@@ -6,11 +6,15 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import text
+
 from keeper.core.models import EXPIRING, Reauth
 from keeper.core.policy import after_reauth, schedule
 from keeper.core.quota import Gcra, Quota, usage
+from keeper.store import db
 from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite
+from tests.conftest import TEST_CIPHER
 from tests.store.test_grants import CLOCK, DAY, NOW, grant, put
 
 LIFETIME_S = 30 * 86400.0
@@ -102,3 +106,26 @@ def test_quota_permits_are_counted_per_window_by_the_taking_statement(store: Sto
                             period_us=period_us)
     [row] = store.quota_rows()
     assert used(next_minute) == (2, 8)
+
+
+def test_migration_0007_gives_existing_records_their_grants_app(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    db.upgrade(engine, target="0006")
+    t = NOW.replace(tzinfo=None)
+    with engine.begin() as conn:
+        for gid, appid in ((7, "wx1"), (8, "wx2")):
+            conn.execute(text(
+                "INSERT INTO grants (id, appid, openid, scope, access_token, refresh_token, "
+                "access_expires_at, refresh_issued_at, state, failures, created_at, "
+                "updated_at) VALUES (:id, :a, 'o', 's', 'a', 'r', :t, :t, 'reauth', 0, :t, :t)"),
+                {"id": gid, "a": appid, "t": t})
+            conn.execute(text("INSERT INTO reauth (grant_id, reason, since, seq) "
+                              "VALUES (:id, 'other', :t, :id)"), {"id": gid, "t": t})
+    db.upgrade(engine)
+    with engine.begin() as conn:
+        assert dict(conn.execute(text("SELECT grant_id, appid FROM reauth")).all()) == {
+            7: "wx1", 8: "wx2"}
+    engine.dispose()
+    store = Store(db_url, cipher=TEST_CIPHER).open()
+    assert store.reauth_counts() == {("wx1", "other"): 1, ("wx2", "other"): 1}
+    store.close()
