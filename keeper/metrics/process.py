@@ -10,6 +10,8 @@ token or anything a request can choose.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Histogram, disable_created_metrics
 
 from keeper.errors import (
@@ -110,10 +112,20 @@ def outcome_of(error: ApiError | None) -> str:
     return "timeout" if error.detail == "timeout" else "network"
 
 
+#: The label children of each (app, endpoint, outcome): ``labels()`` validates and locks on
+#: every call, and a sweep makes thousands a second (7 µs a call with it, 4 µs without).
+_calls: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
 def wechat_call(app: str, endpoint: str, error: ApiError | None, seconds: float) -> None:
     if _enabled:
-        WECHAT_CALLS.labels(app, endpoint, outcome_of(error)).inc()
-        WECHAT_SECONDS.labels(app, endpoint).observe(seconds)
+        key = (app, endpoint, outcome_of(error))
+        children = _calls.get(key)
+        if children is None:  # a race here makes the same children twice: harmless
+            children = _calls[key] = (WECHAT_CALLS.labels(*key),
+                                      WECHAT_SECONDS.labels(app, endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def sweep_finished(summary: dict[str, object]) -> None:
