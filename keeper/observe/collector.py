@@ -93,17 +93,22 @@ class DatabaseCollector(Collector):
         old. Concurrent scrapes wait for one read instead of each making their own."""
         self._scraped_at = time.monotonic()
         limit = MAX_AGE_S if self.ttl_s > 0 else 0.0
-        with self._lock:
-            if self._cached is None or time.monotonic() - self._read_at >= limit:
-                self._renew()
-            cached = self._cached
+        cached = self._cached
+        if cached is None or time.monotonic() - self._read_at >= limit:
+            # Not behind the lock when the last read will do: a scrape does not wait for a
+            # background read in progress.
+            with self._lock:
+                if self._cached is None or time.monotonic() - self._read_at >= limit:
+                    self._renew()
+                cached = self._cached
         if self.ttl_s > 0:
             self._keep_fresh()
         assert cached is not None
         return cached
 
     def _renew(self) -> None:
-        """A new read (the caller holds ``_lock``)."""
+        """A new read (the caller holds ``_lock``). The time is set after the read: a scrape
+        that sees the new read with the old time only takes the lock once more."""
         self._cached = self._read()
         self._read_at = time.monotonic()
 
