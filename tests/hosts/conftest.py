@@ -81,7 +81,7 @@ class Cluster:
                     pytest.fail(message + " (required when CI is set)")
                 pytest.skip(message)
             env.update(LD_PRELOAD=FAKETIME_MT, FAKETIME=f"{clock_offset_s:+g}s",
-                       FAKETIME_DONT_FAKE_MONOTONIC="1", FAKETIME_NO_CACHE="1")
+                       FAKETIME_DONT_FAKE_MONOTONIC="1")
         d = self.host_dir(host)
         with open(d / "keeper.out", "ab") as out, open(d / "keeper.err", "ab") as err:
             proc = subprocess.Popen(

@@ -186,5 +186,7 @@ def test_a_host_killed_mid_sweep_has_its_grants_refreshed_by_another_within_a_le
     assert _db_counts(c.url) == (0, 0)
     per_user = c.sim.stats(detail=True)["refreshes_by_openid"]
     assert isinstance(per_user, dict) and len(per_user) == n
-    # Only calls in flight at the kill (their answers died with the process) were made twice.
-    assert sum(per_user.values()) - n <= 2 * 8, sum(per_user.values())
+    # Only grants the dead host held were refreshed twice (calls in flight at the kill and
+    # answers not yet written died with it), each at most twice.
+    twice = {openid for openid, count in per_user.items() if count > 1}
+    assert twice <= set(held.values()) and max(per_user.values()) <= 2, (twice, held)
