@@ -12,15 +12,17 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, make_url, select, text, update
 
 from keeper.crypto import Cipher
 from keeper.store.grants import Store
+from keeper.store.schema import grants, webhooks
 from keeper.wechat.simulator import Simulator
 
 #: The server's `test` database; each test run works in a database of its own created there,
@@ -220,3 +222,17 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def pass_lease_time(store: Store, seconds: float) -> None:
+    """Let ``seconds`` pass on the database's clock as far as leases go: every lease (grants'
+    and webhooks') ends that much earlier. Whether a lease has lapsed is the database's
+    decision (PostgreSQL's own clock; keeper.store.clock), which no ``now`` a test passes can
+    move, so a test makes a lease lapse by moving its end instead."""
+    step = timedelta(seconds=seconds)
+    with store.engine.begin() as conn:
+        for table, key in ((grants, grants.c.id), (webhooks, webhooks.c.key)):
+            rows = conn.execute(select(key, table.c.lease_until)
+                                .where(table.c.lease_until.is_not(None))).all()
+            for k, until in rows:
+                conn.execute(update(table).where(key == k).values(lease_until=until - step))

@@ -79,7 +79,7 @@ def exchange(
     try:
         answer = client.exchange_code(app.appid, app.secret, code)
     except QuotaExceeded as e:
-        until = gate.pause(app.appid, "code", e.errcode or 45011, utcnow())
+        until = gate.pause(app.appid, "code", e.errcode or 45011)
         raise ExchangeFailed(f"WeChat's code quota is used up: {e}",
                              retry_after_s=(until - utcnow()).total_seconds()) from None
     except BadCode as e:

@@ -170,7 +170,7 @@ class TokenDesk:
         now = self.clock()
         lease_id = new_lease_id()
         leased = self.store.claim_one(
-            appid, openid, lease_id=lease_id, lease_until=now + timedelta(seconds=self.lease_s),
+            appid, openid, lease_id=lease_id, lease_s=self.lease_s,
             now=now, expiring_by=now + timedelta(seconds=min_valid_s))
         if leased is None:
             return None

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, update
 
+from keeper.store.clock import clock_params, db_later, db_now
 from keeper.store.db import translate
 from keeper.store.schema import counters, deliveries, events, webhooks
 
@@ -40,6 +41,7 @@ class Deliveries:
     """Webhook leases, fan-out and delivery outcomes."""
 
     engine: Engine
+    sqlite: bool
 
     def _insert(self, table: Any) -> Any:
         raise NotImplementedError
@@ -51,7 +53,8 @@ class Deliveries:
 
     def take_webhook(self, key: str, holder: str, *, now: datetime, lease_s: float,
                      takeover: str | None = None) -> bool:
-        """Take or renew the webhook's lease until ``now + lease_s``; whether it is held.
+        """Take or renew the webhook's lease for ``lease_s`` of the database's clock (on
+        SQLite: until ``now + lease_s``, see :mod:`keeper.store.clock`); whether it is held.
 
         One conditional UPDATE (like the grants' leases): it succeeds when nobody holds the
         webhook, ``holder`` does, the lease has lapsed, or the holder is ``takeover`` (a
@@ -60,14 +63,17 @@ class Deliveries:
         """
         top = select(counters.c.value).where(counters.c.name == "events").scalar_subquery()
         free = (webhooks.c.holder.is_(None) | (webhooks.c.holder == holder)
-                | (webhooks.c.lease_until <= now))
+                | (webhooks.c.lease_until <= db_now(self.sqlite, "b_now")))
         if takeover is not None:
             free = free | (webhooks.c.holder == takeover)
         with translate("taking a webhook"), self.engine.begin() as conn:
             conn.execute(self._insert(webhooks).values(key=key, cursor=top)
                          .on_conflict_do_nothing(index_elements=["key"]))
-            result = conn.execute(update(webhooks).where(webhooks.c.key == key, free).values(
-                holder=holder, lease_until=now + timedelta(seconds=lease_s)))
+            result = conn.execute(
+                update(webhooks).where(webhooks.c.key == key, free).values(
+                    holder=holder, lease_until=db_later(self.sqlite, "b_until")),
+                clock_params(self.sqlite, now, lease_s, now_name="b_now", later_name="b_until"),
+            )
         return bool(result.rowcount == 1)
 
     def release_webhook(self, key: str, holder: str) -> None:

@@ -12,11 +12,12 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BindParameter, Engine, bindparam, case, delete, select, update
+from sqlalchemy import Engine, bindparam, case, delete, select, update
 
 from keeper.core.models import REAUTH, Grant
 from keeper.crypto import Cipher, WrongKey
 from keeper.store.changes import stored_profiles, stored_records, sweep_events
+from keeper.store.clock import clock_params, db_later, db_now
 from keeper.store.counters import take_seqs
 from keeper.store.db import translate
 from keeper.store.events import record_events
@@ -45,14 +46,9 @@ class Leases:
     def _tokens(self, g: Grant) -> dict[str, Any]:
         raise NotImplementedError
 
-    @staticmethod
-    def _free(now: datetime | BindParameter[datetime]) -> Any:
-        """Not leased, or leased by a process whose lease has lapsed (it crashed)."""
-        return grants.c.lease_id.is_(None) | (grants.c.lease_until <= now)
-
     def claim(
         self, *, appids: Iterable[str], cutoff: datetime, limit: int, lease_id: str,
-        lease_until: datetime, now: datetime | None = None, exclude: Collection[int] = (),
+        lease_s: float, now: datetime | None = None, exclude: Collection[int] = (),
     ) -> list[Grant]:
         """Lease up to ``limit`` grants due at ``cutoff``, most urgent first.
 
@@ -60,11 +56,14 @@ class Leases:
         then profiles. Claims go app by app (quotas are per app) and each is a range scan of
         an (appid, due) index; leased grants (a few pages per process) are filtered out on
         the way. A lease only
-        sets two columns, so claiming touches no index. ``now`` (default ``cutoff``) decides
-        which leases have lapsed. ``exclude``: grants this process holds a result for that is
-        not written yet (their leases may have lapsed during a database outage).
+        sets two columns, so claiming touches no index. ``cutoff`` (what is due) is this
+        process's schedule; the lease lasts ``lease_s`` of the database's clock, which also
+        decides which leases have lapsed (:mod:`keeper.store.clock`: on SQLite that clock is
+        ``now``, default ``cutoff``). ``exclude``: grants this process holds a result for that
+        is not written yet (their leases may have lapsed during a database outage).
         """
-        now = now or cutoff
+        params = clock_params(self.sqlite, now or cutoff, lease_s, now_name="b_now",
+                              later_name="b_until")
         apps = sorted(appids)
         claimed: list[Grant] = []
         with translate("claiming due grants"), self.engine.begin() as conn:
@@ -75,23 +74,24 @@ class Leases:
                         return claimed
                     claimed.extend(self._claim_from(
                         conn, col, appid, cutoff=cutoff, limit=need, lease_id=lease_id,
-                        lease_until=lease_until, now=now, exclude=exclude,
+                        params=params, exclude=exclude,
                     ))
         return claimed
 
     def _claim_from(
         self, conn: Any, col: Any, appid: str, *, cutoff: datetime, limit: int, lease_id: str,
-        lease_until: datetime, now: datetime, exclude: Collection[int] = (),
+        params: dict[str, Any], exclude: Collection[int] = (),
     ) -> list[Grant]:
-        query = select(grants.c.id).where(grants.c.appid == appid, col <= cutoff,
-                                          self._free(now))
+        free = _free(db_now(self.sqlite, "b_now"))
+        query = select(grants.c.id).where(grants.c.appid == appid, col <= cutoff, free)
         if exclude:
             query = query.where(grants.c.id.not_in(list(exclude)))
         ids = conn.execute(
             query
             .order_by(col)
             .limit(limit)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=True),
+            params,
         ).scalars().all()
         if not ids:
             return []
@@ -99,28 +99,32 @@ class Leases:
         # and this UPDATE (PostgreSQL's SKIP LOCKED rules that out).
         rows = conn.execute(
             update(grants)
-            .where(grants.c.id.in_(ids), col <= cutoff, self._free(now))
-            .values(lease_id=lease_id, lease_until=lease_until)
-            .returning(*grants.c)
+            .where(grants.c.id.in_(ids), col <= cutoff, free)
+            .values(lease_id=lease_id, lease_until=db_later(self.sqlite, "b_until"))
+            .returning(*grants.c),
+            params,
         ).all()
         order = {gid: i for i, gid in enumerate(ids)}
         return [_grant(r, self.cipher) for r in sorted(rows, key=lambda r: order[r.id])]
 
     def claim_one(
-        self, appid: str, openid: str, *, lease_id: str, lease_until: datetime, now: datetime,
+        self, appid: str, openid: str, *, lease_id: str, lease_s: float, now: datetime,
         expiring_by: datetime | None = None,
     ) -> Grant | None:
-        """Lease one grant for a one-user command; ``None`` if another process holds it.
+        """Lease one grant for ``lease_s`` of the database's clock, for a one-user command;
+        ``None`` if another process holds it (``now``: SQLite's clock, see
+        :mod:`keeper.store.clock`).
 
         ``expiring_by``: lease it only if its access token expires by then. A caller that read
         a stale token may find it refreshed by another process since: then nothing is leased
         (and it reads the new token) instead of refreshing it a second time.
         """
-        params = {"b_appid": appid, "b_openid": openid, "b_now": now, "b_lease_id": lease_id,
-                  "b_lease_until": lease_until}
-        query = _CLAIM_ONE
+        params = {"b_appid": appid, "b_openid": openid, "b_lease_id": lease_id,
+                  **clock_params(self.sqlite, now, lease_s, now_name="b_now",
+                                 later_name="b_lease_until")}
+        query = _CLAIM_ONE[self.sqlite]
         if expiring_by is not None:
-            query, params["b_expiring_by"] = _CLAIM_ONE_STALE, expiring_by
+            query, params["b_expiring_by"] = _CLAIM_ONE_STALE[self.sqlite], expiring_by
         with translate("leasing a grant"), self.engine.connect() as conn:
             if not self.sqlite:
                 # One statement is atomic by itself: autocommit spares the BEGIN and COMMIT
@@ -240,21 +244,33 @@ class Leases:
         return int(result.rowcount or 0)
 
 
+def _free(now: Any) -> Any:
+    """Not leased, or leased by a process whose lease has lapsed (it crashed) by ``now``, the
+    database's clock."""
+    return grants.c.lease_id.is_(None) | (grants.c.lease_until <= now)
+
+
 # Statements built once. ``keeper serve`` runs them for every token it refreshes (one grant
 # at a time), and building one with its cache key cost more CPU than running it: half of
 # claim_one's 2.6 ms, a quarter of apply's 3.3 ms (``keeper bench api``).
-_CLAIM_ONE = (
-    update(grants)
+# Keyed by "is SQLite": the database's clock is a parameter there, clock_timestamp() on
+# PostgreSQL.
+_CLAIM_ONE = {
+    sqlite: update(grants)
     .where(grants.c.appid == bindparam("b_appid"), grants.c.openid == bindparam("b_openid"),
-           Leases._free(bindparam("b_now", type_=grants.c.lease_until.type)))
-    .values(lease_id=bindparam("b_lease_id"), lease_until=bindparam("b_lease_until"))
+           _free(db_now(sqlite, "b_now")))
+    .values(lease_id=bindparam("b_lease_id"), lease_until=db_later(sqlite, "b_lease_until"))
     .returning(*grants.c)
-)
+    for sqlite in (True, False)
+}
 #: claim_one for an on-demand refresh: only while the access token is still stale.
-_CLAIM_ONE_STALE = _CLAIM_ONE.where(
-    grants.c.access_expires_at
-    <= bindparam("b_expiring_by", type_=grants.c.access_expires_at.type)
-)
+_CLAIM_ONE_STALE = {
+    sqlite: stmt.where(
+        grants.c.access_expires_at
+        <= bindparam("b_expiring_by", type_=grants.c.access_expires_at.type)
+    )
+    for sqlite, stmt in _CLAIM_ONE.items()
+}
 #: apply's first step: the rows its results are for, locked, with what decides whether each
 #: result is still wanted.
 _HELD = (

@@ -5,11 +5,15 @@ A mixin of :class:`keeper.store.grants.Store`, which provides ``engine`` and ``_
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, case, select, update
 
-from keeper.core.quota import window_start_us
+from keeper.core.quota import Decision, window_start_us
+from keeper.store.clock import db_now_us
 from keeper.store.db import translate
 from keeper.store.schema import quota_state
 
@@ -18,6 +22,7 @@ class QuotaState:
     """Shared quota state (see :mod:`keeper.core.quota` for the arithmetic)."""
 
     engine: Engine
+    sqlite: bool
 
     def _insert(self, table: Any) -> Any:
         raise NotImplementedError
@@ -39,26 +44,64 @@ class QuotaState:
                 return 0
         return int(tat)
 
+    def quota_take(
+        self, appid: str, endpoint: str, decide: Callable[[int, int], Decision], *,
+        period_us: int = 0,
+    ) -> tuple[Decision, int] | None:
+        """One try at taking permits: in one transaction, read the state and the database's
+        clock (microseconds), ask ``decide(tat_us, now_us)`` and, when it grants permits,
+        compare-and-swap the new state. Returns the decision and the ``now_us`` it was made at,
+        or ``None`` when another taker changed the state first (try again).
+
+        The clock is PostgreSQL's ``clock_timestamp()``, read in the statement that reads the
+        state: every host's permits are placed on one time line. On SQLite (one host) it is
+        this process's clock. Granted permits are counted in the row's window of
+        ``period_us`` by the same statement (the status page's "quota used").
+        """
+        if self.sqlite:
+            # One host, and its clock is the database's. Read and swap stay two transactions:
+            # a read transaction that then writes fails at once on SQLite when another
+            # process wrote meanwhile, where the compare-and-swap simply says "look again".
+            tat_us, now_us = self.quota_tat(appid, endpoint), int(time.time() * 1_000_000)
+            decision = decide(tat_us, now_us)
+            if decision.granted and not self.quota_swap(
+                    appid, endpoint, tat_us, decision.new_tat_us, permits=decision.granted,
+                    now_us=now_us, period_us=period_us):
+                return None
+            return decision, now_us
+        where = (quota_state.c.appid == appid, quota_state.c.endpoint == endpoint)
+        with translate("taking quota"), self.engine.begin() as conn:
+            row = conn.execute(select(quota_state.c.tat_us, db_now_us()).where(*where)).first()
+            if row is None:
+                conn.execute(self._insert(quota_state)
+                             .values(appid=appid, endpoint=endpoint, tat_us=0)
+                             .on_conflict_do_nothing())
+                return None
+            tat_us, now_us = int(row[0]), int(row[1])
+            decision = decide(tat_us, now_us)
+            if decision.granted:
+                swapped = conn.execute(
+                    update(quota_state).where(*where, quota_state.c.tat_us == tat_us)
+                    .values(tat_us=decision.new_tat_us,
+                            **_window_values(decision.granted, now_us, period_us))
+                )
+                if swapped.rowcount != 1:
+                    return None
+        return decision, now_us
+
+    def db_clock(self) -> datetime:
+        """The database's time now (PostgreSQL's ``clock_timestamp()``; on SQLite this
+        process's clock): for decisions other hosts must agree with, such as a quota pause."""
+        if self.sqlite:
+            return datetime.now(UTC)
+        with translate("reading the database's clock"), self.engine.connect() as conn:
+            us = int(conn.execute(select(db_now_us())).scalar_one())
+        return datetime.fromtimestamp(us / 1_000_000, UTC)
+
     def quota_swap(self, appid: str, endpoint: str, old_us: int, new_us: int, *,
                    permits: int = 0, now_us: int = 0, period_us: int = 0) -> bool:
         """Compare-and-swap the quota state; False if another taker got there first.
-
-        ``permits`` taken at ``now_us`` are counted in the row's window of ``period_us``
-        (the status page's "quota used"), in the same statement: no extra round trip.
-        """
-        values: dict[str, Any] = {"tat_us": new_us}
-        if permits and period_us > 0:
-            c = quota_state.c
-            start = window_start_us(now_us, period_us)
-            # Every SET expression reads the row as it was before the statement.
-            values.update(
-                previous_permits=case((c.window_us == start, c.previous_permits),
-                                      (c.window_us == start - period_us, c.window_permits),
-                                      else_=0),
-                window_permits=case((c.window_us == start, c.window_permits + permits),
-                                    else_=permits),
-                window_us=start,
-            )
+        ``permits`` taken at ``now_us`` are counted in the window of ``period_us``."""
         with translate("taking quota"), self.engine.begin() as conn:
             result = conn.execute(
                 update(quota_state)
@@ -66,16 +109,9 @@ class QuotaState:
                     quota_state.c.appid == appid, quota_state.c.endpoint == endpoint,
                     quota_state.c.tat_us == old_us,
                 )
-                .values(**values)
+                .values(tat_us=new_us, **_window_values(permits, now_us, period_us))
             )
         return bool(result.rowcount == 1)
-
-    def quota_rows(self) -> list[dict[str, Any]]:
-        """Every quota row: ``appid``, ``endpoint``, ``tat_us``, ``window_us``,
-        ``window_permits``, ``previous_permits`` (a row per app and endpoint ever used)."""
-        with translate("reading quota state"), self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(
-                select(quota_state).order_by(quota_state.c.appid, quota_state.c.endpoint))]
 
     def quota_hold(self, appid: str, endpoint: str, tat_us: int) -> None:
         """Push the quota state to at least ``tat_us`` (a 45011 pause)."""
@@ -89,3 +125,28 @@ class QuotaState:
                 )
                 .values(tat_us=tat_us)
             )
+
+    def quota_rows(self) -> list[dict[str, Any]]:
+        """Every quota row: ``appid``, ``endpoint``, ``tat_us``, ``window_us``,
+        ``window_permits``, ``previous_permits`` (a row per app and endpoint ever used)."""
+        with translate("reading quota state"), self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(quota_state).order_by(quota_state.c.appid, quota_state.c.endpoint))]
+
+
+def _window_values(permits: int, now_us: int, period_us: int) -> dict[str, Any]:
+    """The SET values that count ``permits`` taken at ``now_us`` in their quota window (the
+    window of ``period_us`` holding ``now_us``), keeping the previous window's count. Every
+    SET expression reads the row as it was before the statement."""
+    if not permits or period_us <= 0:
+        return {}
+    c = quota_state.c
+    start = window_start_us(now_us, period_us)
+    return {
+        "previous_permits": case((c.window_us == start, c.previous_permits),
+                                 (c.window_us == start - period_us, c.window_permits),
+                                 else_=0),
+        "window_permits": case((c.window_us == start, c.window_permits + permits),
+                               else_=permits),
+        "window_us": start,
+    }

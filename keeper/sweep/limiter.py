@@ -1,16 +1,17 @@
 """Quota permits shared by every keeper process through the database.
 
 Each process keeps a small local pool of permits per (app, endpoint), refilled from the GCRA
-row in the store by compare-and-swap (see :mod:`keeper.core.quota`). A permit is used at once or
-lapses after half the quota's slack, so a permit never reaches WeChat later than the
-arithmetic allows.
+row in the store by compare-and-swap (see :mod:`keeper.core.quota`), at the database's time:
+every host's permits are placed on that one clock (:mod:`keeper.store.clock`). A permit is
+used at once or lapses after half the quota's slack, so a permit never reaches WeChat later
+than the arithmetic allows.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -53,12 +54,11 @@ class QuotaGate:
 
     def __init__(
         self, *, store: Store, apps: Mapping[str, AppConfig], stop: threading.Event,
-        batch: int = 32, clock: Callable[[], float] = time.time,
+        batch: int = 32,
     ) -> None:
         self.store = store
         self.stop = stop
         self.batch = max(1, batch)
-        self.clock = clock
         self._pools: dict[tuple[str, str], _Pool] = {}
         for app in apps.values():
             for endpoint, quota in app.quotas.items():
@@ -83,29 +83,34 @@ class QuotaGate:
                 if pool.permits > 0 and time.monotonic() < pool.expires:
                     pool.permits -= 1
                     return
-                now_us = int(self.clock() * 1_000_000)
-                tat = self.store.quota_tat(appid, endpoint)
-                decision = take(params, tat, now_us, self.batch)
-                if decision.granted:
-                    if self.store.quota_swap(appid, endpoint, tat, decision.new_tat_us,
-                                             permits=decision.granted, now_us=now_us,
-                                             period_us=params.period_us):
-                        pool.permits = decision.granted - 1
-                        pool.expires = time.monotonic() + params.slack_s / 2
-                        metrics.quota_taken(appid, endpoint, decision.granted)
-                        return
+                taken = self.store.quota_take(
+                    appid, endpoint, lambda tat, now_us: take(params, tat, now_us, self.batch),
+                    period_us=params.period_us)
+                if taken is None:
                     continue  # another process took permits first: look again
+                decision, now_us = taken
+                if decision.granted:
+                    pool.permits = decision.granted - 1
+                    pool.expires = time.monotonic() + params.slack_s / 2
+                    metrics.quota_taken(appid, endpoint, decision.granted)
+                    return
             if decision.wait_s > max_wait_s:
-                until = datetime.fromtimestamp(self.clock() + decision.wait_s, UTC)
+                until = datetime.fromtimestamp(now_us / 1_000_000 + decision.wait_s, UTC)
                 metrics.quota_exhausted(appid, endpoint)
                 raise QuotaWait(appid, endpoint, until)
             waited = time.monotonic()
             self.stop.wait(decision.wait_s)
             metrics.quota_waited(appid, endpoint, time.monotonic() - waited)
 
-    def pause(self, appid: str, endpoint: str, errcode: int, now: datetime) -> datetime:
-        """WeChat answered 45011/45009: no process calls ``endpoint`` until its window rolls."""
-        until = pause_until(errcode, self.quotas.get((appid, endpoint)), now)
+    def pause(self, appid: str, endpoint: str, errcode: int,
+              now: datetime | None = None) -> datetime:
+        """WeChat answered 45011/45009: no process calls ``endpoint`` until its window rolls.
+
+        ``now`` (default: the database's clock, which every host's permits are measured by)
+        places the window.
+        """
+        until = pause_until(errcode, self.quotas.get((appid, endpoint)), now or
+                            self.store.db_clock())
         pool = self._pools.get((appid, endpoint))
         if pool is not None and pool.params is not None:
             with pool.lock:

@@ -9,7 +9,7 @@ import queue
 import socket
 import time
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -77,7 +77,7 @@ class SweepRun:
         batch = self.s.store.claim(
             appids=sorted(self.apps - self.rejected - self.deferred), cutoff=self.cutoff,
             limit=page - len(self.in_flight), lease_id=self.lease_id, now=now,
-            lease_until=now + timedelta(seconds=self.config.lease_s), exclude=exclude,
+            lease_s=self.config.lease_s, exclude=exclude,
         )
         self.exhausted = not batch
         for g in batch:

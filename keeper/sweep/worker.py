@@ -225,8 +225,9 @@ class Worker:
         except QuotaExceeded as e:
             counts["transient_failures"] += 1
             try:
-                until = self.gate.pause(grant.appid, e.endpoint, e.errcode or 45011,
-                                        self.clock())
+                # The pause is placed by the database's clock (the one the quota's
+                # permits are measured by), not this host's.
+                until = self.gate.pause(grant.appid, e.endpoint, e.errcode or 45011)
             except StoreError as db:  # the pause is not shared; this grant still waits
                 result.db_error = str(db)
                 until = self.clock() + timedelta(seconds=60)

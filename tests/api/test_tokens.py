@@ -96,7 +96,7 @@ def test_a_request_for_a_grant_a_sweep_holds_waits_for_the_sweep_result(
     try:
         lease = new_lease_id()
         held = store.claim_one(APPID, "o-held", lease_id=lease,
-                               lease_until=now + timedelta(hours=1), now=now)
+                               lease_s=3600, now=now)
         assert held is not None
         # The "sweep" finishes while the request waits: it answers with the sweep's token.
         pending: list[requests.Response] = []
@@ -117,7 +117,7 @@ def test_a_request_for_a_grant_a_sweep_holds_waits_for_the_sweep_result(
         # A grant a crashed process holds (its lease runs an hour), token expired: 503
         # grant_busy after token_wait, with Retry-After; nothing is recorded against the user.
         assert store.claim_one(APPID, "o-stuck", lease_id=new_lease_id(),
-                               lease_until=now + timedelta(hours=1), now=now) is not None
+                               lease_s=3600, now=now) is not None
         r = served2.call("GET", served2.user(APPID, "o-stuck", "/token"))
         assert r.status_code == 503 and r.json()["error"] == "grant_busy"
         assert int(r.headers["Retry-After"]) >= 1

@@ -219,7 +219,7 @@ def test_a_valid_token_is_returned_at_once_while_another_process_holds_the_grant
     store = setup.store()
     try:
         assert store.claim_one(APPID, "o1", lease_id=new_lease_id(),
-                               lease_until=NOW + timedelta(hours=1), now=NOW) is not None
+                               lease_s=3600, now=NOW) is not None
     finally:
         store.close()
     started = time.monotonic()
@@ -234,7 +234,7 @@ def test_an_expired_token_still_waits_for_the_lease_holder(setup: Setup) -> None
     store = setup.store()
     try:
         store.claim_one(APPID, "o1", lease_id=new_lease_id(),
-                        lease_until=NOW + timedelta(hours=1), now=NOW)
+                        lease_s=3600, now=NOW)
     finally:
         store.close()
     config = setup.dir / "short.toml"

@@ -20,7 +20,7 @@ from keeper.store.events import record_events
 from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite
 from keeper.store.schema import deliveries, events, reauth
-from tests.conftest import TEST_CIPHER
+from tests.conftest import TEST_CIPHER, pass_lease_time
 from tests.store.test_grants import CLOCK, NOW, grant, put
 from tests.store.test_users import record
 
@@ -41,7 +41,7 @@ def next_due(store: Store, now: datetime) -> Due | None:
 
 def profile_write(store: Store, openid: str, profile: Profile) -> None:
     leased = store.claim_one("wx1", openid, lease_id="LP", now=NOW,
-                             lease_until=NOW + timedelta(minutes=5))
+                             lease_s=300)
     assert leased is not None
     store.apply([GrantWrite(leased, schedule(leased, CLOCK), profile=profile)], "LP", NOW)
 
@@ -66,7 +66,7 @@ def test_a_committed_change_records_exactly_its_events(store: Store) -> None:
 
 def test_a_rolled_back_change_records_no_event(store: Store) -> None:
     put(store, grant("o1"))
-    leased = store.claim_one("wx1", "o1", lease_id="L", now=NOW, lease_until=NOW + timedelta(1))
+    leased = store.claim_one("wx1", "o1", lease_id="L", now=NOW, lease_s=86400)
     assert leased is not None
     dead, rec = after_reauth(leased, 42007, NOW)
     with pytest.raises(RuntimeError), store.engine.begin() as conn:
@@ -147,19 +147,22 @@ def test_a_new_webhook_starts_at_the_newest_event_then_gets_each_wanted_one_once
 
 
 def test_one_holder_at_a_time_and_a_lapsed_or_dead_holder_is_taken_over(store: Store) -> None:
+    # Leases run on the database's clock: pass_lease_time moves it on (keeper.store.clock).
     assert store.take_webhook(HOOK, "A", now=NOW, lease_s=30)
-    assert not store.take_webhook(HOOK, "B", now=NOW + timedelta(seconds=10), lease_s=30)
+    pass_lease_time(store, 10)
+    assert not store.take_webhook(HOOK, "B", now=NOW, lease_s=30)
     assert store.fan_out(HOOK, "B", TYPES, now=NOW) is None  # B holds nothing
-    assert store.take_webhook(HOOK, "A", now=NOW + timedelta(seconds=20), lease_s=30)  # renew
-    assert not store.take_webhook(HOOK, "B", now=NOW + timedelta(seconds=40), lease_s=30)
-    assert store.take_webhook(HOOK, "B", now=NOW + timedelta(seconds=50), lease_s=30)  # lapsed
+    assert store.take_webhook(HOOK, "A", now=NOW, lease_s=30)  # renew: 30 s from now
+    pass_lease_time(store, 20)
+    assert not store.take_webhook(HOOK, "B", now=NOW, lease_s=30)
+    pass_lease_time(store, 11)
+    assert store.take_webhook(HOOK, "B", now=NOW, lease_s=30)  # lapsed
     assert store.fan_out(HOOK, "A", TYPES, now=NOW) is None  # A lost it
-    assert store.take_webhook(HOOK, "C", now=NOW + timedelta(seconds=51), lease_s=30,
-                              takeover="B")
+    assert store.take_webhook(HOOK, "C", now=NOW, lease_s=30, takeover="B")
     store.release_webhook(HOOK, "B")  # not B's any more: changes nothing
     assert store.webhook_holder(HOOK) == "C"
     store.release_webhook(HOOK, "C")
-    assert store.take_webhook(HOOK, "D", now=NOW + timedelta(seconds=52), lease_s=30)
+    assert store.take_webhook(HOOK, "D", now=NOW, lease_s=30)
 
 
 def test_a_failing_delivery_is_retried_for_72_hours_then_failed_and_replay_revives_it(

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import inspect, select, text
+from sqlalchemy import func, inspect, select, text
 
 from keeper.core.models import EXPIRING, REAUTH, Grant, Profile, Reauth
 from keeper.core.policy import Lifetime, after_reauth, schedule
+from keeper.core.quota import Decision
 from keeper.errors import DatabaseUnavailable, SchemaOutdated
 from keeper.store import db
 from keeper.store.grants import Store
+from keeper.store.leases import _free
 from keeper.store.rows import GrantWrite
 from keeper.store.schema import grants
+from tests.conftest import pass_lease_time
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -38,7 +42,7 @@ def put(store: Store, *grants: Grant) -> None:
 
 def claim(store: Store, limit: int = 100, lease_id: str = "L1") -> list[Grant]:
     return store.claim(appids=["wx1"], cutoff=NOW, limit=limit, lease_id=lease_id,
-                       lease_until=LEASE)
+                       lease_s=300)
 
 
 def test_migrations_create_every_table(db_url: str) -> None:
@@ -98,7 +102,7 @@ def test_concurrent_claimers_never_get_the_same_grant(store: Store) -> None:
     def worker(name: str) -> None:
         got: list[int] = []
         while batch := store.claim(appids=["wx1"], cutoff=NOW, limit=7, lease_id=name,
-                                   lease_until=LEASE):
+                                   lease_s=300):
             got.extend(g.id for g in batch)
         results[name] = got
 
@@ -114,9 +118,8 @@ def test_concurrent_claimers_never_get_the_same_grant(store: Store) -> None:
 def test_a_lapsed_lease_makes_the_grant_due_again(store: Store) -> None:
     put(store, grant("o1", access_expires_at=NOW - DAY))
     [g] = claim(store, lease_id="A")
-    later = LEASE + timedelta(seconds=1)
-    again = store.claim(appids=["wx1"], cutoff=later, limit=10, lease_id="B",
-                        lease_until=later + timedelta(minutes=5))
+    pass_lease_time(store, 301)
+    again = store.claim(appids=["wx1"], cutoff=NOW, limit=10, lease_id="B", lease_s=300)
     assert [x.id for x in again] == [g.id]
     # The first holder's late write is refused: the lease is no longer theirs.
     assert store.apply([GrantWrite(g, schedule(g, CLOCK))], "A", NOW) == 0
@@ -141,8 +144,8 @@ def test_a_no_profile_answer_keeps_the_last_profile(store: Store) -> None:
     put(store, grant("o1", access_expires_at=NOW - DAY))
     [g] = claim(store)
     store.apply([GrantWrite(g, schedule(g, CLOCK), Profile(NOW, nickname="Nick"))], "L1", NOW)
-    [g] = store.claim(appids=["wx1"], cutoff=NOW, limit=1, lease_id="L2", lease_until=LEASE) or [
-        store.claim_one("wx1", "o1", lease_id="L2", lease_until=LEASE, now=NOW)]
+    [g] = store.claim(appids=["wx1"], cutoff=NOW, limit=1, lease_id="L2", lease_s=300) or [
+        store.claim_one("wx1", "o1", lease_id="L2", lease_s=300, now=NOW)]
     assert g is not None
     store.apply([GrantWrite(g, schedule(g, CLOCK), Profile(NOW, errcode=50001))], "L2", NOW)
     p = store.profile(g.id)
@@ -191,9 +194,10 @@ def test_a_result_whose_lease_lapsed_is_written_while_the_stored_tokens_are_its_
     the newest answer) and the failure B recorded from the same old tokens is cleared."""
     put(store, grant("o1", access_expires_at=NOW - DAY))
     [g] = claim(store, lease_id="A")
+    pass_lease_time(store, 301)
     later = LEASE + timedelta(seconds=1)
-    [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B",
-                      lease_until=later + timedelta(minutes=5))
+    [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B", lease_s=300,
+                      now=NOW)
     dead, record = after_reauth(b, 40030, later)  # B sent the old token WeChat had replaced
     assert store.apply([GrantWrite(dead, schedule(dead, CLOCK), reauth=record,
                                    base=(b.access_token, b.refresh_token))], "B", later) == 1
@@ -206,9 +210,10 @@ def test_a_result_whose_lease_lapsed_is_written_while_the_stored_tokens_are_its_
 def test_an_older_result_never_overwrites_a_newer_token(store: Store) -> None:
     put(store, grant("o1", access_expires_at=NOW - DAY))
     [g] = claim(store, lease_id="A")
+    pass_lease_time(store, 301)
     later = LEASE + timedelta(seconds=1)
-    [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B",
-                      lease_until=later + timedelta(minutes=5))
+    [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B", lease_s=300,
+                      now=NOW)
     assert store.apply([refreshed(b, "by-B")], "B", later) == 1
     # A's result was made from the tokens B has replaced since: superseded.
     assert store.apply([refreshed(g, "by-A")], "A", later) == 0
@@ -220,7 +225,7 @@ def test_claims_skip_grants_whose_results_this_process_still_holds(store: Store)
     put(store, grant("o1", access_expires_at=NOW - DAY), grant("o2", access_expires_at=NOW - DAY))
     first = store.get_grant("wx1", "o1")
     assert first is not None
-    got = store.claim(appids=["wx1"], cutoff=NOW, limit=10, lease_id="L", lease_until=LEASE,
+    got = store.claim(appids=["wx1"], cutoff=NOW, limit=10, lease_id="L", lease_s=300,
                       exclude={first.id})
     assert [g.openid for g in got] == ["o2"]
 
@@ -235,15 +240,17 @@ def test_released_grants_are_due_again_at_their_own_time(store: Store) -> None:
 def test_claim_one_refuses_a_grant_another_process_holds(store: Store) -> None:
     put(store, grant("o1", access_expires_at=NOW - DAY))
     claim(store)
-    assert store.claim_one("wx1", "o1", lease_id="X", lease_until=LEASE, now=NOW) is None
-    assert store.claim_one("wx1", "o1", lease_id="X", lease_until=LEASE + DAY,
-                           now=LEASE + timedelta(seconds=1)) is not None
+    assert store.claim_one("wx1", "o1", lease_id="X", lease_s=300, now=NOW) is None
+    pass_lease_time(store, 299)
+    assert store.claim_one("wx1", "o1", lease_id="X", lease_s=300, now=NOW) is None
+    pass_lease_time(store, 2)
+    assert store.claim_one("wx1", "o1", lease_id="X", lease_s=300, now=NOW) is not None
 
 
 def test_status_counts(store: Store) -> None:
     put(store, grant("fresh"), grant("expired-access", access_expires_at=NOW - DAY),
         grant("due-soon", refresh_issued_at=NOW - 28 * DAY - timedelta(hours=1)))
-    [g] = store.claim(appids=["wx1"], cutoff=NOW, limit=1, lease_id="L", lease_until=LEASE)
+    [g] = store.claim(appids=["wx1"], cutoff=NOW, limit=1, lease_id="L", lease_s=300)
     dead, record = after_reauth(g, 40030, NOW)
     store.apply([GrantWrite(dead, schedule(dead, CLOCK), reauth=record)], "L", NOW)
     s = store.status(NOW)
@@ -283,14 +290,39 @@ def test_quota_state_is_a_compare_and_swap(store: Store) -> None:
     assert store.quota_tat("wx1", "refresh") == 500
 
 
+def test_quota_is_taken_at_the_databases_clock_by_compare_and_swap(store: Store) -> None:
+    """The GCRA's "now" is the database's (the real time, whatever a test passes elsewhere),
+    read with the state; a state changed by another taker meanwhile is never overwritten."""
+    def grant_one(tat_us: int, now_us: int) -> Decision:
+        return Decision(1, max(tat_us, now_us) + 10, 0.0)
+
+    store.quota_tat("wx1", "refresh")  # the row exists from first use on
+    before = time.time()
+    taken = store.quota_take("wx1", "refresh", grant_one)
+    assert taken is not None
+    decision, now_us = taken
+    assert before - 5 < now_us / 1e6 < time.time() + 5
+    assert store.quota_tat("wx1", "refresh") == decision.new_tat_us == now_us + 10
+    assert store.quota_take("wx1", "refresh", lambda t, n: Decision(0, t, 1.0)) is not None
+    assert store.quota_tat("wx1", "refresh") == now_us + 10  # nothing granted, nothing changed
+
+    def raced(tat_us: int, now_us: int) -> Decision:
+        assert store.quota_swap("wx1", "refresh", tat_us, tat_us + 1)  # another process
+        return grant_one(tat_us, now_us)
+
+    assert store.quota_take("wx1", "refresh", raced) is None
+    assert store.quota_tat("wx1", "refresh") == now_us + 11
+
+
 def test_the_due_query_is_a_range_scan_of_its_index(store: Store) -> None:
     put(store, *(grant(f"o{i}", access_expires_at=NOW + timedelta(minutes=i - 500))
                  for i in range(1000)))
     store.analyze()  # as `keeper import` does after a large import; autovacuum does it too
+    db_clock = NOW if store.sqlite else func.clock_timestamp()  # as claims ask (store.clock)
     for column in ("refresh_due_at", "access_due_at", "profile_due_at"):
         col = grants.c[column]
         query = (select(grants.c.id)
-                 .where(grants.c.appid == "wx1", col <= NOW, Store._free(NOW))
+                 .where(grants.c.appid == "wx1", col <= NOW, _free(db_clock))
                  .order_by(col).limit(10))
         sql = str(query.compile(store.engine, compile_kwargs={"literal_binds": True}))
         with store.engine.connect() as conn:

@@ -23,7 +23,7 @@ LIFETIME_S = 30 * 86400.0
 def test_grant_and_reauth_counts_by_app_sum_to_the_status_counts(store: Store) -> None:
     put(store, grant("a1"), grant("a2"), grant("a3"), grant("b1", appid="wx2"))
     [g] = store.claim(appids=["wx1"], cutoff=NOW + 400 * DAY, limit=1, lease_id="K",
-                      lease_until=NOW + DAY)
+                      lease_s=86400)
     dead, record = after_reauth(g, 40030, NOW)
     store.apply([GrantWrite(dead, schedule(dead, CLOCK), reauth=record)], "K", NOW)
     counts, reauth = store.grant_counts(), store.reauth_counts()
@@ -61,7 +61,7 @@ def test_lapse_counts_bucket_live_grants_by_the_day_their_lifetime_ends(store: S
         grant("other-app", appid="wx2", refresh_issued_at=issued0))
     claimed = {g.openid: g for g in store.claim(appids=["wx1"], cutoff=NOW + 400 * DAY,
                                                  limit=100, lease_id="K",
-                                                 lease_until=NOW + DAY)}
+                                                 lease_s=86400)}
     g = replace(claimed["day2-expiring"], state=EXPIRING)
     dead, record = after_reauth(claimed["day1-dead"], 42007, NOW)
     store.apply([GrantWrite(g, schedule(g, CLOCK),

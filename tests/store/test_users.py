@@ -24,7 +24,7 @@ def record(store: Store, *openids: str, errcode: int = 40030) -> None:
     writes = []
     for openid in openids:
         leased = store.claim_one("wx1", openid, lease_id="LR", now=NOW,
-                                 lease_until=NOW + timedelta(minutes=5))
+                                 lease_s=300)
         assert leased is not None
         dead, rec = after_reauth(leased, errcode, NOW)
         writes.append(GrantWrite(dead, schedule(dead, CLOCK), reauth=rec))
@@ -96,7 +96,7 @@ def _take(engine: object, n: int) -> list[int]:
 
 def test_delete_forgets_everything_and_names_the_avatar_file_once_unused(store: Store) -> None:
     put(store, grant("a", unionid="u1"), grant("b", unionid="u1"), grant("c"))
-    got = {o: store.claim_one("wx1", o, lease_id="L1", lease_until=NOW + timedelta(minutes=5),
+    got = {o: store.claim_one("wx1", o, lease_id="L1", lease_s=300,
                               now=NOW) for o in "abc"}
     profile = Profile(fetched_at=NOW, nickname="n", headimgurl="http://img/x")
     store.apply([GrantWrite(g, schedule(g, CLOCK), profile=profile) for g in got.values()
@@ -147,7 +147,7 @@ def test_a_grant_refreshed_since_it_was_read_is_not_leased_for_a_second_refresh(
     store: Store,
 ) -> None:
     put(store, grant("o-fresh", access_expires_at=NOW + timedelta(hours=2)))
-    lease = {"lease_id": "L9", "lease_until": NOW + timedelta(minutes=5), "now": NOW}
+    lease = {"lease_id": "L9", "lease_s": 300, "now": NOW}
     assert store.claim_one("wx1", "o-fresh", expiring_by=NOW + timedelta(hours=1),
                            **lease) is None  # type: ignore[arg-type]
     assert store.claim_one("wx1", "o-fresh", expiring_by=NOW + timedelta(hours=3),

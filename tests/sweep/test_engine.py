@@ -194,7 +194,7 @@ def test_a_result_the_database_refuses_costs_its_batch_mates_nothing(
     lease = new_lease_id()
     now = datetime.now(UTC)
     claimed = rt.store.claim(appids=[APPID], cutoff=now + timedelta(days=400), limit=10,
-                             lease_id=lease, lease_until=now + timedelta(minutes=5), now=now)
+                             lease_id=lease, lease_s=300, now=now)
     sweeper = rt.sweeper()
     app = rt.config.apps[0]
     for g in claimed:

@@ -1,0 +1,152 @@
+"""Three test hosts sharing one PostgreSQL: the fixtures of the multi-host tests.
+
+The hosts (tests/hosts/netns.py) reach PostgreSQL through a forwarder on the bridge's address
+(to 127.0.0.1:5432) and the simulator, which listens on the bridge's address too. Each host
+has a directory of its own (its config, journal and logs: hosts share no disk) and runs the
+real program through ``ip netns exec``. Skipped with a visible reason where namespaces cannot be
+made; a failure when CI is set.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlalchemy import make_url
+
+from keeper.wechat.simulator import SimQuota, Simulator
+from tests.conftest import (
+    APPID,
+    IN_CI,
+    SECRET,
+    Keeper,
+    config_text,
+    require_postgres,
+    reset_postgres,
+)
+from tests.hosts.netns import Host, NetnsUnavailable, TestNet
+from tests.service.test_service import Proxy
+
+#: libfaketime for threaded programs (Debian's `faketime` package).
+FAKETIME_MT = next(iter(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")), None)
+
+
+@pytest.fixture
+def testnet() -> Iterator[TestNet]:
+    """Three hosts on a bridge of this test's own, removed afterwards (even on failure)."""
+    net = TestNet(hosts=3)
+    try:
+        net.up()
+    except NetnsUnavailable as e:
+        message = f"test hosts (network namespaces) cannot be made here: {e}"
+        if IN_CI:
+            pytest.fail(message + " (required when CI is set)")
+        pytest.skip(message)
+    try:
+        yield net
+    finally:
+        net.down()
+
+
+@dataclass
+class Cluster:
+    """The hosts, the simulator they call and keeper as each host runs it."""
+
+    net: TestNet
+    sim: Simulator
+    local: Keeper  # keeper in the root namespace (import, checks), straight to PostgreSQL
+    url: str  # this run's database, as the root namespace reaches it
+    workdir: Path
+    procs: list[tuple[Host, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def host_dir(self, host: Host) -> Path:
+        return self.workdir / host.name
+
+    def start(self, host: Host, *args: str, clock_offset_s: float = 0) -> subprocess.Popen[bytes]:
+        """``keeper ARGS`` on ``host``, its output in the host's directory (``keeper.err``);
+        ``clock_offset_s``: the host's clock runs that far ahead (negative: behind), by
+        libfaketime, monotonic clocks left alone (fault-injection.md)."""
+        env = dict(self.local.env)
+        if clock_offset_s:
+            if FAKETIME_MT is None:
+                message = "libfaketime is not installed (Debian's `faketime` package)"
+                if IN_CI:
+                    pytest.fail(message + " (required when CI is set)")
+                pytest.skip(message)
+            env.update(LD_PRELOAD=FAKETIME_MT, FAKETIME=f"{clock_offset_s:+g}s",
+                       FAKETIME_DONT_FAKE_MONOTONIC="1")
+        d = self.host_dir(host)
+        with open(d / "keeper.out", "ab") as out, open(d / "keeper.err", "ab") as err:
+            proc = subprocess.Popen(
+                host.argv([sys.executable, "-m", "keeper", "--config", str(d / "keeper.toml"),
+                           *args]),
+                stdout=out, stderr=err, cwd=d, env=env,
+            )
+        self.procs.append((host, proc))
+        return proc
+
+    def log_of(self, host: Host) -> str:
+        return (self.host_dir(host) / "keeper.err").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def cluster(testnet: TestNet, tmp_path: Path, keeper: Keeper) -> Iterator[Cluster]:
+    """PostgreSQL, a forwarder to it and the simulator on the bridge; keeper configured on
+    every host (one key, one database; a directory each). Processes the test started are
+    killed at the end."""
+    url = require_postgres()
+    reset_postgres()
+    forwarder = Proxy(("127.0.0.1", 5432), host=testnet.bridge_address)
+    forwarder.up()
+    sim = Simulator(host=testnet.bridge_address, timeout_sleep_s=1.0, seed=7,
+                    quotas={"refresh": SimQuota(1_000_000, 60.0)})
+    sim.add_app(APPID, SECRET)
+    sim.start()
+    host_url = make_url(url).set(host=testnet.bridge_address, port=forwarder.port)
+    c = Cluster(testnet, sim, keeper, url, tmp_path)
+    try:
+        keeper.write_config(config_text(db_url=url, api_base=sim.url))
+        ran = keeper.run("db", "upgrade")
+        assert ran.code == 0, ran.err
+        for host in testnet.hosts:
+            d = c.host_dir(host)
+            d.mkdir()
+            shutil.copy(tmp_path / "keeper.key", d / "keeper.key")
+            os.chmod(d / "keeper.key", 0o600)
+            (d / "keeper.toml").write_text(config_text(
+                db_url=host_url.render_as_string(hide_password=False), api_base=sim.url))
+        assert all(testnet.reaches(h, testnet.bridge_address, forwarder.port)
+                   for h in testnet.hosts), "a test host cannot reach the forwarder"
+        yield c
+    finally:
+        c.stop_all()
+        sim.stop()
+        forwarder.down()
+
+
+def set_config(c: Cluster, *, extra: str = "", app_extra: str = "", lease: str = "2m",
+               workers: int = 8) -> None:
+    """The same keeper.toml on the root namespace and every host (each with its own URL)."""
+    for path in [c.local.config, *(c.host_dir(h) / "keeper.toml" for h in c.net.hosts)]:
+        text = path.read_text()
+        db_line = next(line for line in text.splitlines() if line.startswith("database_url"))
+        api = c.sim.url
+        body = config_text(db_url="X", api_base=api, extra=extra, app_extra=app_extra)
+        body = body.replace('database_url = "X"', db_line)
+        body = body.replace('lease = "2m"', f'lease = "{lease}"')
+        body = body.replace("workers = 8", f"workers = {workers}")
+        body = body.replace('log_level = "debug"', 'log_level = "info"')
+        path.write_text(body)
