@@ -178,8 +178,12 @@ class Keeper:
 
 
 def config_text(*, db_url: str, api_base: str, extra: str = "", app_extra: str = "",
-                read_timeout: float = 0.5) -> str:
+                read_timeout: float = 0.5, metrics_listen: str = "") -> str:
+    """A test's configuration. ``metrics_listen`` is off unless a test asks: `keeper run`s of
+    tests running side by side would otherwise all want the default port (the listener has
+    tests of its own, tests/service/test_metrics_listener.py)."""
     return f"""
+metrics_listen = "{metrics_listen}"
 database_url = "{db_url}"
 api_base = "{api_base}"
 avatar_hosts = ["127.0.0.1"]

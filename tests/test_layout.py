@@ -15,16 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 KEEPER = ROOT / "keeper"
 
 #: Each package's layer: a module may import from its own layer and those below, never above.
-#: config, log and crypto share a layer (none imports another); avatars sits below sweep
-#: because a sweep runs the avatar pass; events (delivery to webhooks) beside it, since it
-#: needs only the store and configuration.
+#: config, log, crypto and metrics share a layer (none imports another; metrics is low so the
+#: WeChat client can count its calls); avatars sits below sweep because a sweep runs the
+#: avatar pass; observe (the database's metrics, the forecast) reads the store beside it.
 LAYERS: dict[str, int] = {
     "errors": 0,
     "core": 1,
-    "config": 2, "log": 2, "crypto": 2,
+    "config": 2, "log": 2, "crypto": 2, "metrics": 2,
     "wechat": 3,
     "store": 4,
-    "avatars": 5, "events": 5,
+    "avatars": 5, "events": 5, "observe": 5,
     "sweep": 6,
     "service": 7,
     "api": 8,

@@ -33,6 +33,9 @@ from keeper.api.tokens import MustReauthorize, NoGrant, TokenDesk, Unavailable
 from keeper.config import Config, load_config
 from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
 from keeper.log import configure
+from keeper.metrics import process as metrics
+from keeper.observe.collector import DatabaseCollector
+from keeper.observe.exposition import registry_for
 from keeper.service.runtime import Runtime
 from keeper.store.token_reader import TokenReader
 from keeper.sweep.engine import utcnow
@@ -67,6 +70,10 @@ class Api:
         # The token endpoint's fast path (a fresh token read on the event loop).
         self.reader = TokenReader(self.store.engine, self.store.cipher)
         self.openapi = document(config, utcnow()).encode("utf-8")
+        # /metrics: this process's metrics (every server process's, in multiprocess mode)
+        # and the database's gauges, read at most every few seconds.
+        self.collector = DatabaseCollector(store=lambda: self.store, config=lambda: self.config)
+        self.registry = registry_for(self.collector)
         self._replayer: threading.Thread | None = None
 
     def start(self) -> None:
@@ -76,6 +83,7 @@ class Api:
         self._replayer.start()
 
     def close(self) -> None:
+        self.collector.close()
         self.rt.stop.set()
         if self._replayer is not None:
             self._replayer.join(timeout=5)
@@ -151,6 +159,7 @@ def create_app(config: Config, keys: KeyRing | None = None) -> Starlette:
     """The application for one server process."""
     keys = keys or KeyRing(config.api.keys_file)
     api = Api(config, keys)
+    metrics.enable()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ other than the request itself.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keeper.core.grant_lines import ID_RE
+from keeper.metrics import process as metrics
 
 if TYPE_CHECKING:
     from keeper.api.app import Api
@@ -110,14 +112,15 @@ Shortcut = Callable[["Api", Request], Awaitable[Response | None]]
 
 
 def endpoint(route: str, scope: str | None, *, body: bool = False,
-             shortcut: Shortcut | None = None,
+             shortcut: Shortcut | None = None, basic: bool = False,
              ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
     """A route's handler: the key checked for ``scope`` (``None``: no key), the JSON body read
     when ``body``, then ``fn(api, request, body)`` in the thread pool. Problems become their
     answers, and every other failure a 500 that names no value.
 
     ``shortcut``: tried first, on the event loop (no thread hop); the handler runs only when
-    it answers ``None``.
+    it answers ``None``. ``basic``: the key may also come as an HTTP Basic password (a page
+    a browser opens), and a 401 asks the browser for it.
     """
 
     def wrap(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -126,7 +129,8 @@ def endpoint(route: str, scope: str | None, *, body: bool = False,
             api: Api = request.app.state.api
             try:
                 if scope is not None:
-                    request.scope["keeper.key"] = authenticate(api, request, scope)
+                    request.scope["keeper.key"] = authenticate(api, request, scope,
+                                                               basic=basic)
                 if shortcut is not None:
                     answer = await shortcut(api, request)
                     if answer is not None:
@@ -143,11 +147,14 @@ def endpoint(route: str, scope: str | None, *, body: bool = False,
     return wrap
 
 
-def authenticate(api: Api, request: Request, scope: str) -> str:
+def authenticate(api: Api, request: Request, scope: str, *, basic: bool = False) -> str:
     """The name of the request's key; 401 without a known key, 403 without the scope."""
     header = request.headers.get("authorization", "")
     kind, _, presented = header.partition(" ")
-    challenge = {"WWW-Authenticate": 'Bearer realm="keeper"'}
+    challenge = {"WWW-Authenticate": 'Basic realm="keeper", charset="UTF-8"' if basic
+                 else 'Bearer realm="keeper"'}
+    if basic and kind.lower() == "basic":
+        kind, presented = "bearer", _basic_password(presented)
     if kind.lower() != "bearer" or not presented.strip():
         raise Problem(401, "unauthorized", "send Authorization: Bearer KEY", headers=challenge)
     key = api.keys.find(presented.strip())
@@ -160,9 +167,23 @@ def authenticate(api: Api, request: Request, scope: str) -> str:
     return key.name
 
 
+def _basic_password(credentials: str) -> str:
+    """The password of HTTP Basic credentials (``base64(user:password)``), or ``""``."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2]
+
+
+#: Methods counted by name in ``keeper_api_requests_total``; any other is "other" (a label
+#: must not take whatever a client sends).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
 class AccessLog:
     """ASGI middleware: one ``api.request`` line per request (route template, status, time,
-    key name; never a header, a query string or a body)."""
+    key name; never a header, a query string or a body), and the request's metrics."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -182,10 +203,13 @@ class AccessLog:
         try:
             await self.app(scope, receive, sending)
         finally:
+            seconds = time.perf_counter() - started
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            metrics.api_request(method, scope.get("keeper.route", "(none)"), status[0], seconds)
             params = scope.get("path_params") or {}
             log.info("api.request", method=scope["method"],
                      route=scope.get("keeper.route", "(none)"), status=status[0],
-                     ms=round((time.perf_counter() - started) * 1000, 2),
+                     ms=round(seconds * 1000, 2),
                      key_name=scope.get("keeper.key"), appid=_loggable(params.get("appid")),
                      openid=_loggable(params.get("openid")))
 

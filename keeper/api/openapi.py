@@ -256,6 +256,24 @@ def document(config: Config, now: datetime) -> str:
                                        "maximum": 2**62}, "a cursor (`next`)", False),
              _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000},
                     "records per page (default 100)", False)])},
+        "/metrics": {"get": op(
+            "Prometheus metrics: this server's requests and WeChat calls, and the database's "
+            "counts (README, \"Metrics\")", "read",
+            {"200": {"description": "Prometheus text format 0.0.4", "content": {
+                "text/plain": {"schema": {"type": "string"}}}},
+             **_errors("401", "403")})},
+        "/status": {"get": {**op(
+            "the status page (HTML): grants by state, the re-login forecast, the last sweeps, "
+            "quota used", "read",
+            {"200": {"description": "the page", "content": {
+                "text/html": {"schema": {"type": "string"}}}},
+             "401": _json("Error", "no known API key: `Authorization: Bearer KEY`, or the key "
+                          "as the password of HTTP Basic authentication", {
+                              "WWW-Authenticate": {"required": True, "schema": {
+                                  "type": "string",
+                                  "const": 'Basic realm="keeper", charset="UTF-8"'}}}),
+             **_errors("403", "503")}),
+            "security": [{"bearer": []}, {"basic": []}]}},
         "/v1/unionids/{unionid}": {"get": op(
             "the grants of one WeChat user across the apps of one open platform account",
             "read", {"200": _json("UnionidGrants", "the grants (none: an empty list)"),
@@ -272,6 +290,9 @@ def document(config: Config, now: datetime) -> str:
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer",
-                       "description": "a key from `keeper api-key`"}}},
+                       "description": "a key from `keeper api-key`"},
+            "basic": {"type": "http", "scheme": "basic",
+                      "description": "any user name, and a key as the password (/status "
+                                     "only: what a browser asks for)"}}},
     }
     return json.dumps(doc, indent=1)

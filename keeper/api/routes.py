@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from keeper.api import monitoring
 from keeper.api.documents import iso, profile_document, reauth_row
 from keeper.api.http import Problem, bad_request, endpoint, path_id, query_int
 from keeper.api.logins import exchange
@@ -228,4 +229,6 @@ ROUTES = [
     Route("/v1/apps/{appid}/users/{openid}/avatar", avatar, methods=["GET"]),
     Route("/v1/reauth", reauth_feed, methods=["GET"]),
     Route("/v1/unionids/{unionid}", unionid, methods=["GET"]),
+    Route("/metrics", monitoring.metrics, methods=["GET"]),
+    Route("/status", monitoring.status, methods=["GET"]),
 ]

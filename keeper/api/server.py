@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
@@ -23,6 +25,7 @@ from keeper import __version__
 from keeper.api.keys import KeyRing
 from keeper.config import Config
 from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated
+from keeper.observe.exposition import MULTIPROC_ENV
 from keeper.service.runtime import open_store
 
 log = structlog.get_logger("keeper.api")
@@ -99,6 +102,7 @@ def serve(config: Config) -> int:
     # exits 0, and also stops keeper at once if the signal comes before uvicorn listens for it.
     # (With api.processes > 1 uvicorn's supervisor takes the signals and returns by itself.)
     previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    shared = _multiprocess_metrics(api.processes)
     try:
         _wait_for_database(config)
         uvicorn.run(
@@ -114,4 +118,18 @@ def serve(config: Config) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
     return 0
+
+
+def _multiprocess_metrics(processes: int) -> str | None:
+    """With several server processes, a scrape reaches one of them: prometheus_client's
+    multiprocess mode makes each keep its counters in files of a private directory (made
+    here, before uvicorn spawns them, and removed at exit), and any of them answer with the
+    sum. Without it each process would show only its own share."""
+    if processes < 2:
+        return None
+    directory = tempfile.mkdtemp(prefix="keeper-metrics-")  # mode 0700
+    os.environ[MULTIPROC_ENV] = directory
+    return directory

@@ -8,6 +8,7 @@ the quota should be nearly used up). Prints the figures, as text and one JSON li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -17,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -117,9 +120,12 @@ def _store_grants(store: Store, rows: list[dict[str, Any]], clock: Any, *,
 
 
 def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
-             database_url: str | None, not_due: int = 0) -> dict[str, Any]:
+             database_url: str | None, not_due: int = 0,
+             around: Callable[[Runtime], AbstractContextManager[Any]] | None = None,
+             ) -> dict[str, Any]:
     """Seed ``grants`` access-expired grants (and ``not_due`` fresh ones beside them), sweep
-    once, return the figures."""
+    once, return the figures. ``around``: what runs beside the sweep (``keeper bench
+    metrics``: a scraped metrics listener)."""
     sim = Sim(latency_ms, quota)
     tmp = tempfile.TemporaryDirectory(prefix="keeper-bench-")
     try:
@@ -155,7 +161,7 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         sampler = _RssSampler()
         cpu0 = time.process_time()
         t0 = time.monotonic()
-        with sampler:
+        with sampler, (around(rt) if around else contextlib.nullcontext()):
             summary = sweeper.run_once()
         seconds = time.monotonic() - t0
         cpu = time.process_time() - cpu0
@@ -197,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         from keeper.cli.bench_api import main as bench_api
 
         return bench_api(argv[1:])
+    if argv[:1] == ["metrics"]:  # keeper bench metrics: the cost of metrics
+        from keeper.cli.bench_metrics import main as bench_metrics
+
+        return bench_metrics(argv[1:])
     if argv[:1] == ["events"]:  # keeper bench events: delivery to webhooks
         from keeper.cli.bench_events import main as bench_events
 

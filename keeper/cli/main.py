@@ -17,6 +17,7 @@ import structlog
 
 from keeper import __version__
 from keeper.config import Config, load_config
+from keeper.core.forecast import MAX_DAYS
 from keeper.core.grant_lines import MAX_LINE_BYTES, parse_lines
 from keeper.core.models import Grant
 from keeper.core.policy import schedule
@@ -270,7 +271,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         valid, detail = True, "ok"
         errcode: int | None = 0
         try:
-            rt.client.check(grant.access_token, grant.openid)
+            rt.client.check(grant.access_token, grant.openid, appid=grant.appid)
         except TransientApiError as e:
             raise Failed(f"WeChat could not be asked: {e}") from None
         except ApiError as e:  # WeChat's answer: the token is not valid
@@ -340,6 +341,31 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
              + ", ".join(f"{k}={s.get(k, 0)}" for k in (
                  "refresh_tokens_refreshed", "access_tokens_refreshed", "reauth_recorded",
                  "profiles_fetched", "transient_failures")))
+    return EXIT_OK
+
+
+def cmd_forecast(config: Config, args: argparse.Namespace) -> int:
+    """``keeper forecast``: the status page's re-login forecast, on a terminal."""
+    from keeper.observe.forecast import forecast, forecast_document
+
+    if not 1 <= args.days <= MAX_DAYS:
+        raise UsageError(f"--days: expected 1 to {MAX_DAYS}, got {args.days}")
+    store = open_store(config)
+    try:
+        days = forecast(store, config, utcnow(), args.days)
+    finally:
+        store.close()
+    if args.json:
+        _json(forecast_document(days))
+        return EXIT_OK
+    widest = max((d.lapsing for d in days), default=0)
+    _out("date        lapsing  not renewed  (live grants whose refresh token's lifetime ends "
+         "that day, China time)")
+    for d in days:
+        bar = "#" * round(40 * d.lapsing / widest) if widest else ""
+        _out(f"{d.date.isoformat()}  {d.lapsing:7d}  {d.expiring:11d}  {bar}")
+    _out(f"total       {sum(d.lapsing for d in days):7d}  "
+         f"{sum(d.expiring for d in days):11d}")
     return EXIT_OK
 
 
@@ -527,6 +553,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("openid", metavar="OPENID")
     command("status", cmd_status, "counts and the last sweep", json_flag=True)
     command("reauth", cmd_reauth, "users who must re-authorize", json_flag=True)
+    sp = command("forecast", cmd_forecast, "users whose refresh token's lifetime ends on each "
+                 "of the coming days (China time)", json_flag=True)
+    sp.add_argument("--days", type=int, default=30, metavar="N", help="days (default 30)")
     from keeper.cli.events import add_parser as add_events
 
     add_events(command)

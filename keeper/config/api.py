@@ -18,6 +18,7 @@ from keeper.config.values import Table, path_value, show
 from keeper.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:8790"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9790"
 DEFAULT_KEYS_FILE = "api-keys"
 #: How large a request body may be: a login code or an import line is well under 2 KiB.
 MAX_BODY_BYTES = 64 * 1024
@@ -102,3 +103,19 @@ def parse_api(raw: object, resolve: Callable[[str], Path]) -> ApiConfig:
     }
     t.finish()
     return ApiConfig(**values)
+
+
+def parse_metrics_listen(value: object) -> tuple[str, str | None, int | None]:
+    """``metrics_listen``: ``HOST:PORT`` (IPv6 as ``[::1]:9790``), or ``""`` for none;
+    ``None`` (not set): the default, loopback port 9790."""
+    if value is None:
+        value = DEFAULT_METRICS_LISTEN
+    if not isinstance(value, str):
+        raise ConfigError(f"metrics_listen: expected \"HOST:PORT\" or \"\", got {show(value)}")
+    if value == "":
+        return "", None, None
+    if value.startswith("unix:"):
+        raise ConfigError(f"metrics_listen: expected HOST:PORT (Prometheus scrapes over TCP), "
+                          f"got {show(value)}")
+    host, port, _ = parse_listen(value, "metrics_listen")
+    return value, host, port

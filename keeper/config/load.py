@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from keeper.config.api import parse_api
+from keeper.config.api import parse_api, parse_metrics_listen
 from keeper.config.model import (
     ACCESS_REFRESH,
     ACCESS_TOKEN_LIFE_S,
@@ -59,8 +59,6 @@ def _resolve(name: str, env: Mapping[str, str], base: Path) -> Path:
     if creds and (Path(creds) / path).is_file():
         return Path(creds) / path
     return base / path
-
-
 
 
 def _quotas(
@@ -260,6 +258,7 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         raise ConfigError(f"access_refresh: expected \"ahead\" or \"on_demand\", got "
                           f"{show(access_refresh)}")
     api = parse_api(t.pop("api", None), lambda name: _resolve(name, env, base))
+    m_listen, m_host, m_port = parse_metrics_listen(t.pop("metrics_listen", None))
     webhooks = parse_webhooks(t.pop("webhooks", None), env, lambda n: _resolve(n, env, base))
     retention = t.duration("events_retention", DEFAULT_RETENTION_S)
     if retention < 3600:
@@ -288,6 +287,7 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         journal_dir=Path(journal_dir),
         access_refresh=str(access_refresh),
         api=api,
+        metrics_listen=m_listen, metrics_host=m_host, metrics_port=m_port,
         webhooks=webhooks,
         events_retention_s=retention,
         encryption_key_files=(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keeper.config.api import ApiConfig
+from keeper.config.api import DEFAULT_METRICS_LISTEN, ApiConfig
 from keeper.config.webhooks import DEFAULT_RETENTION_S, WebhookConfig
 from keeper.core.quota import Quota
 from keeper.errors import ConfigError
@@ -85,6 +85,10 @@ class Config:
     #: refresh tokens are kept alive, access tokens are refreshed when asked for.
     access_refresh: str = "ahead"
     api: ApiConfig = field(default_factory=ApiConfig)
+    #: Where ``keeper run`` serves ``/metrics`` (``HOST:PORT``); ``""``: not served.
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
+    metrics_host: str | None = "127.0.0.1"
+    metrics_port: int | None = 9790
     #: Where events are sent (``[[webhooks]]``), and how long sent ones are kept.
     webhooks: tuple[WebhookConfig, ...] = ()
     events_retention_s: float = DEFAULT_RETENTION_S
@@ -116,6 +120,7 @@ class Config:
             "access_refresh": self.access_refresh,
             "api_listen": self.api.listen,
             "api_keys_file": str(self.api.keys_file),
+            "metrics_listen": self.metrics_listen,
             "log_level": self.log_level,
             "webhooks": [w.redacted() for w in self.webhooks],
             "events_retention_s": self.events_retention_s,

@@ -61,6 +61,7 @@ class Gcra:
     tolerance_us: int  # tau: how far ahead of now the schedule may run
     max_take: int  # most permits one take may grant: tau / T + 1
     slack_s: float  # how long after its grant a permit may still be used
+    period_us: int = 0  # the quota's period: the window permits are counted in (status page)
 
     @classmethod
     def for_quota(cls, quota: Quota) -> Gcra:
@@ -77,7 +78,8 @@ class Gcra:
         burst = max(0, min(256, quota.count // 100))
         spaces = quota.count - 1 - burst
         interval_us = math.ceil((quota.period_s + slack_s) * _US / max(1, spaces))
-        return cls(interval_us, burst * interval_us, burst + 1, slack_s)
+        return cls(interval_us, burst * interval_us, burst + 1, slack_s,
+                   round(quota.period_s * _US))
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,36 @@ def take(params: Gcra, tat_us: int, now_us: int, want: int) -> Decision:
         wait_us = base + params.interval_us - params.tolerance_us - now_us
         return Decision(0, tat_us, max(wait_us, 1) / _US)
     return Decision(granted, base + granted * params.interval_us, 0.0)
+
+
+def window_start_us(now_us: int, period_us: int) -> int:
+    """The start of the quota window holding ``now_us``: windows are aligned to multiples of
+    the period since the epoch (calendar minutes for a per-minute quota, as WeChat counts)."""
+    return now_us - now_us % period_us if period_us > 0 else 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Permits taken (by every process) in the current quota window and the one before."""
+
+    window_start: datetime
+    period_s: float
+    current: int
+    previous: int
+
+
+def usage(window_us: int, permits: int, previous: int, now_us: int, period_us: int) -> Usage:
+    """What a quota row's counters (``window_us`` with its ``permits``, and ``previous`` for
+    the window before it) say at ``now_us``: a row not written in this window has taken
+    nothing in it."""
+    start = window_start_us(now_us, period_us)
+    if window_us == start:
+        current, before = permits, previous
+    elif window_us == start - period_us:
+        current, before = 0, permits
+    else:
+        current = before = 0
+    return Usage(datetime.fromtimestamp(start / _US, UTC), period_us / _US, current, before)
 
 
 def pause_until(errcode: int, quota: Quota | None, now: datetime) -> datetime:

@@ -3,7 +3,7 @@ service, and delivers events to webhooks on threads of its own. Each process has
 scheduler (APScheduler's job stores cannot be shared between processes); processes coordinate
 only through the database. Signal handlers only set flags and wake the main thread, which
 waits on an Event, pings systemd's watchdog, applies reloads and shuts down in a fixed, logged
-order: scheduler, in-flight sweep, events, leases, engine.
+order: scheduler, in-flight sweep, events, leases, metrics, engine.
 
 Signals: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP reloads the
 configuration file, then sweeps; SIGUSR1 sweeps now.
@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from keeper.config import Config
 from keeper.errors import ConfigError, DatabaseUnavailable, KeeperError, SchemaOutdated, StoreError
 from keeper.log import set_level
+from keeper.service.metrics import start_metrics, stop_metrics
 from keeper.service.notify import Notifier, sweep_status
 from keeper.service.runtime import Runtime, cipher_for
 from keeper.sweep.engine import Sweeper
@@ -235,6 +236,8 @@ class Service:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         self.notifier.status("starting")
+        self.metrics = start_metrics(self.config, store=lambda: self.runtime.store,
+                                     current=lambda: self.config)
         if not self._wait_for_database():
             return self._shutdown()
         self.scheduler.add_job(
@@ -288,6 +291,7 @@ class Service:
             os._exit(0)  # the sweep's thread cannot be interrupted inside the driver
         log.info("keeper.stopping", step="workers")
         self.sweeper.close()
+        stop_metrics(self.metrics)
         log.info("keeper.stopping", step="database")
         self.deliverer.close()
         self.runtime.close()

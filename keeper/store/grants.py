@@ -22,6 +22,7 @@ from keeper.store.db import ensure_schema, is_sqlite, make_engine, translate
 from keeper.store.deliveries import Deliveries
 from keeper.store.events import Outbox, record_events
 from keeper.store.leases import Leases
+from keeper.store.observe import Observations
 from keeper.store.quota_state import QuotaState
 from keeper.store.reports import Reports
 from keeper.store.rows import _MUTABLE, GrantWrite, _grant, _schedule_values
@@ -29,7 +30,8 @@ from keeper.store.schema import grants, meta, reauth
 from keeper.store.users import Users
 
 
-class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries):
+class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
+            Observations):
     """The database behind keeper. ``auto_upgrade``: migrate on open (embedded SQLite)."""
 
     def __init__(

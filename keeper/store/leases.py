@@ -212,7 +212,7 @@ class Leases:
                                      .returning(reauth.c.grant_id, reauth.c.reason)).all())
         records = [
             {"grant_id": w.grant.id, "reason": w.reauth.reason, "errcode": w.reauth.errcode,
-             "since": w.reauth.since}
+             "since": w.reauth.since, "appid": w.grant.appid}
             for w in writes if w.reauth
         ]
         if records:

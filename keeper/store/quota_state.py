@@ -10,9 +10,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, case, select, update
 
-from keeper.core.quota import Decision
+from keeper.core.quota import Decision, window_start_us
 from keeper.store.clock import db_now_us
 from keeper.store.db import translate
 from keeper.store.schema import quota_state
@@ -45,7 +45,8 @@ class QuotaState:
         return int(tat)
 
     def quota_take(
-        self, appid: str, endpoint: str, decide: Callable[[int, int], Decision],
+        self, appid: str, endpoint: str, decide: Callable[[int, int], Decision], *,
+        period_us: int = 0,
     ) -> tuple[Decision, int] | None:
         """One try at taking permits: in one transaction, read the state and the database's
         clock (microseconds), ask ``decide(tat_us, now_us)`` and, when it grants permits,
@@ -54,7 +55,8 @@ class QuotaState:
 
         The clock is PostgreSQL's ``clock_timestamp()``, read in the statement that reads the
         state: every host's permits are placed on one time line. On SQLite (one host) it is
-        this process's clock.
+        this process's clock. Granted permits are counted in the row's window of
+        ``period_us`` by the same statement (the status page's "quota used").
         """
         if self.sqlite:
             # One host, and its clock is the database's. Read and swap stay two transactions:
@@ -62,8 +64,9 @@ class QuotaState:
             # process wrote meanwhile, where the compare-and-swap simply says "look again".
             tat_us, now_us = self.quota_tat(appid, endpoint), int(time.time() * 1_000_000)
             decision = decide(tat_us, now_us)
-            if decision.granted and not self.quota_swap(appid, endpoint, tat_us,
-                                                        decision.new_tat_us):
+            if decision.granted and not self.quota_swap(
+                    appid, endpoint, tat_us, decision.new_tat_us, permits=decision.granted,
+                    now_us=now_us, period_us=period_us):
                 return None
             return decision, now_us
         where = (quota_state.c.appid == appid, quota_state.c.endpoint == endpoint)
@@ -79,7 +82,8 @@ class QuotaState:
             if decision.granted:
                 swapped = conn.execute(
                     update(quota_state).where(*where, quota_state.c.tat_us == tat_us)
-                    .values(tat_us=decision.new_tat_us)
+                    .values(tat_us=decision.new_tat_us,
+                            **_window_values(decision.granted, now_us, period_us))
                 )
                 if swapped.rowcount != 1:
                     return None
@@ -94,8 +98,10 @@ class QuotaState:
             us = int(conn.execute(select(db_now_us())).scalar_one())
         return datetime.fromtimestamp(us / 1_000_000, UTC)
 
-    def quota_swap(self, appid: str, endpoint: str, old_us: int, new_us: int) -> bool:
-        """Compare-and-swap the quota state; False if another taker got there first."""
+    def quota_swap(self, appid: str, endpoint: str, old_us: int, new_us: int, *,
+                   permits: int = 0, now_us: int = 0, period_us: int = 0) -> bool:
+        """Compare-and-swap the quota state; False if another taker got there first.
+        ``permits`` taken at ``now_us`` are counted in the window of ``period_us``."""
         with translate("taking quota"), self.engine.begin() as conn:
             result = conn.execute(
                 update(quota_state)
@@ -103,7 +109,7 @@ class QuotaState:
                     quota_state.c.appid == appid, quota_state.c.endpoint == endpoint,
                     quota_state.c.tat_us == old_us,
                 )
-                .values(tat_us=new_us)
+                .values(tat_us=new_us, **_window_values(permits, now_us, period_us))
             )
         return bool(result.rowcount == 1)
 
@@ -119,3 +125,28 @@ class QuotaState:
                 )
                 .values(tat_us=tat_us)
             )
+
+    def quota_rows(self) -> list[dict[str, Any]]:
+        """Every quota row: ``appid``, ``endpoint``, ``tat_us``, ``window_us``,
+        ``window_permits``, ``previous_permits`` (a row per app and endpoint ever used)."""
+        with translate("reading quota state"), self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(quota_state).order_by(quota_state.c.appid, quota_state.c.endpoint))]
+
+
+def _window_values(permits: int, now_us: int, period_us: int) -> dict[str, Any]:
+    """The SET values that count ``permits`` taken at ``now_us`` in their quota window (the
+    window of ``period_us`` holding ``now_us``), keeping the previous window's count. Every
+    SET expression reads the row as it was before the statement."""
+    if not permits or period_us <= 0:
+        return {}
+    c = quota_state.c
+    start = window_start_us(now_us, period_us)
+    return {
+        "previous_permits": case((c.window_us == start, c.previous_permits),
+                                 (c.window_us == start - period_us, c.window_permits),
+                                 else_=0),
+        "window_permits": case((c.window_us == start, c.window_permits + permits),
+                               else_=permits),
+        "window_us": start,
+    }

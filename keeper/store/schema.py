@@ -91,6 +91,10 @@ grants = Table(
     Index("ix_grants_profile_due_at", "appid", "profile_due_at"),
     Index("ix_grants_key_id", "key_id"),  # what `keeper rotate-key` has left to do
     Index("ix_grants_unionid", "unionid"),  # the API's look-up by unionid
+    # Metrics and the status page: grants by app and state as an index-only scan, and the
+    # re-login forecast (live grants by the day their refresh token's lifetime ends) as a
+    # range scan per app and state.
+    Index("ix_grants_state", "appid", "state", "refresh_issued_at"),
 )
 
 profiles = Table(
@@ -129,7 +133,11 @@ reauth = Table(
     # The order records were written in, for the API's feed: taken from ``counters`` under
     # its row lock, so a record with a higher ``seq`` is never committed before a lower one.
     Column("seq", BigInteger, nullable=False),
+    # The grant's app, kept beside its record (a grant's appid never changes) so that records
+    # by app and reason are counted from an index, without joining a large grants table.
+    Column("appid", String(64), nullable=False),
     Index("ix_reauth_seq", "seq", unique=True),
+    Index("ix_reauth_appid_reason", "appid", "reason"),
 )
 
 counters = Table(
@@ -157,6 +165,12 @@ quota_state = Table(
     Column("appid", String(64), primary_key=True),
     Column("endpoint", String(16), primary_key=True),
     Column("tat_us", BigInteger, nullable=False),  # GCRA theoretical arrival time, Unix µs
+    # Permits taken in the quota window starting at window_us (Unix µs), and in the one
+    # before it: what the status page shows as quota used. Written by the same statement as
+    # tat_us.
+    Column("window_us", BigInteger, nullable=False, server_default="0"),
+    Column("window_permits", BigInteger, nullable=False, server_default="0"),
+    Column("previous_permits", BigInteger, nullable=False, server_default="0"),
 )
 
 meta = Table(

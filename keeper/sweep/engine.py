@@ -30,6 +30,7 @@ from keeper.avatars.sweep_pass import AvatarKeeper
 from keeper.config import Config
 from keeper.core.models import Grant
 from keeper.errors import DatabaseUnavailable, StoreError
+from keeper.metrics import process as metrics
 from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite
 from keeper.sweep.journal import Journal
@@ -265,6 +266,9 @@ class Sweeper:
             self.busy_since = self.last_turn = time.monotonic()
             try:
                 return SweepRun(self, now or self.clock()).run()
+            except StoreError:
+                metrics.sweep_failed()
+                raise
             finally:
                 self.busy_since = None
                 self.idle.set()

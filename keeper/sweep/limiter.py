@@ -20,6 +20,7 @@ import structlog
 from keeper.config import AppConfig
 from keeper.core.quota import Gcra, pause_until, paused_tat_us, take
 from keeper.errors import KeeperError
+from keeper.metrics import process as metrics
 from keeper.store.grants import Store
 
 # Named as before the re-layout: the name is in every log line ("logger"), which stays.
@@ -83,18 +84,23 @@ class QuotaGate:
                     pool.permits -= 1
                     return
                 taken = self.store.quota_take(
-                    appid, endpoint, lambda tat, now_us: take(params, tat, now_us, self.batch))
+                    appid, endpoint, lambda tat, now_us: take(params, tat, now_us, self.batch),
+                    period_us=params.period_us)
                 if taken is None:
                     continue  # another process took permits first: look again
                 decision, now_us = taken
                 if decision.granted:
                     pool.permits = decision.granted - 1
                     pool.expires = time.monotonic() + params.slack_s / 2
+                    metrics.quota_taken(appid, endpoint, decision.granted)
                     return
             if decision.wait_s > max_wait_s:
                 until = datetime.fromtimestamp(now_us / 1_000_000 + decision.wait_s, UTC)
+                metrics.quota_exhausted(appid, endpoint)
                 raise QuotaWait(appid, endpoint, until)
+            waited = time.monotonic()
             self.stop.wait(decision.wait_s)
+            metrics.quota_waited(appid, endpoint, time.monotonic() - waited)
 
     def pause(self, appid: str, endpoint: str, errcode: int,
               now: datetime | None = None) -> datetime:

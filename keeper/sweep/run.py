@@ -16,6 +16,7 @@ import structlog
 
 from keeper.core.models import Grant
 from keeper.errors import DatabaseUnavailable, StoreError
+from keeper.metrics import process as metrics
 from keeper.store.rows import new_lease_id
 from keeper.sweep.worker import Result
 
@@ -161,6 +162,7 @@ class SweepRun:
             self.database_failed(str(e))
             return
         self.counts["leases_lost"] += superseded
+        metrics.leases_lost(superseded)
         self.unsettled = 0
 
     def drain(self, timeout_s: float) -> None:
@@ -228,6 +230,7 @@ class SweepRun:
         summary = self.summary(started)
         self.s.store.finish_sweep(sweep_id, self.s.clock(), summary)
         log.info("sweep.finished", sweep_id=sweep_id, **summary)
+        metrics.sweep_finished(summary)
         return summary
 
     def abandon(self) -> None:

@@ -142,7 +142,8 @@ class Worker:
         g = p.grant
         p.stage = "profile"
         self.gate.acquire(g.appid, "userinfo", max_wait_s=self.quota_wait_s)
-        data = self.client.userinfo(g.access_token, g.openid, self.config.userinfo_lang)
+        data = self.client.userinfo(g.access_token, g.openid, self.config.userinfo_lang,
+                                    appid=g.appid)
         answered = data.get("openid")
         if answered is not None and answered != g.openid:
             log.error("wechat.openid_mismatch", appid=g.appid, openid=g.openid,

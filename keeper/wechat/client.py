@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 from urllib.parse import urlencode
 
@@ -33,6 +34,7 @@ from keeper.errors import (
     StaleAccessToken,
     TransientApiError,
 )
+from keeper.metrics import process as metrics
 
 PATHS = {
     "code": "/sns/oauth2/access_token",
@@ -201,8 +203,23 @@ class WeChatClient:
         for adapter in adapters:
             adapter.close()
 
-    def call(self, endpoint: str, params: dict[str, str]) -> dict[str, Any]:
-        """GET one endpoint; the answer's JSON object on success (errcode absent or 0)."""
+    def call(self, endpoint: str, params: dict[str, str], *, appid: str = "") -> dict[str, Any]:
+        """GET one endpoint; the answer's JSON object on success (errcode absent or 0).
+
+        Counted in ``keeper_wechat_calls_total`` by ``appid`` (the ``appid`` parameter of the
+        code and refresh calls, else the one given), endpoint and outcome, and timed."""
+        started = time.perf_counter()
+        try:
+            data = self._call(endpoint, params)
+        except ApiError as e:
+            metrics.wechat_call(appid or params.get("appid", ""), endpoint, e,
+                                time.perf_counter() - started)
+            raise
+        metrics.wechat_call(appid or params.get("appid", ""), endpoint, None,
+                            time.perf_counter() - started)
+        return data
+
+    def _call(self, endpoint: str, params: dict[str, str]) -> dict[str, Any]:
         failure: str | None = None
         status = 0
         body = b""
@@ -261,15 +278,19 @@ class WeChatClient:
         )
         return token_answer("refresh", data)
 
-    def check(self, access_token: str, openid: str) -> None:
+    def check(self, access_token: str, openid: str, *, appid: str = "") -> None:
         """``/sns/auth``: returns when the access token is valid, raises otherwise.
 
         Valid only for an explicit ``errcode`` 0: ``{}`` is a malformed answer, not a yes.
+        ``appid``: the grant's app, for the metrics (the call itself does not send it).
         """
-        data = self.call("auth", {"access_token": access_token, "openid": openid})
+        data = self.call("auth", {"access_token": access_token, "openid": openid}, appid=appid)
         if "errcode" not in data or data["errcode"] != 0:
             raise MalformedAnswer("auth", None, "answer has no errcode 0")
 
-    def userinfo(self, access_token: str, openid: str, lang: str) -> dict[str, Any]:
-        """``/sns/userinfo``: the profile answer as WeChat gave it."""
-        return self.call("userinfo", {"access_token": access_token, "openid": openid, "lang": lang})
+    def userinfo(self, access_token: str, openid: str, lang: str, *,
+                 appid: str = "") -> dict[str, Any]:
+        """``/sns/userinfo``: the profile answer as WeChat gave it (``appid``: as for
+        :meth:`check`)."""
+        return self.call("userinfo", {"access_token": access_token, "openid": openid,
+                                      "lang": lang}, appid=appid)
