@@ -56,6 +56,14 @@ PG_TCP = {
 #: Longest wait for a lock (ms), at most: a session holding a table lock makes keeper say so
 #: (as the database being unavailable) instead of sitting silently behind it.
 LOCK_TIMEOUT_CAP_MS = 10_000
+#: Longest a transaction may sit idle between statements (ms) before PostgreSQL ends the
+#: session. keeper never waits on anything but the database inside a transaction, so this only
+#: fires for a client that went silent mid-transaction: a host whose link went down between
+#: an UPDATE and its COMMIT. Without it, the rows it updated stay locked (and skipped by every
+#: other host's ``SKIP LOCKED`` claim) until PostgreSQL's side of the connection dies, which a
+#: silent network (or a pooler or forwarder that still holds it) can put off for hours. Well
+#: under the shortest lease (31 s), so a cut host's grants are free when its leases lapse.
+IDLE_IN_TRANSACTION_MS = 10_000
 #: Waiting this long for a connection from the pool is a database that does not answer.
 POOL_TIMEOUT_S = 15
 
@@ -119,9 +127,11 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: floa
     if parsed.get_backend_name() == "postgresql":
         statement_ms = int(timeout_s * 1000)
         lock_ms = min(LOCK_TIMEOUT_CAP_MS, statement_ms // 3) if statement_ms else 0
+        idle_ms = IDLE_IN_TRANSACTION_MS if statement_ms else 0
         connect_args = {
             **PG_TCP,
-            "options": f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms}",
+            "options": f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms}"
+                       f" -c idle_in_transaction_session_timeout={idle_ms}",
         }
     engine = create_engine(
         parsed,
