@@ -143,7 +143,33 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: floa
         connect_args=connect_args,
     )
     _ping_when_idle(engine)
+    if parsed.get_backend_name() == "postgresql":
+        _idle_timer_after_executemany(engine)
     return engine
+
+
+def _idle_timer_after_executemany(engine: Engine) -> None:
+    """Keep ``idle_in_transaction_session_timeout`` armed after an ``executemany``.
+
+    psycopg runs ``executemany`` as a pipeline that ends with a Sync and a Flush. PostgreSQL
+    arms its idle-in-transaction timer when it answers the Sync and disarms it on the next
+    message, the Flush, without arming it again: a client that vanished after sending such a
+    batch (a host cut off between writing its results and committing them) left the
+    transaction open, and the rows it updated locked, until the connection died, which a
+    silent network or a forwarder still holding it can put off for hours. So a batch goes as
+    one script instead: the rows' statements with their values bound by psycopg on this side
+    (:class:`psycopg.ClientCursor`, the same adaptation), sent as one simple query, answered
+    once, after which the timer is armed like after any statement. Still one round trip per
+    batch.
+    """
+    import psycopg
+
+    @event.listens_for(engine, "do_executemany")
+    def _executemany(cursor: Any, statement: str, parameters: Any, _context: Any) -> bool:
+        binder = psycopg.ClientCursor(cursor.connection)
+        script = ";\n".join(binder.mogrify(statement, p) for p in parameters)
+        cursor.execute(script)  # no parameters: the simple query protocol
+        return True
 
 
 #: A pooled connection idle longer than this is pinged before it is handed out.
