@@ -84,8 +84,12 @@ def _sqlite_pragmas(busy_ms: int) -> Any:
     return apply
 
 
+#: ``database_pooler`` values: what sits between keeper and PostgreSQL.
+POOLERS = ("none", "pgbouncer")
+
+
 def make_engine(url: str, *, pool_size: int = 8, max_overflow: int | None = None,
-                timeout_s: float = 30.0) -> Engine:
+                timeout_s: float = 30.0, pooler: str = "none") -> Engine:
     """An engine with the settings keeper relies on. SQLite's file is created mode 0600.
 
     ``max_overflow``: connections opened past ``pool_size`` when all are busy, and closed
@@ -94,9 +98,15 @@ def make_engine(url: str, *, pool_size: int = 8, max_overflow: int | None = None
     ``timeout_s``: the longest a statement may run on PostgreSQL (``statement_timeout``; lock
     waits get a third of it, at most 10 s) and the longest a wait for SQLite's write lock may
     last. ``0``: no statement timeout (migrations).
+
+    ``pooler``: ``"pgbouncer"`` when the URL leads to PgBouncer in transaction pooling mode
+    (one server connection per transaction, not per client): psycopg then prepares no
+    statements (PgBouncer before 1.21 cannot route them), and the timeouts, which PgBouncer
+    would refuse as a startup ``options`` parameter, are set per transaction instead
+    (:func:`_timeouts_per_transaction`).
     """
     try:
-        return _make_engine(url, pool_size=pool_size, timeout_s=timeout_s,
+        return _make_engine(url, pool_size=pool_size, timeout_s=timeout_s, pooler=pooler,
                             max_overflow=pool_size if max_overflow is None else max_overflow)
     except (exc.ArgumentError, ImportError) as e:
         raise ConfigError(
@@ -104,7 +114,31 @@ def make_engine(url: str, *, pool_size: int = 8, max_overflow: int | None = None
         ) from None
 
 
-def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: float) -> Engine:
+def pg_timeouts(timeout_s: float) -> dict[str, int]:
+    """PostgreSQL's settings for a statement timeout of ``timeout_s`` (ms; 0: none)."""
+    statement_ms = int(timeout_s * 1000)
+    return {
+        "statement_timeout": statement_ms,
+        "lock_timeout": min(LOCK_TIMEOUT_CAP_MS, statement_ms // 3) if statement_ms else 0,
+        "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_MS if statement_ms else 0,
+    }
+
+
+def _timeouts_per_transaction(engine: Engine, timeouts: dict[str, int]) -> None:
+    """Behind PgBouncer: the timeouts as the first statement of every transaction
+    (``set_config(..., is_local => true)``, i.e. ``SET LOCAL``). A session setting would stay
+    on whichever server connection PgBouncer lent, for another client's transactions; a local
+    one ends with the transaction. One round trip more per transaction."""
+    sql = "SELECT " + ", ".join(f"set_config('{k}', '{v}', true)" for k, v in timeouts.items())
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        with conn.connection.driver_connection.cursor() as cur:
+            cur.execute(sql)
+
+
+def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: float,
+                 pooler: str) -> Engine:
     parsed = make_url(url)
     if is_sqlite(url):
         path = sqlite_path(url)
@@ -124,14 +158,13 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: floa
         event.listen(engine, "connect", _sqlite_pragmas(int(busy_s * 1000)))
         return engine
     connect_args: dict[str, Any] = {}
-    if parsed.get_backend_name() == "postgresql":
-        statement_ms = int(timeout_s * 1000)
-        lock_ms = min(LOCK_TIMEOUT_CAP_MS, statement_ms // 3) if statement_ms else 0
-        idle_ms = IDLE_IN_TRANSACTION_MS if statement_ms else 0
+    postgres = parsed.get_backend_name() == "postgresql"
+    timeouts = pg_timeouts(timeout_s)
+    if postgres and pooler == "pgbouncer":
+        connect_args = {**PG_TCP, "prepare_threshold": None}
+    elif postgres:
         connect_args = {
-            **PG_TCP,
-            "options": f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms}"
-                       f" -c idle_in_transaction_session_timeout={idle_ms}",
+            **PG_TCP, "options": " ".join(f"-c {k}={v}" for k, v in timeouts.items()),
         }
     engine = create_engine(
         parsed,
@@ -143,8 +176,10 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: floa
         connect_args=connect_args,
     )
     _ping_when_idle(engine)
-    if parsed.get_backend_name() == "postgresql":
+    if postgres:
         _idle_timer_after_executemany(engine)
+    if postgres and pooler == "pgbouncer" and timeouts["statement_timeout"]:
+        _timeouts_per_transaction(engine, timeouts)
     return engine
 
 
