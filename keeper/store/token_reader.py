@@ -26,7 +26,8 @@ import psycopg
 from sqlalchemy import Engine
 
 from keeper.crypto import Cipher
-from keeper.store.db import PG_TCP, sqlite_path
+from keeper.store.db import sqlite_path
+from keeper.store.pg_session import PG_TCP
 from keeper.store.users import TokenRow
 
 _SQL = ("SELECT id, state, scope, access_token, access_expires_at, lease_id, lease_until "
