@@ -68,7 +68,8 @@ class Api:
                               wait_s=config.api.token_wait_s, journal=self.journal,
                               clock=utcnow)
         # The token endpoint's fast path (a fresh token read on the event loop).
-        self.reader = TokenReader(self.store.engine, self.store.cipher)
+        self.reader = TokenReader(self.store.engine, self.store.cipher,
+                                  pooler=self.store.pooler)
         self.openapi = document(config, utcnow()).encode("utf-8")
         # /metrics: this process's metrics (every server process's, in multiprocess mode)
         # and the database's gauges, read at most every few seconds.

@@ -507,7 +507,8 @@ def cmd_api_key(args: argparse.Namespace) -> int:
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     cipher = cipher_for(config)  # encrypts tokens stored in plaintext before 0002
     # No statement timeout: encrypting or rewriting a large table may take minutes.
-    engine = db.make_engine(config.database_url, pool_size=1, timeout_s=0)
+    engine = db.make_engine(config.database_url, pool_size=1, timeout_s=0,
+                            pooler=config.database_pooler)
     try:
         before, after = db.upgrade(engine, cipher=cipher)
     finally:

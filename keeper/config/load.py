@@ -215,6 +215,8 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
     database_timeout = t.duration("database_timeout", 30)
     if not 1 <= database_timeout <= 3600:
         raise ConfigError(f"database_timeout: expected 1 s to 1 h, got {database_timeout:g}")
+    if (pooler := t.string("database_pooler", "none")) not in ("none", "pgbouncer"):
+        raise ConfigError(f'database_pooler: expected "none" or "pgbouncer", got {show(pooler)}')
     quotas = _quotas(
         t.pop("quotas", {}), "quotas",
         {k: parse_quota(v) if v else None for k, v in DEFAULT_QUOTAS.items()},
@@ -283,7 +285,7 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         avatar_timeout_s=max(0.001, t.duration("avatar_timeout", 10)),
         avatar_max_bytes=avatar_max,
         avatar_keep_when_removed=keep_removed,
-        database_timeout_s=database_timeout,
+        database_timeout_s=database_timeout, database_pooler=str(pooler),
         journal_dir=Path(journal_dir),
         access_refresh=str(access_refresh),
         api=api,

@@ -79,6 +79,9 @@ class Config:
     #: Longest a database statement (PostgreSQL ``statement_timeout``) or a wait for SQLite's
     #: write lock (``busy_timeout``) may take before it fails as "database unavailable".
     database_timeout_s: float = 30.0
+    #: ``"pgbouncer"``: PostgreSQL is reached through PgBouncer in transaction pooling mode
+    #: (no prepared statements, timeouts set per transaction); ``"none"``: directly.
+    database_pooler: str = "none"
     #: Where results that could not be written before an exit are kept until the next start.
     journal_dir: Path = Path("var/journal")
     #: ``"ahead"``: sweeps refresh every access token before it expires; ``"on_demand"``: only
@@ -116,6 +119,7 @@ class Config:
             "access_margin_s": self.access_margin_s,
             "lease_s": self.lease_s,
             "database_timeout_s": self.database_timeout_s,
+            "database_pooler": self.database_pooler,
             "journal_dir": str(self.journal_dir),
             "access_refresh": self.access_refresh,
             "api_listen": self.api.listen,

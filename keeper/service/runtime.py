@@ -47,7 +47,7 @@ def cipher_for(config: Config) -> Cipher:
 def open_store(config: Config, *, pool_size: int = 1) -> Store:
     """The store with its cipher, schema checked (or upgraded on SQLite) and keys verified."""
     return Store(config.database_url, cipher=cipher_for(config), pool_size=pool_size,
-                 timeout_s=config.database_timeout_s).open()
+                 timeout_s=config.database_timeout_s, pooler=config.database_pooler).open()
 
 
 @dataclass
@@ -72,7 +72,8 @@ class Runtime:
             register_secret(app.secret)
         stop = stop or threading.Event()
         store = Store(config.database_url, cipher=cipher_for(config), pool_size=pool_size,
-                      max_overflow=max_overflow, timeout_s=config.database_timeout_s)
+                      max_overflow=max_overflow, timeout_s=config.database_timeout_s,
+                      pooler=config.database_pooler)
         if open_store:
             store.open()
         client = WeChatClient(
@@ -107,7 +108,8 @@ class Runtime:
             register_secret(hook.secret)
         store = Store(self.config.database_url, cipher=self.store.cipher,
                       pool_size=len(self.config.webhooks) + 1, max_overflow=1,
-                      timeout_s=self.config.database_timeout_s)
+                      timeout_s=self.config.database_timeout_s,
+                      pooler=self.config.database_pooler)
         return Deliverer(store=store, webhooks=self.config.webhooks, stop=self.stop,
                          retention_s=self.config.events_retention_s)
 

@@ -24,6 +24,12 @@ from sqlalchemy.engine import make_url
 from keeper.config import redact_url
 from keeper.errors import ConfigError, DatabaseUnavailable, SchemaOutdated, StoreError
 from keeper.log import scrub
+from keeper.store.pg_session import (
+    PG_TCP,
+    idle_timer_after_executemany,
+    pg_timeouts,
+    timeouts_per_transaction,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The PostgreSQL advisory lock that migrations take turns on (any fixed 64-bit number: this is
@@ -41,21 +47,6 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
-#: TCP settings of every PostgreSQL connection: a silent network (packets dropped, no reset)
-#: is noticed within ~15 s instead of the kernel's two hours. Keepalive probes find a dead peer
-#: while keeper waits for an answer (5 s idle, then 3 probes 2 s apart); tcp_user_timeout ends
-#: a connection whose sent data stays unacknowledged for 10 s.
-PG_TCP = {
-    "connect_timeout": 5,
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,
-}
-#: Longest wait for a lock (ms), at most: a session holding a table lock makes keeper say so
-#: (as the database being unavailable) instead of sitting silently behind it.
-LOCK_TIMEOUT_CAP_MS = 10_000
 #: Waiting this long for a connection from the pool is a database that does not answer.
 POOL_TIMEOUT_S = 15
 
@@ -77,7 +68,7 @@ def _sqlite_pragmas(busy_ms: int) -> Any:
 
 
 def make_engine(url: str, *, pool_size: int = 8, max_overflow: int | None = None,
-                timeout_s: float = 30.0) -> Engine:
+                timeout_s: float = 30.0, pooler: str = "none") -> Engine:
     """An engine with the settings keeper relies on. SQLite's file is created mode 0600.
 
     ``max_overflow``: connections opened past ``pool_size`` when all are busy, and closed
@@ -86,9 +77,15 @@ def make_engine(url: str, *, pool_size: int = 8, max_overflow: int | None = None
     ``timeout_s``: the longest a statement may run on PostgreSQL (``statement_timeout``; lock
     waits get a third of it, at most 10 s) and the longest a wait for SQLite's write lock may
     last. ``0``: no statement timeout (migrations).
+
+    ``pooler``: ``"pgbouncer"`` when the URL leads to PgBouncer in transaction pooling mode
+    (one server connection per transaction, not per client): psycopg then prepares no
+    statements (PgBouncer before 1.21 cannot route them), and the timeouts, which PgBouncer
+    would refuse as a startup ``options`` parameter, are set per transaction instead
+    (:func:`keeper.store.pg_session.timeouts_per_transaction`).
     """
     try:
-        return _make_engine(url, pool_size=pool_size, timeout_s=timeout_s,
+        return _make_engine(url, pool_size=pool_size, timeout_s=timeout_s, pooler=pooler,
                             max_overflow=pool_size if max_overflow is None else max_overflow)
     except (exc.ArgumentError, ImportError) as e:
         raise ConfigError(
@@ -96,7 +93,8 @@ def make_engine(url: str, *, pool_size: int = 8, max_overflow: int | None = None
         ) from None
 
 
-def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: float) -> Engine:
+def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: float,
+                 pooler: str) -> Engine:
     parsed = make_url(url)
     if is_sqlite(url):
         path = sqlite_path(url)
@@ -116,12 +114,13 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: floa
         event.listen(engine, "connect", _sqlite_pragmas(int(busy_s * 1000)))
         return engine
     connect_args: dict[str, Any] = {}
-    if parsed.get_backend_name() == "postgresql":
-        statement_ms = int(timeout_s * 1000)
-        lock_ms = min(LOCK_TIMEOUT_CAP_MS, statement_ms // 3) if statement_ms else 0
+    postgres = parsed.get_backend_name() == "postgresql"
+    timeouts = pg_timeouts(timeout_s)
+    if postgres and pooler == "pgbouncer":
+        connect_args = {**PG_TCP, "prepare_threshold": None}
+    elif postgres:
         connect_args = {
-            **PG_TCP,
-            "options": f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms}",
+            **PG_TCP, "options": " ".join(f"-c {k}={v}" for k, v in timeouts.items()),
         }
     engine = create_engine(
         parsed,
@@ -133,6 +132,10 @@ def _make_engine(url: str, *, pool_size: int, max_overflow: int, timeout_s: floa
         connect_args=connect_args,
     )
     _ping_when_idle(engine)
+    if postgres:
+        idle_timer_after_executemany(engine)
+    if postgres and pooler == "pgbouncer" and timeouts["statement_timeout"]:
+        timeouts_per_transaction(engine, timeouts)
     return engine
 
 

@@ -36,12 +36,14 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
 
     def __init__(
         self, url: str, *, cipher: Cipher, pool_size: int = 8, auto_upgrade: bool | None = None,
-        timeout_s: float = 30.0, max_overflow: int | None = None,
+        timeout_s: float = 30.0, max_overflow: int | None = None, pooler: str = "none",
     ) -> None:
         self.url = url
         self.cipher = cipher
+        #: ``database_pooler``: what sits between keeper and PostgreSQL (see make_engine).
+        self.pooler = pooler
         self.engine: Engine = make_engine(url, pool_size=pool_size, max_overflow=max_overflow,
-                                          timeout_s=timeout_s)
+                                          timeout_s=timeout_s, pooler=pooler)
         self.sqlite = is_sqlite(url)
         self.auto_upgrade = self.sqlite if auto_upgrade is None else auto_upgrade
 

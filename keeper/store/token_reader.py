@@ -26,7 +26,8 @@ import psycopg
 from sqlalchemy import Engine
 
 from keeper.crypto import Cipher
-from keeper.store.db import PG_TCP, sqlite_path
+from keeper.store.db import sqlite_path
+from keeper.store.pg_session import PG_TCP
 from keeper.store.users import TokenRow
 
 _SQL = ("SELECT id, state, scope, access_token, access_expires_at, lease_id, lease_until "
@@ -42,11 +43,16 @@ class TokenReader:
 
     ``size``: PostgreSQL connections kept; a request finding them all busy waits for one.
     ``timeout_s``: the longest a PostgreSQL query (or a connect) may take.
+    ``pooler``: ``"pgbouncer"`` (transaction pooling): the read is not prepared (PgBouncer
+    before 1.21 cannot route prepared statements) and carries no startup ``options`` (which
+    PgBouncer refuses); ``timeout_s`` still bounds it here, by the client, which closes the
+    connection (PgBouncer then drops its server connection too).
     """
 
     def __init__(self, engine: Engine, cipher: Cipher, *, size: int = 4,
-                 timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, pooler: str = "none") -> None:
         self.cipher = cipher
+        self.prepare = pooler != "pgbouncer"
         self.timeout_s = timeout_s
         self.size = size
         self._sqlite: sqlite3.Connection | None = None
@@ -58,8 +64,11 @@ class TokenReader:
             self._sqlite_path = path
         else:
             _, kwargs = engine.dialect.create_connect_args(engine.url)
-            self._pg_args = {**kwargs, **PG_TCP, "connect_timeout": max(1, int(timeout_s)),
-                             "options": f"-c statement_timeout={int(timeout_s * 1000)}"}
+            self._pg_args = {**kwargs, **PG_TCP, "connect_timeout": max(1, int(timeout_s))}
+            if self.prepare:
+                self._pg_args["options"] = f"-c statement_timeout={int(timeout_s * 1000)}"
+            else:
+                self._pg_args["prepare_threshold"] = None
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._slots = asyncio.Semaphore(size)
 
@@ -100,7 +109,8 @@ class TokenReader:
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = self._idle.pop() if self._idle else await self._connect()
-                cur = await conn.execute(_SQL.format(p="%s"), (appid, openid), prepare=True)
+                cur = await conn.execute(_SQL.format(p="%s"), (appid, openid),
+                                         prepare=self.prepare)
                 row: tuple[Any, ...] | None = await cur.fetchone()
             self._idle.append(conn)
             return row

@@ -32,6 +32,7 @@ from tests.conftest import (
     reset_postgres,
 )
 from tests.hosts.netns import Host, NetnsUnavailable, TestNet
+from tests.pgbouncer import PgBouncer
 from tests.service.test_service import Proxy
 
 #: libfaketime for threaded programs (Debian's `faketime` package).
@@ -64,6 +65,9 @@ class Cluster:
     local: Keeper  # keeper in the root namespace (import, checks), straight to PostgreSQL
     url: str  # this run's database, as the root namespace reaches it
     workdir: Path
+    #: The hosts' ``database_pooler``: "pgbouncer" when they reach PostgreSQL through one.
+    pooler: str = "none"
+    bouncer: PgBouncer | None = None
     procs: list[tuple[Host, subprocess.Popen[bytes]]] = field(default_factory=list)
 
     def host_dir(self, host: Host) -> Path:
@@ -103,20 +107,30 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(testnet: TestNet, tmp_path: Path, keeper: Keeper) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, testnet: TestNet, tmp_path: Path,
+            keeper: Keeper) -> Iterator[Cluster]:
     """PostgreSQL, a forwarder to it and the simulator on the bridge; keeper configured on
     every host (one key, one database; a directory each). Processes the test started are
-    killed at the end."""
+    killed at the end. Parametrized (indirect) with "pgbouncer": the hosts reach PostgreSQL
+    through a PgBouncer in transaction pooling mode on the bridge instead of the forwarder,
+    with ``database_pooler = "pgbouncer"``."""
     url = require_postgres()
     reset_postgres()
-    forwarder = Proxy(("127.0.0.1", 5432), host=testnet.bridge_address)
+    pooler = getattr(request, "param", "none")
+    bouncer: PgBouncer | None = None
+    forwarder: Proxy | PgBouncer
+    if pooler == "pgbouncer":
+        bouncer = PgBouncer(host=testnet.bridge_address)
+        forwarder = bouncer
+    else:
+        forwarder = Proxy(("127.0.0.1", 5432), host=testnet.bridge_address)
     forwarder.up()
     sim = Simulator(host=testnet.bridge_address, timeout_sleep_s=1.0, seed=7,
                     quotas={"refresh": SimQuota(1_000_000, 60.0)})
     sim.add_app(APPID, SECRET)
     sim.start()
     host_url = make_url(url).set(host=testnet.bridge_address, port=forwarder.port)
-    c = Cluster(testnet, sim, keeper, url, tmp_path)
+    c = Cluster(testnet, sim, keeper, url, tmp_path, pooler=pooler, bouncer=bouncer)
     try:
         keeper.write_config(config_text(db_url=url, api_base=sim.url))
         ran = keeper.run("db", "upgrade")
@@ -127,7 +141,8 @@ def cluster(testnet: TestNet, tmp_path: Path, keeper: Keeper) -> Iterator[Cluste
             shutil.copy(tmp_path / "keeper.key", d / "keeper.key")
             os.chmod(d / "keeper.key", 0o600)
             (d / "keeper.toml").write_text(config_text(
-                db_url=host_url.render_as_string(hide_password=False), api_base=sim.url))
+                db_url=host_url.render_as_string(hide_password=False), api_base=sim.url,
+                extra=f'database_pooler = "{pooler}"'))
         assert all(testnet.reaches(h, testnet.bridge_address, forwarder.port)
                    for h in testnet.hosts), "a test host cannot reach the forwarder"
         yield c
@@ -145,6 +160,8 @@ def set_config(c: Cluster, *, extra: str = "", app_extra: str = "", lease: str =
         db_line = next(line for line in text.splitlines() if line.startswith("database_url"))
         api = c.sim.url
         body = config_text(db_url="X", api_base=api, extra=extra, app_extra=app_extra)
+        if path != c.local.config and c.pooler != "none":  # the root namespace goes direct
+            db_line += f'\ndatabase_pooler = "{c.pooler}"'
         body = body.replace('database_url = "X"', db_line)
         body = body.replace('lease = "2m"', f'lease = "{lease}"')
         body = body.replace("workers = 8", f"workers = {workers}")

@@ -117,6 +117,15 @@ class TestNet:
         while self._made:
             _ip(*self._made.pop(), check=False)
 
+    def cut(self, host: Host) -> None:
+        """Take ``host``'s link down inside its namespace: a clean cut (its route goes, the
+        bridge's end loses its carrier; nothing is closed or reset on either side)."""
+        _ip("netns", "exec", host.name, IP, "link", "set", host.device, "down")
+
+    def heal(self, host: Host) -> None:
+        """Bring ``host``'s link back up (its address and route come back with it)."""
+        _ip("netns", "exec", host.name, IP, "link", "set", host.device, "up")
+
     def reaches(self, host: Host, address: str, port: int) -> bool:
         """Whether ``host`` can open a TCP connection to ``address:port`` (bash's /dev/tcp)."""
         probe = f"exec 3<>/dev/tcp/{address}/{port}"

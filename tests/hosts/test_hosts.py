@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, make_url, select
 
 from keeper.store.schema import grants, reauth, sweeps
 from keeper.wechat.simulator import SimQuota
@@ -89,7 +89,26 @@ def test_three_hosts_refresh_every_due_grant_exactly_once_within_the_quota(
     (in the second case one host's clock 90 s ahead, another's 90 s behind), then WeChat sees
     each grant refreshed once, no window of the quota's period holds more calls than the
     quota, every host did part of the work and nobody is recorded as must-re-authorize."""
-    c = cluster
+    _exactly_once_within_the_quota(cluster, offsets)
+
+
+@pytest.mark.parametrize("cluster", ["pgbouncer"], indirect=True)
+def test_three_hosts_through_pgbouncer_refresh_every_due_grant_exactly_once_within_the_quota(
+    cluster: Cluster,
+) -> None:
+    """The same through PgBouncer in transaction pooling mode (``database_pooler =
+    "pgbouncer"``): the hosts' transactions are pooled onto PgBouncer's server connections
+    (claims with SKIP LOCKED, the quota row, result batches), and still each grant is
+    refreshed once and no quota window holds more than the quota."""
+    assert cluster.bouncer is not None
+    _exactly_once_within_the_quota(cluster, (0, 0, 0))
+    stats = cluster.bouncer.stats(make_url(cluster.url).database or "")
+    # Every host's transactions went through it (each grant's result is written in one).
+    assert stats.get("total_xact_count", 0) >= GRANTS / 10, stats
+    assert "unsupported startup parameter" not in cluster.bouncer.log()
+
+
+def _exactly_once_within_the_quota(c: Cluster, offsets: tuple[int, int, int]) -> None:
     set_config(c, lease=LEASE, extra=f'[quotas]\nrefresh = "{QUOTA.count}/2 seconds"')
     c.sim.configure(quotas={"refresh": QUOTA}, latency_s=0.02)
     seed(c.sim, c.local, [make_grant(f"o{i:05d}", access_in_s=-60, scope="snsapi_base")

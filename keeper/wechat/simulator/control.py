@@ -66,6 +66,12 @@ class Control(SimState):
             return {g.openid: (g.access_token, g.refresh_token)
                     for g in self._by_refresh.values()}
 
+    def access_expiries(self) -> dict[str, float]:
+        """openid → when the newest access token WeChat issued expires (epoch seconds): a
+        keeper that stored an older answer over a newer one has an earlier expiry than this."""
+        with self._lock:
+            return {g.openid: g.access_expires_at for g in self._by_refresh.values()}
+
     def issue_code(self, *, appid: str, openid: str, scope: str = "snsapi_login",
                    unionid: str | None = None, snapshot: bool = False,
                    ttl_s: float = 300.0, legacy_profile: bool = False,
