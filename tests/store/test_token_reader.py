@@ -58,10 +58,14 @@ def test_a_token_under_a_key_it_lacks_is_unreadable(store: Store) -> None:
     other.close()
 
 
+#: PostgreSQL only: SQLite readers in WAL mode never wait for a lock, and have no connection
+#: another session could kill.
+POSTGRES_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+
+@POSTGRES_ONLY
 def test_a_locked_table_is_unreadable_within_the_timeout_and_the_next_read_works(
         store: Store) -> None:
-    if store.sqlite:
-        pytest.skip("PostgreSQL only: SQLite readers in WAL mode never wait for a lock")
     put(store, grant("o1"))
     reader = TokenReader(store.engine, store.cipher, timeout_s=0.5)
     holder = create_engine(require_postgres_url(store))
@@ -85,9 +89,8 @@ def test_a_locked_table_is_unreadable_within_the_timeout_and_the_next_read_works
     assert again is not None
 
 
+@POSTGRES_ONLY
 def test_a_killed_connection_fails_one_read_and_is_replaced(store: Store) -> None:
-    if store.sqlite:
-        pytest.skip("PostgreSQL only")
     put(store, grant("o1"))
     reader = TokenReader(store.engine, store.cipher, size=1)
     admin = create_engine(require_postgres_url(store), isolation_level="AUTOCOMMIT")
