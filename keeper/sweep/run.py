@@ -36,6 +36,8 @@ _SUCCESSES = ("refresh_tokens_refreshed", "access_tokens_refreshed", "profiles_f
 #: Held results are committed this often at least: what a SIGKILL can take is the calls in
 #: flight plus this long of answers.
 FLUSH_EVERY_S = 0.05
+#: The fewest grants a sweep keeps claimed ahead (two pages of ``workers`` above 16 workers).
+MIN_PAGE = 32
 FLUSH_BATCH = 200
 #: After a stop (or a database failure), how long calls in flight may take to come back.
 STOP_GRACE_S = 6.0
@@ -67,9 +69,11 @@ class SweepRun:
         self.unsettled = 0  # results taken since the last write
 
     def claim(self) -> None:
-        page = 2 * self.config.workers
-        # Keep up to two pages queued or in flight, so workers never wait for a claim.
-        if page - len(self.in_flight) < max(1, self.config.workers // 2):
+        # Keep up to two workers' worth (at least MIN_PAGE) queued or in flight, so workers
+        # never wait for a claim, and claim when a quarter of that is free: few workers still
+        # claim in pages big enough that a claim's transaction is not paid per grant.
+        page = max(MIN_PAGE, 2 * self.config.workers)
+        if page - len(self.in_flight) < page // 4:
             return
         now = self.s.clock()
         with self.s._held_lock:
