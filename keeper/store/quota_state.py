@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, select, update
+from sqlalchemy import Engine, bindparam, case, select, update
 
 from keeper.core.quota import Decision, window_start_us
 from keeper.store.clock import db_now_us
@@ -69,9 +69,11 @@ class QuotaState:
                     now_us=now_us, period_us=period_us):
                 return None
             return decision, now_us
-        where = (quota_state.c.appid == appid, quota_state.c.endpoint == endpoint)
+        keys = {"b_appid": appid, "b_endpoint": endpoint}
         with translate("taking quota"), self.engine.begin() as conn:
-            row = conn.execute(select(quota_state.c.tat_us, db_now_us()).where(*where)).first()
+            # The row is locked until this transaction ends: takers on other hosts wait their
+            # turn (a round trip) instead of losing a compare-and-swap and asking again.
+            row = conn.execute(_TAKE_READ, keys).first()
             if row is None:
                 conn.execute(self._insert(quota_state)
                              .values(appid=appid, endpoint=endpoint, tat_us=0)
@@ -80,11 +82,9 @@ class QuotaState:
             tat_us, now_us = int(row[0]), int(row[1])
             decision = decide(tat_us, now_us)
             if decision.granted:
-                swapped = conn.execute(
-                    update(quota_state).where(*where, quota_state.c.tat_us == tat_us)
-                    .values(tat_us=decision.new_tat_us,
-                            **_window_values(decision.granted, now_us, period_us))
-                )
+                swapped = conn.execute(_SWAP, _swap_params(
+                    appid, endpoint, tat_us, decision.new_tat_us, decision.granted, now_us,
+                    period_us))
                 if swapped.rowcount != 1:
                     return None
         return decision, now_us
@@ -103,14 +103,8 @@ class QuotaState:
         """Compare-and-swap the quota state; False if another taker got there first.
         ``permits`` taken at ``now_us`` are counted in the window of ``period_us``."""
         with translate("taking quota"), self.engine.begin() as conn:
-            result = conn.execute(
-                update(quota_state)
-                .where(
-                    quota_state.c.appid == appid, quota_state.c.endpoint == endpoint,
-                    quota_state.c.tat_us == old_us,
-                )
-                .values(tat_us=new_us, **_window_values(permits, now_us, period_us))
-            )
+            result = conn.execute(_SWAP, _swap_params(appid, endpoint, old_us, new_us, permits,
+                                                      now_us, period_us))
         return bool(result.rowcount == 1)
 
     def quota_hold(self, appid: str, endpoint: str, tat_us: int) -> None:
@@ -134,19 +128,41 @@ class QuotaState:
                 select(quota_state).order_by(quota_state.c.appid, quota_state.c.endpoint))]
 
 
-def _window_values(permits: int, now_us: int, period_us: int) -> dict[str, Any]:
-    """The SET values that count ``permits`` taken at ``now_us`` in their quota window (the
-    window of ``period_us`` holding ``now_us``), keeping the previous window's count. Every
-    SET expression reads the row as it was before the statement."""
-    if not permits or period_us <= 0:
-        return {}
-    c = quota_state.c
+_KEY = (quota_state.c.appid == bindparam("b_appid"),
+        quota_state.c.endpoint == bindparam("b_endpoint"))
+_LOCKED = select(quota_state.c.tat_us).where(*_KEY).with_for_update().cte("locked")
+#: PostgreSQL: the state, locked until commit, and the database's clock read once it is
+#: locked (the outer SELECT runs after the CTE has waited for the lock).
+_TAKE_READ = select(_LOCKED.c.tat_us, db_now_us().label("now_us"))
+#: Compare-and-swap of the state (``b_old`` to ``b_tat``), counting ``b_permits`` taken in
+#: their window (starting at ``b_start``, the one before at ``b_before``) and keeping the
+#: previous window's count; every SET expression reads the row as it was before the statement.
+#: Built once: the takes are many.
+_SWAP = (
+    update(quota_state).where(*_KEY, quota_state.c.tat_us == bindparam("b_old"))
+    .values(
+        tat_us=bindparam("b_tat"),
+        previous_permits=case(
+            (bindparam("b_permits") == 0, quota_state.c.previous_permits),
+            (quota_state.c.window_us == bindparam("b_start"), quota_state.c.previous_permits),
+            (quota_state.c.window_us == bindparam("b_before"), quota_state.c.window_permits),
+            else_=0),
+        window_permits=case(
+            (bindparam("b_permits") == 0, quota_state.c.window_permits),
+            (quota_state.c.window_us == bindparam("b_start"),
+             quota_state.c.window_permits + bindparam("b_permits")),
+            else_=bindparam("b_permits")),
+        window_us=case((bindparam("b_permits") == 0, quota_state.c.window_us),
+                       else_=bindparam("b_start")),
+    )
+)
+
+
+def _swap_params(appid: str, endpoint: str, old_us: int, new_us: int, permits: int,
+                 now_us: int, period_us: int) -> dict[str, Any]:
+    """:data:`_SWAP`'s parameters: ``permits`` taken at ``now_us`` are counted in the window of
+    ``period_us`` holding ``now_us`` (none counted without a period)."""
     start = window_start_us(now_us, period_us)
-    return {
-        "previous_permits": case((c.window_us == start, c.previous_permits),
-                                 (c.window_us == start - period_us, c.window_permits),
-                                 else_=0),
-        "window_permits": case((c.window_us == start, c.window_permits + permits),
-                               else_=permits),
-        "window_us": start,
-    }
+    return {"b_appid": appid, "b_endpoint": endpoint, "b_old": old_us, "b_tat": new_us,
+            "b_permits": permits if period_us > 0 else 0, "b_start": start,
+            "b_before": start - period_us}

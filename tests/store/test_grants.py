@@ -19,7 +19,7 @@ from keeper.store.grants import Store
 from keeper.store.leases import _free
 from keeper.store.rows import GrantWrite
 from keeper.store.schema import grants
-from tests.conftest import pass_lease_time
+from tests.conftest import pass_lease_time, wait_for
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -292,7 +292,8 @@ def test_quota_state_is_a_compare_and_swap(store: Store) -> None:
 
 def test_quota_is_taken_at_the_databases_clock_by_compare_and_swap(store: Store) -> None:
     """The GCRA's "now" is the database's (the real time, whatever a test passes elsewhere),
-    read with the state; a state changed by another taker meanwhile is never overwritten."""
+    read with the state; a state changed by another taker meanwhile is never overwritten
+    (on PostgreSQL the state is locked while a take decides: see the next test)."""
     def grant_one(tat_us: int, now_us: int) -> Decision:
         return Decision(1, max(tat_us, now_us) + 10, 0.0)
 
@@ -306,12 +307,51 @@ def test_quota_is_taken_at_the_databases_clock_by_compare_and_swap(store: Store)
     assert store.quota_take("wx1", "refresh", lambda t, n: Decision(0, t, 1.0)) is not None
     assert store.quota_tat("wx1", "refresh") == now_us + 10  # nothing granted, nothing changed
 
+    if not store.sqlite:
+        return
+
     def raced(tat_us: int, now_us: int) -> Decision:
         assert store.quota_swap("wx1", "refresh", tat_us, tat_us + 1)  # another process
         return grant_one(tat_us, now_us)
 
     assert store.quota_take("wx1", "refresh", raced) is None
     assert store.quota_tat("wx1", "refresh") == now_us + 11
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_quota_take_on_postgres_waits_for_the_one_deciding_then_sees_its_state(
+    store: Store,
+) -> None:
+    """Given a take deciding (its state row locked), when another taker (another process's,
+    on a connection of its own) asks, then it waits until the first has committed and decides
+    on the state the first left: no compare-and-swap is lost, none is asked again."""
+    store.quota_tat("wx1", "refresh")
+    seen: list[int] = []
+
+    def second() -> None:
+        def decide(tat_us: int, now_us: int) -> Decision:
+            seen.append(tat_us)
+            return Decision(1, max(tat_us, now_us) + 10, 0.0)
+        assert store.quota_take("wx1", "refresh", decide) is not None
+
+    other = threading.Thread(target=second)
+
+    def first(tat_us: int, now_us: int) -> Decision:
+        other.start()
+        wait_for(lambda: _waiting_on_a_lock(store) == 1)  # the other take waits its turn
+        return Decision(1, max(tat_us, now_us) + 10, 0.0)
+
+    taken = store.quota_take("wx1", "refresh", first)
+    other.join(timeout=10)
+    assert taken is not None and seen == [taken[0].new_tat_us]
+    assert store.quota_tat("wx1", "refresh") > taken[0].new_tat_us
+
+
+def _waiting_on_a_lock(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'")).scalar_one())
 
 
 def test_the_due_query_is_a_range_scan_of_its_index(store: Store) -> None:
