@@ -4,7 +4,9 @@ Each process keeps a small local pool of permits per (app, endpoint), refilled f
 row in the store by compare-and-swap (see :mod:`keeper.core.quota`), at the database's time:
 every host's permits are placed on that one clock (:mod:`keeper.store.clock`). A permit is
 used at once or lapses after half the quota's slack, so a permit never reaches WeChat later
-than the arithmetic allows.
+than the arithmetic allows. Callers waiting are woken to use the permits a take pools; while
+the quota has no room, one caller asks the database and the others wait for the moment it was
+told (a herd of callers asking at every permit would cost a transaction each).
 """
 
 from __future__ import annotations
@@ -41,12 +43,23 @@ class Stopped(KeeperError):
     """Keeper is shutting down; the call was not made."""
 
 
+#: A caller waiting for a permit looks at the stop flag at least this often.
+STOP_CHECK_S = 0.5
+
+
 @dataclass
 class _Pool:
     params: Gcra | None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Guards the fields below; callers waiting for a permit wait on it and are woken when
+    #: permits are pooled.
+    ready: threading.Condition = field(default_factory=threading.Condition)
     permits: int = 0
     expires: float = 0.0  # monotonic seconds
+    waiting: int = 0  # callers waiting for a permit
+    #: When the last take found no room: no permit before ``next_at`` (monotonic), which is
+    #: ``next_until`` by the database's clock; until then callers wait instead of asking.
+    next_at: float = 0.0
+    next_until: datetime | None = None
 
 
 class QuotaGate:
@@ -79,10 +92,18 @@ class QuotaGate:
         while True:
             if self.stop.is_set():
                 raise Stopped("shutting down")
-            with pool.lock:
-                if pool.permits > 0 and time.monotonic() < pool.expires:
+            with pool.ready:
+                now = time.monotonic()
+                if pool.permits > 0 and now < pool.expires:
                     pool.permits -= 1
                     return
+                if now < pool.next_at and pool.next_until is not None:
+                    # Another caller was told a moment ago when the next permit fits: wait
+                    # for then (or for permits it pools) rather than ask the database again.
+                    if pool.next_at - now > max_wait_s:
+                        raise self._exhausted(appid, endpoint, pool.next_until)
+                    self._wait(pool, appid, endpoint, pool.next_at - now)
+                    continue
                 taken = self.store.quota_take(
                     appid, endpoint, lambda tat, now_us: take(params, tat, now_us, self.batch),
                     period_us=params.period_us)
@@ -92,15 +113,32 @@ class QuotaGate:
                 if decision.granted:
                     pool.permits = decision.granted - 1
                     pool.expires = time.monotonic() + params.slack_s / 2
+                    pool.next_at = 0.0
+                    if pool.permits:  # callers waiting use them before they lapse
+                        pool.ready.notify(pool.permits)
                     metrics.quota_taken(appid, endpoint, decision.granted)
                     return
-            if decision.wait_s > max_wait_s:
                 until = datetime.fromtimestamp(now_us / 1_000_000 + decision.wait_s, UTC)
-                metrics.quota_exhausted(appid, endpoint)
-                raise QuotaWait(appid, endpoint, until)
-            waited = time.monotonic()
-            self.stop.wait(decision.wait_s)
-            metrics.quota_waited(appid, endpoint, time.monotonic() - waited)
+                if decision.wait_s > max_wait_s:
+                    raise self._exhausted(appid, endpoint, until)
+                pool.next_at, pool.next_until = time.monotonic() + decision.wait_s, until
+                self._wait(pool, appid, endpoint, decision.wait_s)
+
+    def _wait(self, pool: _Pool, appid: str, endpoint: str, seconds: float) -> None:
+        """Wait (holding ``pool.ready``) up to ``seconds`` for pooled permits; at most
+        STOP_CHECK_S, so that a stop is seen."""
+        pool.waiting += 1
+        waited = time.monotonic()
+        try:
+            pool.ready.wait(min(seconds, STOP_CHECK_S))
+        finally:
+            pool.waiting -= 1
+        metrics.quota_waited(appid, endpoint, time.monotonic() - waited)
+
+    @staticmethod
+    def _exhausted(appid: str, endpoint: str, until: datetime) -> QuotaWait:
+        metrics.quota_exhausted(appid, endpoint)
+        return QuotaWait(appid, endpoint, until)
 
     def pause(self, appid: str, endpoint: str, errcode: int,
               now: datetime | None = None) -> datetime:
@@ -113,8 +151,8 @@ class QuotaGate:
                             self.store.db_clock())
         pool = self._pools.get((appid, endpoint))
         if pool is not None and pool.params is not None:
-            with pool.lock:
-                pool.permits = 0
+            with pool.ready:
+                pool.permits, pool.next_at = 0, 0.0
                 self.store.quota_hold(appid, endpoint, paused_tat_us(pool.params, until))
         log.warning("quota.paused", appid=appid, endpoint=endpoint, errcode=errcode,
                     until=until.isoformat())
