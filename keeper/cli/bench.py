@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         from keeper.cli.bench_metrics import main as bench_metrics
 
         return bench_metrics(argv[1:])
+    if argv[:1] == ["hosts"]:  # keeper bench hosts: throughput with hosts, a shared quota
+        from keeper.cli.bench_hosts import main as bench_hosts
+
+        return bench_hosts(argv[1:])
     if argv[:1] == ["events"]:  # keeper bench events: delivery to webhooks
         from keeper.cli.bench_events import main as bench_events
 

@@ -49,7 +49,7 @@ def database(kind: str, server: str, workdir: Path) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{workdir / 'bench.db'}"
         return
-    name = f"keeper_bench_api_{os.getpid()}_{secrets.token_hex(3)}"
+    name = f"keeper_bench_{os.getpid()}_{secrets.token_hex(3)}"
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:

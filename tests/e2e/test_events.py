@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from keeper.store.schema import deliveries, events, grants, reauth
+from keeper.sweep.run import MIN_PAGE
 from keeper.wechat.simulator import Simulator
 from tests.conftest import Keeper, config_text, require_postgres, reset_postgres, wait_for
 from tests.e2e.helpers import endpoint, make_grant, seed
@@ -96,7 +97,8 @@ def refresh_calls(sim: Simulator) -> int:
 def test_kill_9_at_random_moments_loses_no_event_and_invents_none(
     kind: str, sim: Simulator, keeper: Keeper, receiver: Receiver,
 ) -> None:
-    """Given 300 users due, every other one refused by WeChat (40030),
+    """Given 300 users due beyond those the killed processes will hold leased (each claims
+    up to MIN_PAGE ahead), every other one refused by WeChat (40030),
     when `keeper run` is killed with SIGKILL KILLS times, each time after a random number of
     refresh calls (so mid-sweep), and then runs until nothing is left to send, then every
     re-authorization record has its reauth.recorded event delivered at least once, every
@@ -106,7 +108,8 @@ def test_kill_9_at_random_moments_loses_no_event_and_invents_none(
     configure(keeper, sim, url, receiver.url)
     sim.configure(latency_s=0.03)
     rng = random.Random(f"kill-{kind}")
-    users = [make_grant(f"k{i:03d}", access_in_s=-60, scope="snsapi_base") for i in range(300)]
+    users = [make_grant(f"k{i:03d}", access_in_s=-60, scope="snsapi_base")
+             for i in range(300 + KILLS * MIN_PAGE)]
     seed(sim, keeper, users)
     for i in range(0, len(users), 2):
         sim.script(f"k{i:03d}", "refresh", 40030)

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from tests.hosts.netns import IP, TestNet
+from keeper.cli.netns import IP, TestNet
 
 
 def _listening(address: str) -> socket.socket:

@@ -25,6 +25,7 @@ class Admin(Control):
 
     def stats(self, *, detail: bool = False) -> dict[str, object]:
         """What the simulator saw since start or reset_stats(); never holds token values.
+        ``detail``: also the calls per openid and every call's arrival time, per endpoint.
 
         Window maxima count one app's arrivals within the endpoint's quota period (else 60 s).
         Calls naming no known app (auth/userinfo with an unknown token) count under app "-".
@@ -67,6 +68,11 @@ class Admin(Control):
             for endpoint in ENDPOINTS
         }
         result["per_app"] = per_app
+        if detail:  # every call's arrival (time.time()), oldest first: rates over a run
+            arrivals: dict[str, list[float]] = {endpoint: [] for endpoint in ENDPOINTS}
+            for _, endpoint, counter in rows:
+                arrivals[endpoint].extend(counter.arrivals)
+            result["arrivals"] = {endpoint: sorted(times) for endpoint, times in arrivals.items()}
         return result
 
     def reset_stats(self) -> None:
