@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -236,3 +237,20 @@ def pass_lease_time(store: Store, seconds: float) -> None:
                                 .where(table.c.lease_until.is_not(None))).all()
             for k, until in rows:
                 conn.execute(update(table).where(key == k).values(lease_until=until - step))
+
+
+#: libfaketime for threaded programs (Debian's `faketime` package).
+FAKETIME_MT = next(iter(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")), None)
+
+
+def clock_offset_env(offset_s: float) -> dict[str, str]:
+    """The environment that sets a program's clock ``offset_s`` ahead (negative: behind) by
+    libfaketime, its monotonic clocks left alone (fault-injection.md). Skipped with the reason
+    where libfaketime is not installed; a failure when CI is set."""
+    if FAKETIME_MT is None:
+        message = "libfaketime is not installed (Debian's `faketime` package)"
+        if IN_CI:
+            pytest.fail(message + " (required when CI is set)")
+        pytest.skip(message)
+    return {"LD_PRELOAD": FAKETIME_MT, "FAKETIME": f"{offset_s:+g}s",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}

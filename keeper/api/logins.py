@@ -75,13 +75,13 @@ def exchange(
         gate.acquire(app.appid, "code", max_wait_s=max_wait_s)
     except QuotaWait as e:
         raise ExchangeFailed(f"WeChat's code quota is used up: {e}",
-                             retry_after_s=(e.until - utcnow()).total_seconds()) from None
+                             retry_after_s=gate.seconds_until(e.until)) from None
     try:
         answer = client.exchange_code(app.appid, app.secret, code)
     except QuotaExceeded as e:
         until = gate.pause(app.appid, "code", e.errcode or 45011)
         raise ExchangeFailed(f"WeChat's code quota is used up: {e}",
-                             retry_after_s=(until - utcnow()).total_seconds()) from None
+                             retry_after_s=gate.seconds_until(until)) from None
     except BadCode as e:
         raise CodeRejected(f"the code was refused ({e}): the user must log in again",
                            e.errcode) from None

@@ -181,12 +181,13 @@ class TokenDesk:
             # up): the grant goes back as it was; the sweep keeps its own schedule.
             self.store.release([leased.id], lease_id)
             if result.quota_wait is not None:
-                wait = (result.quota_wait.until - self.clock()).total_seconds()
+                wait = self.worker.gate.seconds_until(result.quota_wait.until)
                 raise Unavailable(str(result.quota_wait), retry_after_s=wait,
                                   code="quota_exhausted")
             if write is not None and write.grant.retry_at is not None and (
                     write.grant.last_error or "").startswith("450"):
-                wait = (write.grant.retry_at - self.clock()).total_seconds()
+                # A pause's end, placed by the database's clock.
+                wait = self.worker.gate.seconds_until(write.grant.retry_at)
                 raise Unavailable("WeChat's refresh quota is used up", retry_after_s=wait,
                                   code="quota_exhausted")
             detail = (write.grant.last_error if write is not None else None) or (

@@ -21,7 +21,7 @@ import structlog
 
 from keeper.config import AppConfig
 from keeper.core.quota import Gcra, pause_until, paused_tat_us, take
-from keeper.errors import KeeperError
+from keeper.errors import KeeperError, StoreError
 from keeper.metrics import process as metrics
 from keeper.store.grants import Store
 
@@ -139,6 +139,16 @@ class QuotaGate:
     def _exhausted(appid: str, endpoint: str, until: datetime) -> QuotaWait:
         metrics.quota_exhausted(appid, endpoint)
         return QuotaWait(appid, endpoint, until)
+
+    def seconds_until(self, until: datetime) -> float:
+        """Seconds from now to ``until``, a moment on the database's clock (a quota pause, the
+        next permit), measured on that clock: a host whose own clock is off still tells an
+        application the right wait. This host's clock when the database cannot be read."""
+        try:
+            now = self.store.db_clock()
+        except StoreError:
+            now = datetime.now(UTC)
+        return (until - now).total_seconds()
 
     def pause(self, appid: str, endpoint: str, errcode: int,
               now: datetime | None = None) -> datetime:

@@ -11,7 +11,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from keeper.store.grants import Store
 from keeper.store.rows import new_lease_id
 from keeper.wechat.simulator import Simulator
 from tests.api.server import Served, free_port, make_keys, serving, stop, wait_healthy
-from tests.conftest import APPID, Keeper, config_text, wait_for
+from tests.conftest import APPID, Keeper, clock_offset_env, config_text, wait_for
 from tests.e2e.helpers import endpoint, make_grant, seed
 from tests.e2e.outage import Outage
 
@@ -350,3 +350,34 @@ def test_serve_waits_for_an_upgraded_schema_then_serves(keeper: Keeper, sim: Sim
         code, err = stop(proc)
     assert code == 0 and "Traceback" not in waited + err
     assert "database.recovered" in err
+
+
+def _to_china_midnight() -> float:
+    """Seconds from now (this machine's clock, which is PostgreSQL's) to midnight in China."""
+    now = datetime.now(UTC)
+    local = now.astimezone(timezone(timedelta(hours=8)))
+    midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (midnight - now).total_seconds()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_retry_after_of_a_quota_pause_is_measured_on_the_databases_clock(
+    keeper: Keeper, sim: Simulator, db_url: str,
+) -> None:
+    """Given ``keeper serve`` on a host whose clock runs 90 s ahead of the database's
+    (libfaketime), when WeChat answers 45009 (the daily quota: paused until midnight in China,
+    placed by the database's clock, which every host shares), then Retry-After is the time to
+    that midnight by the database's clock, on the answer that paused and on the next request
+    (which the shared pause answers), not 90 s less."""
+    keeper.env.update(clock_offset_env(90))
+    with serving(keeper, db_url=db_url, api_base=sim.url) as served:
+        seed(sim, keeper, [make_grant("o-skew", access_in_s=-10)])
+        path = served.user(APPID, "o-skew", "/token")
+        sim.force("refresh", 45009)
+        for _ in range(2):
+            before = _to_china_midnight()
+            r = served.call("GET", path)
+            after = _to_china_midnight()
+            assert r.status_code == 503 and r.json()["error"] == "quota_exhausted", r.text
+            wait = int(r.headers["Retry-After"])
+            assert after - 2 <= wait <= before + 2, (wait, before)

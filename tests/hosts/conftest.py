@@ -9,7 +9,6 @@ made; a failure when CI is set.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import subprocess
@@ -28,15 +27,13 @@ from tests.conftest import (
     IN_CI,
     SECRET,
     Keeper,
+    clock_offset_env,
     config_text,
     require_postgres,
     reset_postgres,
 )
 from tests.pgbouncer import PgBouncer
 from tests.service.test_service import Proxy
-
-#: libfaketime for threaded programs (Debian's `faketime` package).
-FAKETIME_MT = next(iter(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")), None)
 
 
 @pytest.fixture
@@ -79,13 +76,7 @@ class Cluster:
         libfaketime, monotonic clocks left alone (fault-injection.md)."""
         env = dict(self.local.env)
         if clock_offset_s:
-            if FAKETIME_MT is None:
-                message = "libfaketime is not installed (Debian's `faketime` package)"
-                if IN_CI:
-                    pytest.fail(message + " (required when CI is set)")
-                pytest.skip(message)
-            env.update(LD_PRELOAD=FAKETIME_MT, FAKETIME=f"{clock_offset_s:+g}s",
-                       FAKETIME_DONT_FAKE_MONOTONIC="1")
+            env.update(clock_offset_env(clock_offset_s))
         d = self.host_dir(host)
         with open(d / "keeper.out", "ab") as out, open(d / "keeper.err", "ab") as err:
             proc = subprocess.Popen(
