@@ -24,14 +24,16 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
 from keeper.crypto import Cipher
 from keeper.store.db import sqlite_path
 from keeper.store.pg_session import PG_TCP
-from keeper.store.users import TokenRow
+from keeper.store.users import TokenRow, token_row_of, token_row_sql
 
-_SQL = ("SELECT id, state, scope, access_token, access_expires_at, lease_id, lease_until "
-        "FROM grants WHERE appid = {p} AND openid = {p}")
+_SQL_SQLITE = token_row_sql(sqlite_dialect(paramstyle="named"))  # :appid, :openid
+_SQL_PG = token_row_sql(psycopg_dialect())  # type: ignore[no-untyped-call]  # %(appid)s
 
 
 class Unreadable(Exception):
@@ -81,11 +83,9 @@ class TokenReader:
         if row is None:
             return None
         try:
-            token = self.cipher.decrypt(row[3])
+            return token_row_of(row, self.cipher.decrypt, _utc)
         except Exception:  # a key this process lacks: the ordinary path says so properly
             raise Unreadable("token not readable here") from None
-        return TokenRow(row[0], row[1], row[2], token, _utc(row[4]),
-                        _utc(row[6]) if row[5] else None)
 
     def _read_sqlite(self, appid: str, openid: str) -> tuple[Any, ...] | None:
         try:
@@ -94,7 +94,7 @@ class TokenReader:
                 self._sqlite = sqlite3.connect(f"file:{self._sqlite_path}?mode=ro", uri=True,
                                                timeout=0, check_same_thread=False)
             row: tuple[Any, ...] | None = self._sqlite.execute(
-                _SQL.format(p="?"), (appid, openid)).fetchone()
+                _SQL_SQLITE, {"appid": appid, "openid": openid}).fetchone()
             return row
         except sqlite3.Error:
             self._close_sqlite()
@@ -109,7 +109,7 @@ class TokenReader:
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = self._idle.pop() if self._idle else await self._connect()
-                cur = await conn.execute(_SQL.format(p="%s"), (appid, openid),
+                cur = await conn.execute(_SQL_PG, {"appid": appid, "openid": openid},
                                          prepare=self.prepare)
                 row: tuple[Any, ...] | None = await cur.fetchone()
             self._idle.append(conn)

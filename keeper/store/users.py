@@ -4,11 +4,12 @@ which provides ``engine`` and ``cipher``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, delete, func, select
+from sqlalchemy import Dialect, Engine, bindparam, delete, func, select
 
 from keeper.core.events import GRANT_DELETED, NewEvent
 from keeper.crypto import Cipher
@@ -37,6 +38,21 @@ _TOKEN_ROW = select(
 ).where(grants.c.appid == bindparam("appid"), grants.c.openid == bindparam("openid"))
 
 
+def token_row_of(row: Sequence[Any], decrypt: Callable[[str], str],
+                 when: Callable[[Any], datetime] = lambda value: value) -> TokenRow:
+    """A :class:`TokenRow` of ``_TOKEN_ROW``'s columns, in order, as any driver returns them
+    (``when``: turns a stored time into an aware datetime where the driver did not)."""
+    id_, state, scope, access_token, expires_at, lease_id, lease_until = row
+    return TokenRow(id_, state, scope, decrypt(access_token), when(expires_at),
+                    when(lease_until) if lease_id else None)
+
+
+def token_row_sql(dialect: Dialect) -> str:
+    """``_TOKEN_ROW`` as ``dialect``'s SQL, with the named parameters ``appid`` and ``openid``
+    (for a driver used without SQLAlchemy: the API's token reader)."""
+    return str(_TOKEN_ROW.compile(dialect=dialect))
+
+
 class Users:
     """The API's reads and the one delete."""
 
@@ -55,10 +71,7 @@ class Users:
             if not self.sqlite:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             row = conn.execute(_TOKEN_ROW, {"appid": appid, "openid": openid}).first()
-        if row is None:
-            return None
-        return TokenRow(row.id, row.state, row.scope, self.cipher.decrypt(row.access_token),
-                        row.access_expires_at, row.lease_until if row.lease_id else None)
+        return None if row is None else token_row_of(row, self.cipher.decrypt)
 
     def delete_user(self, appid: str, openid: str, *, now: datetime | None = None
                     ) -> tuple[bool, str | None]:
