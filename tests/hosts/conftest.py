@@ -10,6 +10,7 @@ made; a failure when CI is set.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,9 @@ from tests.conftest import (
     config_text,
     require_postgres,
     reset_postgres,
+    wait_for,
 )
+from tests.e2e.helpers import endpoint, make_grant, seed
 from tests.pgbouncer import PgBouncer
 from tests.service.test_service import Proxy
 
@@ -158,3 +161,20 @@ def set_config(c: Cluster, *, extra: str = "", app_extra: str = "", lease: str =
         body = body.replace("workers = 8", f"workers = {workers}")
         body = body.replace('log_level = "debug"', 'log_level = "info"')
         path.write_text(body)
+
+
+def seed_due(c: Cluster, n: int, prefix: str = "o") -> None:
+    """``n`` grants whose access tokens expired a minute ago (``PREFIX00000``...), stored and
+    known to the simulator; its counts start afresh."""
+    seed(c.sim, c.local, [make_grant(f"{prefix}{i:05d}", access_in_s=-60, scope="snsapi_base")
+                          for i in range(n)])
+    c.sim.reset_stats()
+
+
+def start_mid_sweep(c: Cluster, host: Host, low: int, high: int) -> subprocess.Popen[bytes]:
+    """``keeper run`` on ``host``, returned once WeChat has seen a random number (``low`` to
+    ``high``) of its refresh calls: mid-sweep, leases held (not a fixed sleep)."""
+    proc = c.start(host, "run")
+    calls = random.randint(low, high)
+    wait_for(lambda: endpoint(c.sim, "refresh")["calls"] >= calls, timeout=30)
+    return proc

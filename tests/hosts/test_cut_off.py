@@ -10,7 +10,6 @@ reset, they just stop carrying anything, as when a cable or a switch port goes.
 
 from __future__ import annotations
 
-import random
 import signal
 import time
 
@@ -20,8 +19,8 @@ from keeper.crypto import Cipher, load_keys
 from keeper.store.db import make_engine
 from keeper.store.schema import grants, reauth
 from tests.conftest import wait_for
-from tests.e2e.helpers import endpoint, make_grant, seed
-from tests.hosts.conftest import Cluster, set_config
+from tests.e2e.helpers import make_grant, seed
+from tests.hosts.conftest import Cluster, seed_due, set_config, start_mid_sweep
 from tests.hosts.test_hosts import _db_counts, _fresh, _held
 
 #: The shortest lease keeper accepts with read_timeout 0.5 s (twice read_timeout, plus 30 s).
@@ -72,13 +71,9 @@ def test_a_host_cut_off_longer_than_its_lease_is_fenced_and_carries_on(cluster: 
     set_config(c, lease=f"{LEASE_S}s")
     c.sim.configure(latency_s=0.15)  # calls in flight at the cut (8 workers, 0.15 s each)
     n = 400
-    seed(c.sim, c.local, [make_grant(f"o{i:05d}", access_in_s=-60, scope="snsapi_base")
-                          for i in range(n)])
-    c.sim.reset_stats()
+    seed_due(c, n)
     cut_host, *others = c.net.hosts
-    cut = c.start(cut_host, "run")
-    calls = random.randint(40, 150)  # after a random number of calls, not a fixed sleep
-    wait_for(lambda: endpoint(c.sim, "refresh")["calls"] >= calls, timeout=30)
+    cut = start_mid_sweep(c, cut_host, 40, 150)
     c.net.cut(cut_host)
     cut_at = time.monotonic()
     held = _held(c.url)  # only the cut host has run: every live lease is its own

@@ -10,7 +10,6 @@ simulator counts refreshes per user and keeps each call's arrival time, so "exac
 from __future__ import annotations
 
 import json
-import random
 import signal
 import time
 from datetime import timedelta
@@ -22,8 +21,8 @@ from sqlalchemy import create_engine, func, make_url, select
 from keeper.store.schema import grants, reauth, sweeps
 from keeper.wechat.simulator import SimQuota
 from tests.conftest import wait_for
-from tests.e2e.helpers import endpoint, make_grant, seed
-from tests.hosts.conftest import Cluster, set_config
+from tests.e2e.helpers import endpoint
+from tests.hosts.conftest import Cluster, seed_due, set_config, start_mid_sweep
 
 GRANTS = 2400
 #: The refresh quota of the app: binding (the hosts together could go faster), so the test
@@ -111,9 +110,7 @@ def test_three_hosts_through_pgbouncer_refresh_every_due_grant_exactly_once_with
 def _exactly_once_within_the_quota(c: Cluster, offsets: tuple[int, int, int]) -> None:
     set_config(c, lease=LEASE, extra=f'[quotas]\nrefresh = "{QUOTA.count}/2 seconds"')
     c.sim.configure(quotas={"refresh": QUOTA}, latency_s=0.02)
-    seed(c.sim, c.local, [make_grant(f"o{i:05d}", access_in_s=-60, scope="snsapi_base")
-                          for i in range(GRANTS)])
-    c.sim.reset_stats()
+    seed_due(c, GRANTS)
     started = time.monotonic()
     procs = [c.start(h, "run", clock_offset_s=off) for h, off in zip(c.net.hosts, offsets,
                                                                         strict=True)]
@@ -181,14 +178,9 @@ def test_a_host_killed_mid_sweep_has_its_grants_refreshed_by_another_within_a_le
     set_config(c, lease=f"{lease_s}s")
     c.sim.configure(latency_s=0.05)
     n = 600
-    seed(c.sim, c.local, [make_grant(f"o{i:05d}", access_in_s=-60, scope="snsapi_base")
-                          for i in range(n)])
-    c.sim.reset_stats()
+    seed_due(c, n)
     first, *others = c.net.hosts
-    victim = c.start(first, "run")
-    # After a random number of calls (not a fixed sleep): mid-sweep, leases held.
-    calls = random.randint(40, 200)
-    wait_for(lambda: endpoint(c.sim, "refresh")["calls"] >= calls, timeout=30)
+    victim = start_mid_sweep(c, first, 40, 200)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
     killed_at = time.monotonic()
