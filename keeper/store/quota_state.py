@@ -36,27 +36,30 @@ class QuotaState:
                 )
             ).scalar()
             if tat is None:
-                conn.execute(
-                    self._insert(quota_state)
-                    .values(appid=appid, endpoint=endpoint, tat_us=0)
-                    .on_conflict_do_nothing()
-                )
+                self._create_row(conn, appid, endpoint)
                 return 0
         return int(tat)
+
+    def _create_row(self, conn: Any, appid: str, endpoint: str) -> None:
+        """The quota row at 0 (its first use); another process may create it first."""
+        conn.execute(self._insert(quota_state).values(appid=appid, endpoint=endpoint, tat_us=0)
+                     .on_conflict_do_nothing())
 
     def quota_take(
         self, appid: str, endpoint: str, decide: Callable[[int, int], Decision], *,
         period_us: int = 0,
     ) -> tuple[Decision, int] | None:
-        """One try at taking permits: in one transaction, read the state and the database's
-        clock (microseconds), ask ``decide(tat_us, now_us)`` and, when it grants permits,
-        compare-and-swap the new state. Returns the decision and the ``now_us`` it was made at,
-        or ``None`` when another taker changed the state first (try again).
+        """One try at taking permits: read the state and the database's clock (microseconds),
+        ask ``decide(tat_us, now_us)`` and, when it grants permits, write the new state.
+        Returns the decision and the ``now_us`` it was made at, or ``None`` to try again (the
+        row was just created, or on SQLite another taker changed the state first).
 
-        The clock is PostgreSQL's ``clock_timestamp()``, read in the statement that reads the
-        state: every host's permits are placed on one time line. On SQLite (one host) it is
-        this process's clock. Granted permits are counted in the row's window of
-        ``period_us`` by the same statement (the status page's "quota used").
+        PostgreSQL: one transaction holding the row locked from the read to the commit, its
+        clock (``clock_timestamp()``) read once the lock is held, so every host's permits are
+        placed on one time line and takers wait their turn instead of racing. SQLite (one
+        host): this process's clock, and a compare-and-swap. Granted permits are counted in
+        the row's window of ``period_us`` by the statement that writes the state (the status
+        page's "quota used").
         """
         if self.sqlite:
             # One host, and its clock is the database's. Read and swap stay two transactions:
@@ -75,9 +78,7 @@ class QuotaState:
             # turn (a round trip) instead of losing a compare-and-swap and asking again.
             row = conn.execute(_TAKE_READ, keys).first()
             if row is None:
-                conn.execute(self._insert(quota_state)
-                             .values(appid=appid, endpoint=endpoint, tat_us=0)
-                             .on_conflict_do_nothing())
+                self._create_row(conn, appid, endpoint)
                 return None
             tat_us, now_us = int(row[0]), int(row[1])
             decision = decide(tat_us, now_us)
