@@ -4,10 +4,7 @@ grants made due once every host is idle, and the figures counted at the simulato
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +17,8 @@ import psutil
 from sqlalchemy import create_engine, func, make_url, select
 
 from keeper.cli.bench import APPID, _grants, _store_grants
-from keeper.cli.bench_net import BridgeSim, ChildProcess, Place, cpu_s
+from keeper.cli.bench_env import Child
+from keeper.cli.bench_net import BridgeSim, ChildProcess, Place
 from keeper.config import load_config
 from keeper.core.quota import parse_quota
 from keeper.crypto import create_key_file
@@ -99,10 +97,10 @@ class Bench:
                 grants.c.access_expires_at <= func.now())).scalar_one())
 
     def _wait(self, what: str, predicate: Callable[[], bool], timeout_s: float,
-              procs: Sequence[subprocess.Popen[bytes]]) -> None:
+              procs: Sequence[Child]) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
-            dead = [p.pid for p in procs if p.poll() is not None]
+            dead = [p.proc.pid for p in procs if p.proc.poll() is not None]
             if dead:
                 raise SystemExit(f"a host's keeper ended while waiting for {what} (pid {dead})"
                                  + self._log_tails())
@@ -124,21 +122,17 @@ class Bench:
         n = hosts * self.args.grants_per_host
         self.write_configs(quota)
         self.sim.post("config", {"quotas": {"refresh": quota or "100000000/minute"}})
-        procs = []
-        for i in range(hosts):
-            d = self.workdir / f"host-{i + 1}"
-            with open(d / "keeper.err", "ab") as err:
-                procs.append(subprocess.Popen(
-                    self.where.argv(i, [sys.executable, "-m", "keeper", "--config",
-                                        str(d / "keeper.toml"), "run"]),
-                    stdout=subprocess.DEVNULL, stderr=err, cwd=d, env=self.env))
-        pids = [p.pid for p in procs]
+        dirs = [self.workdir / f"host-{i + 1}" for i in range(hosts)]
+        procs = [Child(self.where.argv(i, [sys.executable, "-m", "keeper", "--config",
+                                           str(d / "keeper.toml"), "run"]),
+                       d / "keeper.err", cwd=d, env=self.env) for i, d in enumerate(dirs)]
+        pids = [p.proc.pid for p in procs]
         try:
             # Every host has started and swept once (nothing due): all are idle and ready.
             self._wait("the hosts to start", lambda: all(self._finished_sweeps(pids).values()),
                        60, procs)
             self.sim.post("reset-stats", {})
-            cpu0 = [cpu_s(p) for p in pids]
+            cpu0 = [p.cpu_s() for p in procs]
             helpers0 = {k: c.cpu_s() for k, c in self.helpers.items()}
             machine0 = psutil.cpu_times()
             started = time.monotonic()
@@ -151,11 +145,13 @@ class Bench:
             self._wait("the hosts to settle", lambda: all(
                 v > mark[p] for p, v in self._finished_sweeps(pids).items()), 60, procs)
             elapsed = time.monotonic() - started
-            cpu = [cpu_s(p) - c for p, c in zip(pids, cpu0, strict=True)]
+            cpu = [p.cpu_s() - c for p, c in zip(procs, cpu0, strict=True)]
             helpers = {k: c.cpu_s() - helpers0[k] for k, c in self.helpers.items()}
             machine = psutil.cpu_times()
         finally:
-            codes = _stop(procs)
+            for p in procs:  # SIGTERM, as systemd would; SIGKILL after 30 s
+                p.stop(timeout_s=30)
+        codes = [p.proc.returncode for p in procs]
         if any(codes):
             raise SystemExit(f"a host's keeper exited with {codes}" + self._log_tails())
         return Run(name, hosts, n, quota,
@@ -211,21 +207,6 @@ def rates(arrivals: Sequence[float]) -> tuple[float, float, float]:
     span = arrivals[-1] - arrivals[0]
     steady = (high - low) / (arrivals[high] - arrivals[low])
     return steady, (n - 1) / span, span
-
-
-def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> list[int]:
-    """SIGTERM each host's keeper, as systemd would; SIGKILL what is still there after 30 s."""
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGTERM)
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(30))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(p.wait())
-    return codes
 
 
 def _busy_share(before: Any, after: Any) -> float:
