@@ -30,6 +30,7 @@ from keeper.api.logins import CodeRejected, ExchangeFailed
 from keeper.api.openapi import document
 from keeper.api.routes import ROUTES
 from keeper.api.tokens import MustReauthorize, NoGrant, TokenDesk, Unavailable
+from keeper.clock import utcnow
 from keeper.config import Config, load_config
 from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
 from keeper.log import configure
@@ -38,7 +39,6 @@ from keeper.observe.collector import DatabaseCollector
 from keeper.observe.exposition import registry_for
 from keeper.service.runtime import Runtime
 from keeper.store.token_reader import TokenReader
-from keeper.sweep.engine import utcnow
 from keeper.sweep.journal import Journal
 
 log = structlog.get_logger("keeper.api")

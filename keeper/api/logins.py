@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import structlog
 
+from keeper.clock import utcnow
 from keeper.config import AppConfig, Config
 from keeper.core.models import ACTIVE, Grant
 from keeper.core.policy import schedule
@@ -24,11 +25,9 @@ from keeper.errors import (
     QuotaExceeded,
     TransientApiError,
 )
+from keeper.limiter import QuotaGate, QuotaWait
 from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite
-from keeper.sweep.engine import utcnow
-from keeper.sweep.limiter import QuotaGate, QuotaWait
-from keeper.sweep.worker import lifetime
 from keeper.wechat.client import WeChatClient
 
 log = structlog.get_logger("keeper.logins")
@@ -101,7 +100,7 @@ def exchange(
         refresh_issued_at=now, state=ACTIVE,
         profile_stop=48001 if answer.is_snapshotuser else None,
     )
-    _store(store, GrantWrite(grant, schedule(grant, lifetime(app, config))))
+    _store(store, GrantWrite(grant, schedule(grant, config.lifetime(app))))
     log.info("grant.stored", appid=app.appid, openid=answer.openid,
              snapshot=answer.is_snapshotuser)
     return Login(app.appid, answer.openid, answer.unionid, answer.scope, answer.is_snapshotuser)

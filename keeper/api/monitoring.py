@@ -14,8 +14,8 @@ from starlette.responses import HTMLResponse, Response
 
 from keeper.api.http import endpoint
 from keeper.api.status_page import render
+from keeper.clock import utcnow
 from keeper.observe.report import build_report
-from keeper.sweep.engine import utcnow
 
 if TYPE_CHECKING:
     from keeper.api.app import Api

@@ -18,6 +18,7 @@ from keeper.api import monitoring
 from keeper.api.documents import iso, profile_document, reauth_row
 from keeper.api.http import Problem, bad_request, endpoint, path_id, query_int
 from keeper.api.logins import exchange
+from keeper.clock import utcnow
 from keeper.config import ACCESS_TOKEN_LIFE_S
 from keeper.core.grant_lines import REQUIRED, BadLine, parse_line
 from keeper.core.models import REAUTH, Grant
@@ -25,8 +26,6 @@ from keeper.core.policy import schedule
 from keeper.errors import StoreError
 from keeper.store.rows import GrantWrite
 from keeper.store.token_reader import Unreadable
-from keeper.sweep.engine import utcnow
-from keeper.sweep.worker import lifetime
 
 if TYPE_CHECKING:
     from keeper.api.app import Api
@@ -107,7 +106,7 @@ def put_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
     except BadLine as e:
         raise bad_request(e.field, str(e).removeprefix(f"{e.field}: ")) from None
     existed = api.store.token_row(appid, openid) is not None
-    clock = lifetime(api.config.app(appid), api.config)
+    clock = api.config.lifetime(api.config.app(appid))
     api.store.upsert_grants([GrantWrite(grant, schedule(grant, clock))], utcnow())
     log.info("grant.stored", appid=appid, openid=openid, source="api")
     return JSONResponse({"appid": appid, "openid": openid, "unionid": grant.unionid,

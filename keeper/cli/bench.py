@@ -37,7 +37,6 @@ from keeper.log import configure
 from keeper.service.runtime import Runtime, cipher_for
 from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite
-from keeper.sweep.worker import lifetime
 
 APPID = "wxbench0000000001"
 SECRET = "bench-secret-not-used"  # noqa: S105 - a simulator app's made-up secret
@@ -146,7 +145,7 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         rows = _grants(grants, now)
         sim.seed(rows)
         store = Store(url, cipher=cipher_for(config), auto_upgrade=True).open()
-        clock = lifetime(config.apps[0], config)
+        clock = config.lifetime(config.apps[0])
         at = datetime.now(UTC)
         _store_grants(store, rows, clock, access_expires_at=at - timedelta(seconds=60))
         for start in range(0, not_due, 50000):  # a big table, mostly not due

@@ -41,7 +41,6 @@ from keeper.crypto import create_key_file
 from keeper.service.runtime import cipher_for
 from keeper.store.grants import Store
 from keeper.store.schema import grants
-from keeper.sweep.worker import lifetime
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 MIN_VALID_MAX = ACCESS_TOKEN_LIFE_S - 600  # the token endpoint's bound on min_valid
@@ -71,7 +70,7 @@ class Bench:
         self.write_config(1)
         config = load_config(str(self.config_path), env=self.env)
         self.store = Store(db_url, cipher=cipher_for(config), auto_upgrade=True).open()
-        self.clock = lifetime(config.apps[0], config)
+        self.clock = config.lifetime(config.apps[0])
         now = time.time()
         self.pop = {"fresh": _rows("fresh-", args.users, 7200, now),
                     "stale": _rows("stale-", args.users, 3600, now),

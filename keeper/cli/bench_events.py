@@ -36,7 +36,6 @@ from keeper.service.runtime import Runtime, cipher_for
 from keeper.store.events import record_events
 from keeper.store.grants import Store
 from keeper.store.schema import events
-from keeper.sweep.worker import lifetime
 
 
 class Receiver:
@@ -112,7 +111,7 @@ def run(*, n_events: int, grants: int, latency_ms: float, workers: int,
                     "openid": r["openid"], "endpoint": "refresh", "answer": 40030},
                     timeout=30).raise_for_status()
         store = Store(url, cipher=cipher_for(config), auto_upgrade=True).open()
-        _store_grants(store, rows, lifetime(config.apps[0], config),
+        _store_grants(store, rows, config.lifetime(config.apps[0]),
                       access_expires_at=datetime.now(UTC))
         top = store.events_top()
         store.close()

@@ -25,7 +25,6 @@ from keeper.crypto import create_key_file
 from keeper.service.runtime import cipher_for
 from keeper.store.grants import Store
 from keeper.store.schema import grants, sweeps
-from keeper.sweep.worker import lifetime
 
 #: The share of calls left out at each end when measuring the steady rate.
 TRIM = 0.10
@@ -58,7 +57,7 @@ class Bench:
         self.write_configs(None)
         config = load_config(str(workdir / "host-1" / "keeper.toml"), env=self.env)
         self.store = Store(db_url, cipher=cipher_for(config), auto_upgrade=True).open()
-        self.clock = lifetime(config.apps[0], config)
+        self.clock = config.lifetime(config.apps[0])
         self.rows = _grants(args.hosts * args.grants_per_host, time.time())
         sim.seed(self.rows)
         _store_grants(self.store, self.rows, self.clock,

@@ -10,12 +10,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from keeper.clock import utcnow
 from keeper.config import Config
 from keeper.errors import UsageError
 from keeper.events.deliverer import Deliverer
 from keeper.log import register_secret
 from keeper.service.runtime import open_store
-from keeper.sweep.engine import utcnow
 
 
 def _out(text: str) -> None:

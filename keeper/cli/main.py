@@ -16,6 +16,7 @@ from typing import IO, Any
 import structlog
 
 from keeper import __version__
+from keeper.clock import utcnow
 from keeper.config import Config, load_config
 from keeper.core.forecast import MAX_DAYS
 from keeper.core.grant_lines import MAX_LINE_BYTES, parse_lines
@@ -30,14 +31,12 @@ from keeper.errors import (
     TransientApiError,
     UsageError,
 )
+from keeper.limiter import QuotaWait
 from keeper.log import configure
 from keeper.service.runtime import Runtime, cipher_for, open_store
 from keeper.store import db
 from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite, new_lease_id
-from keeper.sweep.engine import utcnow
-from keeper.sweep.limiter import QuotaWait
-from keeper.sweep.worker import lifetime
 
 log = structlog.get_logger("keeper.cli")
 
@@ -170,7 +169,7 @@ def _read_lines(source: str) -> Iterator[str | bytes]:
 
 def cmd_import(config: Config, args: argparse.Namespace) -> int:
     appids = [a.appid for a in config.apps]
-    clocks = {a.appid: lifetime(a, config) for a in config.apps}
+    clocks = {a.appid: config.lifetime(a) for a in config.apps}
     store = open_store(config)
     imported = bad = 0
     unknown: set[str] = set()

@@ -11,6 +11,7 @@ from typing import Any
 
 from keeper.config.api import DEFAULT_METRICS_LISTEN, ApiConfig
 from keeper.config.webhooks import DEFAULT_RETENTION_S, WebhookConfig
+from keeper.core.policy import Lifetime
 from keeper.core.quota import Quota
 from keeper.errors import ConfigError
 
@@ -102,6 +103,17 @@ class Config:
             if app.appid == appid:
                 return app
         raise ConfigError(f"app {appid!r} is not configured (no [[apps]] entry)")
+
+    def lifetime(self, app: AppConfig) -> Lifetime:
+        """The policy's clock for one app's grants: its refresh token's life and refresh day,
+        and this configuration's access margin and profile interval."""
+        return Lifetime(
+            lifetime_s=app.refresh_lifetime_s,
+            refresh_at_s=app.refresh_at_s,
+            access_margin_s=self.access_margin_s,
+            profile_interval_s=self.profile_interval_s,
+            access_ahead=self.access_refresh == "ahead",
+        )
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration for the start-up log line: no secret, no password."""

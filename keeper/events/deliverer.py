@@ -18,10 +18,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
+from keeper.clock import utcnow
 from keeper.config.webhooks import WebhookConfig
 from keeper.core.events import next_attempt
 from keeper.errors import StoreError
@@ -38,9 +39,6 @@ BATCH = 50
 #: How often delivered events past the retention are pruned.
 PRUNE_EVERY_S = 600.0
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def lease_for(hook: WebhookConfig) -> float:

@@ -13,12 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from keeper.clock import utcnow
 from keeper.config import Config
 from keeper.core.models import ACTIVE, EXPIRING, REAUTH
 from keeper.errors import StoreError
@@ -38,9 +39,6 @@ STATES = (ACTIVE, EXPIRING, REAUTH)
 REASONS = ("refresh_token_invalid", "refresh_token_expired", "authorization_revoked",
            "refresh_token_expiring", "other")
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

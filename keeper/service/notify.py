@@ -10,10 +10,11 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+
+from keeper.clock import utcnow
 
 # Named as before the re-layout: the name is in every log line ("logger"), which stays.
 log = structlog.get_logger("keeper.notify")
@@ -79,7 +80,7 @@ class Notifier:
 def sweep_status(summary: dict[str, Any]) -> str:
     """The one-line summary systemd shows (``STATUS=``)."""
     return (
-        f"last sweep {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z: "
+        f"last sweep {utcnow():%Y-%m-%d %H:%M:%S}Z: "
         f"{summary.get('refresh_tokens_refreshed', 0)} refresh tokens, "
         f"{summary.get('access_tokens_refreshed', 0)} access tokens, "
         f"{summary.get('profiles_fetched', 0)} profiles, "

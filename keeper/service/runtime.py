@@ -7,17 +7,18 @@ from dataclasses import dataclass
 
 from keeper.avatars.fetcher import Fetcher
 from keeper.avatars.sweep_pass import AvatarKeeper
+from keeper.clock import utcnow
 from keeper.config import Config
 from keeper.crypto import Cipher, create_key_file, load_keys
 from keeper.errors import ConfigError
 from keeper.events.deliverer import Deliverer
+from keeper.limiter import QuotaGate
 from keeper.log import register_secret
 from keeper.service.statedir import guard_sqlite_file
 from keeper.store.db import is_sqlite, sqlite_path
 from keeper.store.grants import Store
-from keeper.sweep.engine import Sweeper, utcnow
+from keeper.sweep.engine import Sweeper
 from keeper.sweep.journal import Journal
-from keeper.sweep.limiter import QuotaGate
 from keeper.sweep.worker import Worker
 from keeper.wechat.client import WeChatClient
 

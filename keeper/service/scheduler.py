@@ -17,13 +17,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from types import FrameType
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from keeper.clock import utcnow
 from keeper.config import Config
 from keeper.errors import ConfigError, DatabaseUnavailable, KeeperError, SchemaOutdated, StoreError
 from keeper.log import set_level
@@ -132,7 +133,7 @@ class Service:
         self.notifier.status(f"database unavailable; retrying in {delay:.0f} s")
         job = self.scheduler.get_job("sweep")
         if job is not None and not self.stop.is_set():
-            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+            job.modify(next_run_time=utcnow() + timedelta(seconds=delay))
 
     def _apply_pending(self) -> None:
         """A reloaded configuration takes effect between sweeps."""
@@ -231,7 +232,7 @@ class Service:
         if job is not None:
             # A sweep already running finishes first: max_instances=1 queues nothing, so the
             # request is kept until the scheduler can start one.
-            job.modify(next_run_time=datetime.now(UTC))
+            job.modify(next_run_time=utcnow())
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
@@ -242,7 +243,7 @@ class Service:
             return self._shutdown()
         self.scheduler.add_job(
             self.sweep_job, "interval", seconds=self.config.sweep_interval_s, id="sweep",
-            next_run_time=datetime.now(UTC),
+            next_run_time=utcnow(),
         )
         self.scheduler.start()
         self.deliverer.start()  # threads of its own: a dead receiver never slows a sweep

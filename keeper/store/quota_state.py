@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, case, select, update
 
+from keeper.clock import utcnow
 from keeper.core.quota import Decision, window_start_us
 from keeper.store.clock import db_now_us
 from keeper.store.db import translate
@@ -94,7 +95,7 @@ class QuotaState:
         """The database's time now (PostgreSQL's ``clock_timestamp()``; on SQLite this
         process's clock): for decisions other hosts must agree with, such as a quota pause."""
         if self.sqlite:
-            return datetime.now(UTC)
+            return utcnow()
         with translate("reading the database's clock"), self.engine.connect() as conn:
             us = int(conn.execute(select(db_now_us())).scalar_one())
         return datetime.fromtimestamp(us / 1_000_000, UTC)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Dialect, Engine, bindparam, delete, func, select
 
+from keeper.clock import utcnow
 from keeper.core.events import GRANT_DELETED, NewEvent
 from keeper.crypto import Cipher
 from keeper.store.db import translate
@@ -81,7 +82,7 @@ class Users:
         Returns (whether there was a grant, the avatar file it leaves unused). The caller
         removes that file: after the commit, and only a file no other profile points to.
         """
-        now = now or datetime.now(UTC)
+        now = now or utcnow()
         with translate("deleting a grant"), self.engine.begin() as conn:
             row = conn.execute(
                 select(grants.c.id, grants.c.unionid, profiles.c.avatar_path)

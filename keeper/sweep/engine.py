@@ -21,12 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import structlog
 
 from keeper.avatars.sweep_pass import AvatarKeeper
+from keeper.clock import utcnow
 from keeper.config import Config
 from keeper.core.models import Grant
 from keeper.errors import DatabaseUnavailable, StoreError
@@ -43,9 +44,6 @@ log = structlog.get_logger("keeper.sweep")
 #: Results written per transaction when held results are caught up after an outage.
 CATCH_UP_BATCH = 500
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 _Task = tuple[Grant, str, "queue.Queue[Result]"]

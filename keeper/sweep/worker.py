@@ -15,12 +15,11 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from keeper.config import AppConfig, Config
+from keeper.config import Config
 from keeper.core.models import Grant, Profile, Reauth
 from keeper.core.policy import (
     ACCESS,
     PROFILE_FAILING_AFTER,
-    Lifetime,
     access_stale,
     after_profile_failure,
     after_profile_read,
@@ -42,8 +41,8 @@ from keeper.errors import (
     StoreError,
     TransientApiError,
 )
+from keeper.limiter import QuotaGate, QuotaWait, Stopped
 from keeper.store.rows import GrantWrite
-from keeper.sweep.limiter import QuotaGate, QuotaWait, Stopped
 from keeper.wechat.client import WeChatClient
 
 # Named as before the re-layout: the name is in every log line ("logger"), which stays.
@@ -53,16 +52,6 @@ log = structlog.get_logger("keeper.worker")
 #: minute, 45009 until midnight) defers the app's grants to a later sweep instead.
 QUOTA_MAX_WAIT_S = 10.0
 
-
-def lifetime(app: AppConfig, config: Config) -> Lifetime:
-    """The policy's clock for one app."""
-    return Lifetime(
-        lifetime_s=app.refresh_lifetime_s,
-        refresh_at_s=app.refresh_at_s,
-        access_margin_s=config.access_margin_s,
-        profile_interval_s=config.profile_interval_s,
-        access_ahead=config.access_refresh == "ahead",
-    )
 
 
 @dataclass
@@ -110,7 +99,7 @@ class Worker:
         self.rng = rng or random.Random()
         #: Set by a sweep that gave up on WeChat: grants still queued go back untouched.
         self.halt = threading.Event()
-        self.clocks = {a.appid: lifetime(a, config) for a in config.apps}
+        self.clocks = {a.appid: config.lifetime(a) for a in config.apps}
         #: The longest a call waits for a quota permit (an API request waits less).
         self.quota_wait_s = QUOTA_MAX_WAIT_S
 

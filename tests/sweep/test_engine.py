@@ -17,7 +17,6 @@ from keeper.core.policy import schedule
 from keeper.crypto import create_key_file
 from keeper.service.runtime import Runtime
 from keeper.store.rows import GrantWrite
-from keeper.sweep.worker import lifetime
 from keeper.wechat.simulator import Simulator
 from tests.conftest import APPID, SECRET
 from tests.e2e.helpers import make_grant
@@ -56,7 +55,7 @@ def put(rt: Runtime, sim: Simulator, *grants: dict[str, object]) -> None:
             refresh_issued_at=datetime.fromtimestamp(float(g["refresh_issued_at"]), UTC),  # type: ignore[arg-type]
             state=ACTIVE,
         )
-        writes.append(GrantWrite(grant, schedule(grant, lifetime(app, rt.config))))
+        writes.append(GrantWrite(grant, schedule(grant, rt.config.lifetime(app))))
     rt.store.upsert_grants(writes, datetime.now(UTC))
 
 
@@ -200,7 +199,7 @@ def test_a_result_the_database_refuses_costs_its_batch_mates_nothing(
     for g in claimed:
         new = _replace(g, refresh_token=f"RT-{g.openid}-new", refresh_issued_at=now)
         profile = Profile(now, nickname="cut\ud83d" if g.openid == "odd-user" else "n")
-        sweeper.held[g.id] = Held(GrantWrite(new, schedule(new, lifetime(app, rt.config)),
+        sweeper.held[g.id] = Held(GrantWrite(new, schedule(new, rt.config.lifetime(app)),
                                              profile, base=(g.access_token, g.refresh_token)),
                                   lease)
     with capture_logs() as logs:

@@ -12,8 +12,8 @@ import pytest
 
 from keeper.config import AppConfig
 from keeper.core.quota import parse_quota
+from keeper.limiter import STOP_CHECK_S, QuotaGate, Stopped
 from keeper.store.grants import Store
-from keeper.sweep.limiter import STOP_CHECK_S, QuotaGate, Stopped
 from tests.conftest import wait_for
 
 

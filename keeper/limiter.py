@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from keeper.clock import utcnow
 from keeper.config import AppConfig
 from keeper.core.quota import Gcra, pause_until, paused_tat_us, take
 from keeper.errors import KeeperError, StoreError
@@ -147,7 +148,7 @@ class QuotaGate:
         try:
             now = self.store.db_clock()
         except StoreError:
-            now = datetime.now(UTC)
+            now = utcnow()
         return (until - now).total_seconds()
 
     def pause(self, appid: str, endpoint: str, errcode: int,
