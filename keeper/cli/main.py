@@ -77,21 +77,20 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 def cmd_sweep(config: Config, args: argparse.Namespace) -> int:
     log.info("keeper.started", version=__version__, pid=os.getpid(), command="sweep",
              **config.redacted())
-    rt = Runtime.build(config)
-    sweeper = rt.sweeper()
-    if sys.stderr.isatty() and not args.json:
-        sweeper.progress = _progress_bar()
-    # Either signal ends the sweep cleanly: calls in flight finish, results are written.
-    signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
-    try:
-        summary = sweeper.run_once()
-    finally:
-        # Results the database did not take (it failed) wait in the journal for the next
-        # keeper process, which writes them before it claims anything.
-        sweeper.save_held()
-        sweeper.close()
-        rt.close()
+    with Runtime.build(config) as rt:
+        sweeper = rt.sweeper()
+        if sys.stderr.isatty() and not args.json:
+            sweeper.progress = _progress_bar()
+        # Either signal ends the sweep cleanly: calls in flight finish, results are written.
+        signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
+        try:
+            summary = sweeper.run_once()
+        finally:
+            # Results the database did not take (it failed) wait in the journal for the next
+            # keeper process, which writes them before it claims anything.
+            sweeper.save_held()
+            sweeper.close()
     if sweeper.progress is not None:
         sys.stderr.write("\n")
     if args.json:
@@ -124,16 +123,14 @@ def cmd_grant(config: Config, args: argparse.Namespace) -> int:
     from keeper.api.logins import CodeRejected, ExchangeFailed, exchange
 
     app = config.app(args.app)
-    rt = Runtime.build(config)
-    try:
-        login = exchange(config=config, app=app, code=args.code, store=rt.store,
-                         client=rt.client, gate=rt.gate)
-    except CodeRejected as e:
-        raise UsageError(str(e)) from None
-    except ExchangeFailed as e:
-        raise Failed(str(e)) from None
-    finally:
-        rt.close()
+    with Runtime.build(config) as rt:
+        try:
+            login = exchange(config=config, app=app, code=args.code, store=rt.store,
+                             client=rt.client, gate=rt.gate)
+        except CodeRejected as e:
+            raise UsageError(str(e)) from None
+        except ExchangeFailed as e:
+            raise Failed(str(e)) from None
     if args.json:
         _json({"appid": login.appid, "openid": login.openid, "unionid": login.unionid,
                "scope": login.scope, "is_snapshotuser": login.is_snapshotuser})
@@ -247,15 +244,14 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
     from keeper.api.tokens import MustReauthorize, NoGrant, TokenDesk, Unavailable
 
     app = config.app(args.app)
-    rt = Runtime.build(config)
-    desk = TokenDesk(store=rt.store, worker=rt.worker, lease_s=config.lease_s,
-                     wait_s=2 * config.read_timeout_s + 5, journal=rt.journal(), clock=utcnow)
-    try:
-        token = desk.token(app.appid, args.openid, min_valid_s=config.access_margin_s)
-    except (NoGrant, MustReauthorize, Unavailable) as e:
-        raise Failed(str(e)) from None
-    finally:
-        rt.close()
+    with Runtime.build(config) as rt:
+        desk = TokenDesk(store=rt.store, worker=rt.worker, lease_s=config.lease_s,
+                         wait_s=2 * config.read_timeout_s + 5, journal=rt.journal(),
+                         clock=utcnow)
+        try:
+            token = desk.token(app.appid, args.openid, min_valid_s=config.access_margin_s)
+        except (NoGrant, MustReauthorize, Unavailable) as e:
+            raise Failed(str(e)) from None
     sys.stdout.write(token.access_token + "\n")
     sys.stdout.flush()
     return EXIT_OK
@@ -263,8 +259,7 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
     app = config.app(args.app)
-    rt = Runtime.build(config)
-    try:
+    with Runtime.build(config) as rt:
         grant = _grant_or_fail(rt.store, app.appid, args.openid)
         rt.gate.acquire(app.appid, "auth", max_wait_s=30)
         valid, detail = True, "ok"
@@ -275,8 +270,6 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             raise Failed(f"WeChat could not be asked: {e}") from None
         except ApiError as e:  # WeChat's answer: the token is not valid
             valid, errcode, detail = False, e.errcode, str(e)
-    finally:
-        rt.close()
     if args.json:
         _json({"appid": app.appid, "openid": args.openid, "valid": valid, "errcode": errcode,
                "access_expires_at": _iso(grant.access_expires_at)})

@@ -53,6 +53,10 @@ def open_store(config: Config, *, pool_size: int = 1) -> Store:
 
 @dataclass
 class Runtime:
+    """keeper's parts for one process, wired from one :class:`Config`. A context manager:
+    ``with Runtime.build(config) as rt:`` closes the WeChat client and the store on the way
+    out, however the block ends."""
+
     config: Config
     store: Store
     client: WeChatClient
@@ -117,3 +121,9 @@ class Runtime:
     def close(self) -> None:
         self.client.close()
         self.store.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

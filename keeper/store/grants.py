@@ -25,7 +25,7 @@ from keeper.store.leases import Leases
 from keeper.store.observe import Observations
 from keeper.store.quota_state import QuotaState
 from keeper.store.reports import Reports
-from keeper.store.rows import _MUTABLE, GrantWrite, _grant, _schedule_values
+from keeper.store.rows import MUTABLE, GrantWrite, grant_of, schedule_values
 from keeper.store.schema import grants, meta, reauth
 from keeper.store.users import Users
 
@@ -115,7 +115,7 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
 
     def _tokens(self, g: Grant) -> dict[str, Any]:
         """The grant's mutable columns as stored: tokens encrypted with the primary key."""
-        values = {k: getattr(g, k) for k in _MUTABLE}
+        values = {k: getattr(g, k) for k in MUTABLE}
         values["access_token"] = self.cipher.encrypt(g.access_token)
         values["refresh_token"] = self.cipher.encrypt(g.refresh_token)
         values["key_id"] = self.cipher.primary_id
@@ -145,7 +145,7 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
             rows.append({
                 "appid": g.appid, "openid": g.openid,
                 **self._tokens(g),
-                **_schedule_values(w.schedule),
+                **schedule_values(w.schedule),
                 "lease_id": None, "lease_until": None, "created_at": now, "updated_at": now,
             })
         stmt = self._insert(grants)
@@ -155,7 +155,7 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
         stmt = stmt.on_conflict_do_update(
             index_elements=["appid", "openid"],
             set_={
-                **{k: ex[k] for k in (*_MUTABLE, "key_id") if k not in keep},
+                **{k: ex[k] for k in (*MUTABLE, "key_id") if k not in keep},
                 "profile_stop": func.coalesce(ex.profile_stop, grants.c.profile_stop),
                 "refresh_due_at": ex.refresh_due_at,
                 "access_due_at": ex.access_due_at,
@@ -195,4 +195,4 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
             row = conn.execute(
                 select(grants).where(grants.c.appid == appid, grants.c.openid == openid)
             ).first()
-        return _grant(row, self.cipher) if row else None
+        return grant_of(row, self.cipher) if row else None

@@ -22,13 +22,13 @@ from keeper.store.counters import take_seqs
 from keeper.store.db import translate
 from keeper.store.events import record_events
 from keeper.store.rows import (
-    _MUTABLE,
-    _PROFILE_FIELDS,
     DUE_COLUMNS,
+    MUTABLE,
+    PROFILE_FIELDS,
     GrantWrite,
-    _grant,
-    _profile_values,
-    _schedule_values,
+    grant_of,
+    profile_values,
+    schedule_values,
 )
 from keeper.store.schema import grants, profiles, reauth
 
@@ -105,7 +105,7 @@ class Leases:
             params,
         ).all()
         order = {gid: i for i, gid in enumerate(ids)}
-        return [_grant(r, self.cipher) for r in sorted(rows, key=lambda r: order[r.id])]
+        return [grant_of(r, self.cipher) for r in sorted(rows, key=lambda r: order[r.id])]
 
     def claim_one(
         self, appid: str, openid: str, *, lease_id: str, lease_s: float, now: datetime,
@@ -133,7 +133,7 @@ class Leases:
             row = conn.execute(query, params).first()
             if self.sqlite:
                 conn.commit()
-        return _grant(row, self.cipher) if row else None
+        return grant_of(row, self.cipher) if row else None
 
     def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> int:
         """Write results of leased work in one transaction and end the leases.
@@ -169,7 +169,7 @@ class Leases:
                     "b_id": w.grant.id,
                     "b_now": now,
                     **self._tokens(w.grant),
-                    **_schedule_values(w.schedule),
+                    **schedule_values(w.schedule),
                 }
                 for w in mine
             ]
@@ -192,14 +192,14 @@ class Leases:
         old_profiles = stored_profiles(conn, writes)
         old_records = stored_records(conn, writes)
         profile_rows = [
-            {"grant_id": w.grant.id, **_profile_values(w.profile)} for w in writes if w.profile
+            {"grant_id": w.grant.id, **profile_values(w.profile)} for w in writes if w.profile
         ]
         if profile_rows:
             stmt = self._insert(profiles)
             # A "no profile" answer (errcode) keeps the last profile that was read.
             set_ = {
                 k: case((stmt.excluded.errcode.is_(None), stmt.excluded[k]), else_=profiles.c[k])
-                for k in _PROFILE_FIELDS
+                for k in PROFILE_FIELDS
             }
             set_["errcode"] = stmt.excluded.errcode
             set_["fetched_at"] = stmt.excluded.fetched_at
@@ -283,7 +283,7 @@ _WRITE = (
     update(grants)
     .where(grants.c.id == bindparam("b_id"))
     .values(
-        {k: bindparam(k) for k in (*_MUTABLE, "key_id", *(c.name for c in DUE_COLUMNS))}
+        {k: bindparam(k) for k in (*MUTABLE, "key_id", *(c.name for c in DUE_COLUMNS))}
         | {"lease_id": None, "lease_until": None,
            "updated_at": bindparam("b_now", type_=grants.c.updated_at.type)}
     )

@@ -18,13 +18,15 @@ from keeper.crypto import Cipher
 from keeper.store.schema import grants
 
 DUE_COLUMNS = (grants.c.refresh_due_at, grants.c.access_due_at, grants.c.profile_due_at)
-_MUTABLE = (
+#: The columns of ``grants`` a write may change (the key columns and the lease never are).
+MUTABLE = (
     "unionid", "scope", "access_token", "refresh_token", "access_expires_at",
     "refresh_issued_at", "state", "failures", "retry_at", "last_error", "profile_at",
     "profile_stop", "profile_failures", "profile_retry_at", "profile_error",
 )
 
-_PROFILE_FIELDS = (
+#: The columns of ``profiles`` a profile read writes.
+PROFILE_FIELDS = (
     "nickname", "sex", "province", "city", "country", "headimgurl", "privilege", "unionid",
     "avatar_due",
 )
@@ -52,7 +54,8 @@ def new_lease_id() -> str:
     return secrets.token_hex(8)
 
 
-def _grant(row: Row[Any] | Mapping[str, Any], cipher: Cipher) -> Grant:
+def grant_of(row: Row[Any] | Mapping[str, Any], cipher: Cipher) -> Grant:
+    """The :class:`Grant` of a ``grants`` row, its tokens decrypted."""
     m = row._mapping if isinstance(row, Row) else row
     return Grant(
         id=m["id"], appid=m["appid"], openid=m["openid"], unionid=m["unionid"],
@@ -66,7 +69,8 @@ def _grant(row: Row[Any] | Mapping[str, Any], cipher: Cipher) -> Grant:
     )
 
 
-def _schedule_values(s: Schedule) -> dict[str, datetime | None]:
+def schedule_values(s: Schedule) -> dict[str, datetime | None]:
+    """The due columns of a schedule."""
     return {
         "refresh_due_at": s.refresh_due_at,
         "access_due_at": s.access_due_at,
@@ -74,7 +78,8 @@ def _schedule_values(s: Schedule) -> dict[str, datetime | None]:
     }
 
 
-def _profile_values(p: Profile) -> dict[str, Any]:
+def profile_values(p: Profile) -> dict[str, Any]:
+    """The ``profiles`` columns of a profile read."""
     return {
         "nickname": p.nickname, "sex": p.sex, "province": p.province, "city": p.city,
         "country": p.country, "headimgurl": p.headimgurl,

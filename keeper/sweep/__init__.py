@@ -1,2 +1,2 @@
-"""Sweeps: the ``Sweeper`` (``engine``) that holds results until committed, one sweep's run,
-the worker of one leased grant, the quota gate (``limiter``) and the journal."""
+"""Sweeps: the engine (the ``Sweeper`` that holds results until committed, and one sweep's
+run), the worker of one leased grant and the journal of results an exit could not write."""

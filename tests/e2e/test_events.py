@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from keeper.store.schema import deliveries, events, grants, reauth
-from keeper.sweep.run import MIN_PAGE
+from keeper.sweep.engine import MIN_PAGE
 from keeper.wechat.simulator import Simulator
 from tests.conftest import Keeper, config_text, require_postgres, reset_postgres, wait_for
 from tests.e2e.helpers import endpoint, make_grant, seed
