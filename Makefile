@@ -29,12 +29,14 @@ test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check keeper tests examples
+	$(BIN)/ruff check keeper bench tests examples
 	$(BIN)/mypy
 	$(BIN)/mypy examples/website/app.py
 
+# The benchmarks (bench/, beside the package, not in the wheel), from this checkout; arguments
+# through ARGS, e.g. make bench ARGS="hosts --grants-per-host 100".
 bench: $(STAMP)
-	$(BIN)/keeper bench
+	$(BIN)/python -m bench $(ARGS)
 
 # Keeps the file's leading comment lines (pip freeze writes none).
 constraints: $(TEST_STAMP)

@@ -1,2 +1,2 @@
-"""The command line: ``main`` (every command), ``importer`` (``keeper import`` lines), ``demo``
-and ``bench``."""
+"""The command line: ``main`` (every command, ``keeper import`` lines included), ``events``
+(``keeper events``) and ``demo``. The benchmarks live outside the package, in ``bench/``."""

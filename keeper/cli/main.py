@@ -574,7 +574,6 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--scopes", required=True, metavar="SCOPES",
                     help="comma-separated: tokens, grants, read")
     sub.add_parser("simulate", help="run the WeChat simulator on loopback", add_help=False)
-    sub.add_parser("bench", help="benchmark a sweep against the simulator", add_help=False)
     sub.add_parser("demo", help="the demo that `make demo` runs", add_help=False)
     return p
 
@@ -583,16 +582,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
     argv = list(sys.argv[1:] if argv is None else argv)
     # Tools with their own arguments.
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if first is not None and argv[first] in ("simulate", "bench", "demo"):
+    if first is not None and argv[first] in ("simulate", "demo"):
         rest = argv[first + 1:]
         if argv[first] == "simulate":
             from keeper.wechat.simulator.cli import main as simulate
 
             return simulate(rest)
-        if argv[first] == "bench":
-            from keeper.cli.bench import main as bench
-
-            return bench(rest)
         from keeper.cli.demo import main as demo
 
         return demo(rest)

@@ -149,7 +149,7 @@ def _ping_when_idle(engine: Engine) -> None:
 
     SQLAlchemy's ``pool_pre_ping`` pings at every checkout: a round trip before each
     statement, a fifth of the CPU of an on-demand token refresh in ``keeper serve``
-    (``keeper bench api``). A connection checked in moments ago was alive moments ago;
+    (``python -m bench api``). A connection checked in moments ago was alive moments ago;
     one that breaks in between fails that statement as a database error, which keeper
     retries like any other outage.
     """

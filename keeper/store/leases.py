@@ -252,7 +252,7 @@ def _free(now: Any) -> Any:
 
 # Statements built once. ``keeper serve`` runs them for every token it refreshes (one grant
 # at a time), and building one with its cache key cost more CPU than running it: half of
-# claim_one's 2.6 ms, a quarter of apply's 3.3 ms (``keeper bench api``).
+# claim_one's 2.6 ms, a quarter of apply's 3.3 ms (``python -m bench api``).
 # Keyed by "is SQLite": the database's clock is a parameter there, clock_timestamp() on
 # PostgreSQL.
 _CLAIM_ONE = {

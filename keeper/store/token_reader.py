@@ -3,7 +3,7 @@ fresh, read without leaving the event loop.
 
 Through the thread pool, a fresh token cost a thread hop, a pool checkout with its pre-ping
 round trip and SQLAlchemy's execution machinery, about 1.2 ms of CPU a request; read here it
-is one prepared statement (``keeper bench api`` has the figures). Anything but a clean answer
+is one prepared statement (``python -m bench api`` has the figures). Anything but a clean answer
 raises :class:`Unreadable`, and the caller takes the ordinary path, which has the outage
 handling (waits, retries, the journal): this path is only ever a shortcut.
 

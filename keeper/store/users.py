@@ -32,7 +32,7 @@ class TokenRow:
 
 
 #: The token look-up, built once: on the API's busiest path, building a Core statement and its
-#: cache key cost more CPU than running it (``keeper bench api``).
+#: cache key cost more CPU than running it (``python -m bench api``).
 _TOKEN_ROW = select(
     grants.c.id, grants.c.state, grants.c.scope, grants.c.access_token,
     grants.c.access_expires_at, grants.c.lease_id, grants.c.lease_until,

@@ -1,6 +1,6 @@
 """Three test hosts sharing one PostgreSQL: the fixtures of the multi-host tests.
 
-The hosts (keeper/cli/netns.py) reach PostgreSQL through a forwarder on the bridge's address
+The hosts (bench/netns.py) reach PostgreSQL through a forwarder on the bridge's address
 (to 127.0.0.1:5432) and the simulator, which listens on the bridge's address too. Each host
 has a directory of its own (its config, journal and logs: hosts share no disk) and runs the
 real program through ``ip netns exec``. Skipped with a visible reason where namespaces cannot be
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url
 
-from keeper.cli.netns import Host, NetnsUnavailable, TestNet
+from bench.netns import Host, NetnsUnavailable, TestNet
 from keeper.wechat.simulator import SimQuota, Simulator
 from tests.conftest import (
     APPID,

@@ -3,7 +3,7 @@ than the lease, then back: the others take its grants over, what it writes late 
 (the lease and the tokens the work began with are the fence), no older token overwrites a
 newer one, nothing is lost, and the host carries on.
 
-The cut is ``ip link set DEV down`` inside the host's namespace (keeper/cli/netns.py): its
+The cut is ``ip link set DEV down`` inside the host's namespace (bench/netns.py): its
 connections to PostgreSQL (through the forwarder) and to the simulator are neither closed nor
 reset, they just stop carrying anything, as when a cable or a switch port goes.
 """

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from keeper.cli.netns import IP, TestNet
+from bench.netns import IP, TestNet
 
 
 def _listening(address: str) -> socket.socket:

@@ -1,6 +1,6 @@
 """A WeChat OAuth2 simulator: a real loopback HTTP server imitating WeChat's four sns endpoints.
 
-Keeper's tests, ``keeper demo`` and ``keeper bench`` talk to it over real HTTP as they talk to
+Keeper's tests, ``keeper demo`` and the benchmarks talk to it over real HTTP as they talk to
 ``api.weixin.qq.com``: every answer is HTTP 200 with a JSON body sent as charset-less
 ``text/plain``, errors are ``{"errcode": N, "errmsg": "..."}``, codes are single-use, refresh
 tokens die after ``refresh_token_days``, quotas are per app in epoch-aligned windows, and an

@@ -7,9 +7,9 @@ the test's forwarder to PostgreSQL and the simulator listen) and the other hosts
 else. Names carry this process's id and a random tag, so runs side by side never meet, and
 :meth:`TestNet.down` removes everything even after a half-finished :meth:`TestNet.up`.
 
-Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN): ``ip netns`` and ``ip link``.
-(../shared/reference/fault-injection.md: namespaces give hosts real addresses; ``ip link set
-DEV down`` inside one is a clean cut.)
+Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN): ``ip netns`` and ``ip link``. Namespaces,
+because they give the hosts real addresses, and ``ip link set DEV down`` inside one is a clean
+cut.
 """
 
 from __future__ import annotations

@@ -1,19 +1,54 @@
-"""Throwaway resources for the benchmarks: a child process in a session of its own, and a
-database of its own (a SQLite file, or a PostgreSQL database dropped at the end)."""
+"""Throwaway resources for the benchmarks: the simulator as a child process, a child process in
+a session of its own, and a database of its own (a SQLite file, or a PostgreSQL database dropped
+at the end)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
+import requests
 from sqlalchemy import create_engine, make_url, text
+
+from bench.seed import APPID, SECRET
+
+
+class Sim:
+    """The simulator as a child process, driven through its admin API."""
+
+    def __init__(self, latency_ms: float, quota: str | None) -> None:
+        argv = [sys.executable, "-m", "keeper.wechat.simulator", "--latency-ms", str(latency_ms),
+                "--app", f"{APPID}={SECRET}"]
+        if quota:
+            argv += ["--quota", f"refresh={quota}"]
+        else:
+            argv += ["--quota", "refresh=100000000/minute"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.url = json.loads(self.proc.stdout.readline())["url"]
+        self.http = requests.Session()
+
+    def seed(self, grants: list[dict[str, Any]]) -> None:
+        for i in range(0, len(grants), 20000):
+            r = self.http.post(f"{self.url}/_sim/grants", json={"grants": grants[i:i + 20000]},
+                               timeout=120)
+            r.raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        return self.http.get(f"{self.url}/_sim/stats", timeout=30).json()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 class Child:

@@ -1,4 +1,4 @@
-"""``keeper bench hosts`` keeps working: a tiny run through test hosts (network namespaces;
+"""``python -m bench hosts`` keeps working: a tiny run through test hosts (network namespaces;
 skipped with a visible reason where they cannot be made, required when CI is set) and one with
 the hosts as processes on loopback. Numbers are not checked, only that they are there and that
 the bench's own checks (each grant refreshed once, no quota window over the quota) held."""
@@ -14,17 +14,17 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
-from keeper.cli.bench_hosts_run import rates
-from keeper.cli.netns import IP
+from bench.hosts_run import rates
+from bench.netns import IP
 from tests.conftest import IN_CI, PG_SERVER, ROOT, require_postgres
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     server = PG_SERVER.rsplit("/", 1)[0] + "/postgres"
     return subprocess.run(
-        [sys.executable, "-m", "keeper", "bench", "hosts", "--hosts", "2", "--workers", "4",
+        [sys.executable, "-m", "bench", "hosts", "--hosts", "2", "--workers", "4",
          "--grants-per-host", "60", "--latency-ms", "20", "--database-server", server, *args],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=240, check=False)
 
 

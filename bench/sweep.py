@@ -1,4 +1,4 @@
-"""``keeper bench``: a sweep against the simulator in its own process, measured.
+"""``python -m bench``: a sweep against the simulator in its own process, measured.
 
 Two runs: one where the quota does not bind (throughput: bounded by WeChat's latency and the
 keeper), one where it binds (the simulator's busiest window must stay within the quota, and
@@ -11,10 +11,7 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import resource
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,52 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import requests
 import structlog
 
+from bench.env import Sim
+from bench.seed import APPID, grant_rows, store_grants
 from keeper.config import build_config
-from keeper.core.models import Grant
-from keeper.core.policy import schedule
 from keeper.core.quota import parse_quota
 from keeper.crypto import create_key_file
 from keeper.log import configure
 from keeper.service.runtime import Runtime, cipher_for
 from keeper.store.grants import Store
-from keeper.store.rows import GrantWrite
 
-APPID = "wxbench0000000001"
-SECRET = "bench-secret-not-used"  # noqa: S105 - a simulator app's made-up secret
 # Named as before the re-layout: the name is in every log line ("logger"), which stays.
 log = structlog.get_logger("keeper.bench")
-
-
-class Sim:
-    """The simulator as a child process, driven through its admin API."""
-
-    def __init__(self, latency_ms: float, quota: str | None) -> None:
-        argv = [sys.executable, "-m", "keeper.wechat.simulator", "--latency-ms", str(latency_ms),
-                "--app", f"{APPID}={SECRET}"]
-        if quota:
-            argv += ["--quota", f"refresh={quota}"]
-        else:
-            argv += ["--quota", "refresh=100000000/minute"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.url = json.loads(self.proc.stdout.readline())["url"]
-        self.http = requests.Session()
-
-    def seed(self, grants: list[dict[str, Any]]) -> None:
-        for i in range(0, len(grants), 20000):
-            r = self.http.post(f"{self.url}/_sim/grants", json={"grants": grants[i:i + 20000]},
-                               timeout=120)
-            r.raise_for_status()
-
-    def stats(self) -> dict[str, Any]:
-        return self.http.get(f"{self.url}/_sim/stats", timeout=30).json()  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 class _RssSampler:
@@ -97,33 +61,12 @@ class _RssSampler:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def _grants(n: int, now: float) -> list[dict[str, Any]]:
-    return [
-        {"appid": APPID, "openid": f"bench-{i:07d}", "access_token": f"bench-at-{i}",
-         "refresh_token": f"bench-rt-{i}", "access_expires_at": now - 60,
-         "refresh_issued_at": now - 3 * 86400, "scope": "snsapi_base"}
-        for i in range(n)
-    ]
-
-
-def _store_grants(store: Store, rows: list[dict[str, Any]], clock: Any, *,
-                  access_expires_at: datetime) -> None:
-    at = datetime.now(UTC)
-    for i in range(0, len(rows), 5000):
-        writes = []
-        for r in rows[i:i + 5000]:
-            g = Grant(0, APPID, r["openid"], None, r["scope"], r["access_token"],
-                      r["refresh_token"], access_expires_at, at - timedelta(days=3))
-            writes.append(GrantWrite(g, schedule(g, clock)))
-        store.upsert_grants(writes, at)
-
-
 def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
              database_url: str | None, not_due: int = 0,
              around: Callable[[Runtime], AbstractContextManager[Any]] | None = None,
              ) -> dict[str, Any]:
     """Seed ``grants`` access-expired grants (and ``not_due`` fresh ones beside them), sweep
-    once, return the figures. ``around``: what runs beside the sweep (``keeper bench
+    once, return the figures. ``around``: what runs beside the sweep (``python -m bench
     metrics``: a scraped metrics listener)."""
     sim = Sim(latency_ms, quota)
     tmp = tempfile.TemporaryDirectory(prefix="keeper-bench-")
@@ -142,16 +85,16 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
             data["quotas"] = {"refresh": "none"}
         config = build_config(data, env={}, source="bench")
         now = time.time()
-        rows = _grants(grants, now)
+        rows = grant_rows(grants, now)
         sim.seed(rows)
         store = Store(url, cipher=cipher_for(config), auto_upgrade=True).open()
         clock = config.lifetime(config.apps[0])
         at = datetime.now(UTC)
-        _store_grants(store, rows, clock, access_expires_at=at - timedelta(seconds=60))
+        store_grants(store, rows, clock, access_expires_at=at - timedelta(seconds=60))
         for start in range(0, not_due, 50000):  # a big table, mostly not due
             idle = [dict(r, openid=f"idle-{start + i:08d}") for i, r in
-                    enumerate(_grants(min(50000, not_due - start), now))]
-            _store_grants(store, idle, clock, access_expires_at=at + timedelta(hours=2))
+                    enumerate(grant_rows(min(50000, not_due - start), now))]
+            store_grants(store, idle, clock, access_expires_at=at + timedelta(hours=2))
         store.close()
         del rows
         gc.collect()
@@ -196,25 +139,8 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["api"]:  # keeper bench api: the HTTP API (keeper/cli/bench_api.py)
-        from keeper.cli.bench_api import main as bench_api
-
-        return bench_api(argv[1:])
-    if argv[:1] == ["metrics"]:  # keeper bench metrics: the cost of metrics
-        from keeper.cli.bench_metrics import main as bench_metrics
-
-        return bench_metrics(argv[1:])
-    if argv[:1] == ["hosts"]:  # keeper bench hosts: throughput with hosts, a shared quota
-        from keeper.cli.bench_hosts import main as bench_hosts
-
-        return bench_hosts(argv[1:])
-    if argv[:1] == ["events"]:  # keeper bench events: delivery to webhooks
-        from keeper.cli.bench_events import main as bench_events
-
-        return bench_events(argv[1:])
-    p = argparse.ArgumentParser(prog="keeper bench", description=__doc__)
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--grants", type=int, default=20000, help="grants due (unbound run)")
     p.add_argument("--latency-ms", type=float, default=50.0)
     p.add_argument("--workers", type=int, default=64)
@@ -252,7 +178,3 @@ def main(argv: list[str] | None = None) -> int:
         ok = ok and runs["bound"]["max_window"] <= parse_quota(args.quota).count
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``keeper bench api`` keeps working: a tiny run (about a second per phase) on SQLite, and the
+"""``python -m bench api`` keeps working: a tiny run (about a second per phase) on SQLite, and the
 one line it prints when wrk is missing. Numbers are not checked, only that they are there."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 def bench_api(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**(env or os.environ), "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "keeper", "bench", "api", *args],
+    return subprocess.run([sys.executable, "-m", "bench", "api", *args], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
@@ -57,5 +57,5 @@ def test_without_wrk_it_says_so_in_one_line(tmp_path: Path) -> None:
     assert ran.returncode == 2
     assert ran.stdout == ""
     assert ran.stderr.strip().splitlines() == [
-        "keeper bench api: wrk is not installed (Debian: apt-get install wrk); nothing measured"
+        "python -m bench api: wrk is not installed (Debian: apt-get install wrk); nothing measured"
     ]

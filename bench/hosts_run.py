@@ -1,4 +1,4 @@
-"""One run of ``keeper bench hosts`` (:class:`Bench`): the hosts' configs and database, the
+"""One run of ``python -m bench hosts`` (:class:`Bench`): the hosts' configs and database, the
 grants made due once every host is idle, and the figures counted at the simulator."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import psutil
 from sqlalchemy import create_engine, func, make_url, select
 
-from keeper.cli.bench import APPID, _grants, _store_grants
-from keeper.cli.bench_env import Child
-from keeper.cli.bench_net import BridgeSim, ChildProcess, Place
+from bench.env import Child
+from bench.net import BridgeSim, ChildProcess, Place
+from bench.seed import APPID, grant_rows, store_grants
 from keeper.config import load_config
 from keeper.core.quota import parse_quota
 from keeper.crypto import create_key_file
@@ -58,10 +58,10 @@ class Bench:
         config = load_config(str(workdir / "host-1" / "keeper.toml"), env=self.env)
         self.store = Store(db_url, cipher=cipher_for(config), auto_upgrade=True).open()
         self.clock = config.lifetime(config.apps[0])
-        self.rows = _grants(args.hosts * args.grants_per_host, time.time())
+        self.rows = grant_rows(args.hosts * args.grants_per_host, time.time())
         sim.seed(self.rows)
-        _store_grants(self.store, self.rows, self.clock,
-                      access_expires_at=datetime.now(UTC) + timedelta(hours=2))
+        store_grants(self.store, self.rows, self.clock,
+                     access_expires_at=datetime.now(UTC) + timedelta(hours=2))
         self.db = create_engine(db_url)
 
     def write_configs(self, quota: str | None) -> None:
@@ -135,8 +135,8 @@ class Bench:
             helpers0 = {k: c.cpu_s() for k, c in self.helpers.items()}
             machine0 = psutil.cpu_times()
             started = time.monotonic()
-            _store_grants(self.store, self.rows[:n], self.clock,
-                          access_expires_at=datetime.now(UTC) - timedelta(seconds=60))
+            store_grants(self.store, self.rows[:n], self.clock,
+                         access_expires_at=datetime.now(UTC) - timedelta(seconds=60))
             self._wait("every grant to be refreshed", lambda: self._due() == 0,
                        max(120.0, 5 * n / (hosts * self.args.workers / self._latency_s)), procs)
             mark = self._finished_sweeps(pids)

@@ -1,4 +1,4 @@
-"""``keeper bench api``: token look-ups through ``keeper serve``, measured with ``wrk`` while a
+"""``python -m bench api``: token look-ups through ``keeper serve``, measured with ``wrk`` while a
 ``keeper run`` sweeps a population of due grants in the same database against the same
 simulator; then the same look-ups made with ``keeper token`` as a subprocess, for the ratio.
 
@@ -33,9 +33,9 @@ from typing import Any
 import requests
 from sqlalchemy import func, select
 
+from bench.env import Child, Sim, database
+from bench.seed import APPID, store_grants
 from keeper.api.keys import new_key
-from keeper.cli.bench import APPID, Sim, _store_grants
-from keeper.cli.bench_env import Child, database
 from keeper.config import ACCESS_TOKEN_LIFE_S, load_config
 from keeper.crypto import create_key_file
 from keeper.service.runtime import cipher_for
@@ -45,7 +45,7 @@ from keeper.store.schema import grants
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 MIN_VALID_MAX = ACCESS_TOKEN_LIFE_S - 600  # the token endpoint's bound on min_valid
 TARGETS = {"fresh_rps": 2000, "fresh_p99_ms": 20, "stale_rps": 500}
-LUA = Path(__file__).with_name("bench_api.lua")
+LUA = Path(__file__).with_name("api.lua")
 
 
 def _rows(prefix: str, n: int, expires_in_s: float, now: float) -> list[dict[str, Any]]:
@@ -91,7 +91,7 @@ class Bench:
 
     def arm(self, population: str, expires_in_s: float) -> None:
         at = datetime.now(UTC) + timedelta(seconds=expires_in_s)
-        _store_grants(self.store, self.pop[population], self.clock, access_expires_at=at)
+        store_grants(self.store, self.pop[population], self.clock, access_expires_at=at)
 
     def child(self, name: str, *argv: str) -> Child:
         return Child(self.keeper(*argv), self.workdir / f"{name}.log", cwd=self.workdir,
@@ -213,7 +213,7 @@ def _report(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="keeper bench api", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench api", description=__doc__)
     p.add_argument("--db", choices=("postgresql", "sqlite"), default="postgresql")
     p.add_argument("--pg-server", default=PG_SERVER, help="where the bench database is made")
     p.add_argument("--processes", default="1,2", help="API processes to measure, e.g. 1,2")
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
-        print("keeper bench api: wrk is not installed (Debian: apt-get install wrk); "
+        print("python -m bench api: wrk is not installed (Debian: apt-get install wrk); "
               "nothing measured", file=sys.stderr)
         return 2
 
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                               "sweep_grants": args.sweep_grants, "latency_ms": args.latency_ms,
                               "targets": TARGETS, "api": runs, "subprocess": subs}))
         except KeyboardInterrupt:
-            print("keeper bench api: interrupted; cleaning up", file=sys.stderr)
+            print("python -m bench api: interrupted; cleaning up", file=sys.stderr)
             return 130
         finally:
             if sweep is not None:

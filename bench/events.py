@@ -1,4 +1,4 @@
-"""``keeper bench events``: events delivered per second to a loopback receiver that answers at
+"""``python -m bench events``: events delivered per second to a loopback receiver that answers at
 once, and the delay from a re-authorization's commit to its delivery while a sweep runs.
 
 Phase 1 records ``--events`` events in one transaction and times ``keeper events deliver``'s
@@ -25,7 +25,8 @@ from typing import Any
 import requests
 from sqlalchemy import select
 
-from keeper.cli.bench import APPID, Sim, _grants, _store_grants
+from bench.env import Sim
+from bench.seed import APPID, grant_rows, store_grants
 from keeper.config import build_config
 from keeper.core.events import reauth_recorded
 from keeper.core.models import Reauth
@@ -103,7 +104,7 @@ def run(*, n_events: int, grants: int, latency_ms: float, workers: int,
         seconds = time.monotonic() - t0
         d.close()
         # Phase 2: a sweep recording re-authorizations, the delivery thread beside it.
-        rows = _grants(grants, time.time())
+        rows = grant_rows(grants, time.time())
         sim.seed(rows)
         with requests.Session() as http:
             for r in rows[::reauth_every]:
@@ -111,7 +112,7 @@ def run(*, n_events: int, grants: int, latency_ms: float, workers: int,
                     "openid": r["openid"], "endpoint": "refresh", "answer": 40030},
                     timeout=30).raise_for_status()
         store = Store(url, cipher=cipher_for(config), auto_upgrade=True).open()
-        _store_grants(store, rows, config.lifetime(config.apps[0]),
+        store_grants(store, rows, config.lifetime(config.apps[0]),
                       access_expires_at=datetime.now(UTC))
         top = store.events_top()
         store.close()
@@ -154,7 +155,7 @@ def run(*, n_events: int, grants: int, latency_ms: float, workers: int,
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="keeper bench events", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench events", description=__doc__)
     p.add_argument("--events", type=int, default=2000, help="events of the throughput phase")
     p.add_argument("--grants", type=int, default=3000, help="due grants swept")
     p.add_argument("--reauth-every", type=int, default=10, metavar="N",

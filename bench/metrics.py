@@ -1,4 +1,4 @@
-"""``keeper bench metrics``: what metrics cost.
+"""``python -m bench metrics``: what metrics cost.
 
 1. The sweep's refreshes per second with metrics off and on, in one run, alternated (off,
    on, off, on...) so drift on a shared machine falls on both. "On" is what ``keeper run``
@@ -31,8 +31,8 @@ import requests
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 
-from keeper.cli.bench import run_once
-from keeper.cli.bench_env import database
+from bench.env import database
+from bench.sweep import run_once
 from keeper.config import build_config
 from keeper.crypto import Cipher
 from keeper.log import configure
@@ -171,7 +171,7 @@ def _ms(seconds: list[float]) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="keeper bench metrics", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench metrics", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grants", type=int, default=20000, help="grants due per sweep")
     p.add_argument("--latency-ms", type=float, default=50.0)

@@ -1,6 +1,6 @@
-"""``keeper bench hosts``: how refresh throughput grows with hosts, and how hosts share a quota.
+"""``python -m bench hosts``: how refresh throughput grows with hosts, and how hosts share a quota.
 
-Builds test hosts (network namespaces on a bridge of the bench's own, :mod:`keeper.cli.netns`;
+Builds test hosts (network namespaces on a bridge of the bench's own, :mod:`bench.netns`;
 needs root), each running ``keeper run`` against one PostgreSQL database of the bench's own,
 reached over the bridge through a forwarder, and calling a simulator that listens on the bridge
 and adds WeChat's latency to every call. Three runs over access-expired grants:
@@ -33,9 +33,9 @@ from pathlib import Path
 
 from sqlalchemy import make_url
 
-from keeper.cli.bench_env import database
-from keeper.cli.bench_hosts_run import Bench, Run
-from keeper.cli.bench_net import BridgeSim, ChildProcess, place, serve_forwarder
+from bench.env import database
+from bench.hosts_run import Bench, Run
+from bench.net import BridgeSim, ChildProcess, place, serve_forwarder
 from keeper.core.quota import parse_quota
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -63,7 +63,7 @@ def _print_run(r: Run, bench: Bench) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="keeper bench hosts", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench hosts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hosts", type=int, default=3)
     p.add_argument("--workers", type=int, default=8, help="workers per host")

@@ -1,6 +1,6 @@
-"""The network of ``keeper bench hosts``: the simulator and a forwarder to PostgreSQL, each in a
+"""The network of ``python -m bench hosts``: the simulator and a forwarder to PostgreSQL, each in a
 process of its own listening where the hosts reach them, and the place the hosts run (test
-hosts in network namespaces, :mod:`keeper.cli.netns`, or this namespace with ``--loopback``)."""
+hosts in network namespaces, :mod:`bench.netns`, or this namespace with ``--loopback``)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from typing import Any
 import psutil
 import requests
 
-from keeper.cli.bench import APPID, SECRET, Sim
-from keeper.cli.netns import NetnsUnavailable, TestNet
+from bench.env import Sim
+from bench.netns import NetnsUnavailable, TestNet
+from bench.seed import APPID, SECRET
 
 
 def _serve_simulator(host: str, latency_s: float, conn: Connection) -> None:

@@ -1,4 +1,4 @@
--- keeper bench api: wrk's script. Token look-ups spread over many users; done() prints one
+-- python -m bench api: wrk's script. Token look-ups spread over many users; done() prints one
 -- "BENCH {json}" line with the counts and latency percentiles (microseconds).
 -- Arguments (after --): appid, openid prefix, users, query string, random|walk, threads.
 -- The key comes from $BENCH_KEY, so it is never on a command line.

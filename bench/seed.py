@@ -1,0 +1,40 @@
+"""The benchmarks' app and grants: the rows the simulator is seeded with, and the same grants
+written to keeper's store, due (or not) when the bench says."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from keeper.core.models import Grant
+from keeper.core.policy import schedule
+from keeper.store.grants import Store
+from keeper.store.rows import GrantWrite
+
+APPID = "wxbench0000000001"
+SECRET = "bench-secret-not-used"  # noqa: S105 - a simulator app's made-up secret
+
+
+def grant_rows(n: int, now: float) -> list[dict[str, Any]]:
+    """``n`` grants of :data:`APPID` as the simulator takes them, access tokens expired a
+    minute before ``now``."""
+    return [
+        {"appid": APPID, "openid": f"bench-{i:07d}", "access_token": f"bench-at-{i}",
+         "refresh_token": f"bench-rt-{i}", "access_expires_at": now - 60,
+         "refresh_issued_at": now - 3 * 86400, "scope": "snsapi_base"}
+        for i in range(n)
+    ]
+
+
+def store_grants(store: Store, rows: list[dict[str, Any]], clock: Any, *,
+                 access_expires_at: datetime) -> None:
+    """Write ``rows`` to ``store`` (5,000 a batch), their access tokens expiring at
+    ``access_expires_at`` and scheduled by ``clock``."""
+    at = datetime.now(UTC)
+    for i in range(0, len(rows), 5000):
+        writes = []
+        for r in rows[i:i + 5000]:
+            g = Grant(0, APPID, r["openid"], None, r["scope"], r["access_token"],
+                      r["refresh_token"], access_expires_at, at - timedelta(days=3))
+            writes.append(GrantWrite(g, schedule(g, clock)))
+        store.upsert_grants(writes, at)
