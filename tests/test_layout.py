@@ -5,6 +5,7 @@ product alone and carries its migrations (README, "Design in a page": the packag
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -281,14 +282,21 @@ def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_the_wheel_carries_the_migrations_and_upgrades_a_database(tmp_path: Path) -> None:
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
+def test_the_wheel_is_the_product_and_carries_the_migrations(tmp_path: Path) -> None:
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # Built from a copy: setuptools' build/ directory in the checkout would keep files that
+    # have since moved out of the package, and put them in the wheel.
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "var", "__pycache__", ".*_cache"))
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(wheels), str(ROOT)], capture_output=True, text=True, check=False)
+         "-w", str(wheels), str(source)], capture_output=True, text=True, check=False)
     assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("keeper-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    # The wheel is the product: nothing from bench/, tests/, examples/ or contrib/.
+    assert [n for n in names if not n.startswith(("keeper/", "keeper-"))] == []
+    assert not any(n.startswith("keeper/") and "bench" in n for n in names)
     assert "keeper/store/migrations/env.py" in names
     assert "keeper/store/migrations/script.py.mako" in names
     assert sum(n.startswith("keeper/store/migrations/versions/0") for n in names) >= 4
