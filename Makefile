@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test install lint bench constraints clean systemd-check
+.PHONY: demo test test-fast install lint bench constraints clean systemd-check
 
 # The venv is (re)built whenever the dependency pins change. `make install` is the production
 # set (no test extras); pip stays the venv's own (ensurepip's), never upgraded to an unpinned one.
@@ -25,8 +25,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m keeper.cli.demo
 
+# Everything, in parallel: most tests wait on sockets and child processes, so two cores carry
+# more workers than cores. The test hosts run one after another on one worker (loadgroup).
+TEST_WORKERS ?= 4
+FAST := not (db or e2e or hosts or browser or slow)
 test: $(TEST_STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+# The edit loop: no child process, no PostgreSQL, no browser (tests/conftest.py, "test tiers").
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "$(FAST)"
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check keeper bench tests examples

@@ -37,6 +37,97 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_CIPHER = Cipher([Fernet.generate_key()])
 
 
+# -- test tiers ------------------------------------------------------------------------------
+#
+# `make test-fast` runs the tests with none of these marks: no child process, no PostgreSQL, no
+# browser, no network namespace, nothing slow. `make test` runs them all. A test gets its marks
+# from its directory, from the fixtures it uses (a PostgreSQL parameter: db; the `keeper`
+# fixture, which runs the program: e2e) or from its own `pytest.mark`; `_tier_guard` keeps
+# the marks honest.
+
+#: Marks of the tiers beyond the fast one.
+TIERS = ("db", "e2e", "hosts", "browser", "slow")
+#: Directories whose every test belongs to a tier.
+DIRECTORY_TIERS = {"e2e": ("e2e",), "hosts": ("hosts", "slow"), "bench": ("e2e", "slow")}
+#: Fixtures that start the real program.
+PROGRAM_FIXTURES = ("keeper", "served", "cluster", "testnet")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in (
+        ("db", "opens PostgreSQL"),
+        ("e2e", "starts a child process (the keeper program, a tool)"),
+        ("hosts", "builds test hosts in network namespaces"),
+        ("browser", "drives headless Chromium"),
+        ("slow", "takes many seconds by design (leases lapsing, benchmarks)"),
+    ):
+        config.addinivalue_line("markers", f"{name}: {meaning}; not in `make test-fast`")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.relative_to(ROOT / "tests").parts
+        marks = set(DIRECTORY_TIERS.get(parts[0], ())) if len(parts) > 1 else set()
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "postgresql" in params.values():
+            marks.add("db")
+        if set(PROGRAM_FIXTURES) & set(getattr(item, "fixturenames", ())):
+            marks.add("e2e")
+        for mark in sorted(marks):
+            item.add_marker(mark)
+        # Under pytest-xdist (--dist loadgroup): the test hosts run one after another, each
+        # host already taking a process of its own; a browser module's tests share the one
+        # stack its module-scoped fixtures start.
+        if "hosts" in marks:
+            item.add_marker(pytest.mark.xdist_group("hosts"))
+        elif item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+class TierViolation(AssertionError):
+    """A test of the fast tier started a child process or opened PostgreSQL."""
+
+
+@contextlib.contextmanager
+def _fast_tier_only(item: pytest.Item) -> Iterator[None]:
+    """For an item without a tier mark: starting a child process or connecting to PostgreSQL
+    fails it, naming the mark it needs, so the fast tier stays fast."""
+    if any(item.get_closest_marker(t) for t in TIERS):
+        yield
+        return
+    import psycopg
+
+    def no_child(*args: Any, **kwargs: Any) -> Any:
+        raise TierViolation(f"{item.nodeid} starts a child process: mark it e2e "
+                            "(or slow, hosts, browser)")
+
+    def no_postgres(*args: Any, **kwargs: Any) -> Any:
+        raise TierViolation(f"{item.nodeid} opens PostgreSQL: mark it db")
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(subprocess.Popen, "_execute_child", no_child)
+    patch.setattr(psycopg, "connect", no_postgres)  # what SQLAlchemy calls
+    patch.setattr(psycopg.Connection, "connect", classmethod(no_postgres))
+    patch.setattr(psycopg.AsyncConnection, "connect", classmethod(no_postgres))
+    try:
+        yield
+    finally:
+        patch.undo()
+
+
+# Around set-up (module- and session-scoped fixtures included) and the test itself.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _fast_tier_only(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _fast_tier_only(item):
+        return (yield)
+
+
 _PG_STATE: dict[str, str | None] = {}
 
 
@@ -66,6 +157,8 @@ def require_postgres() -> str:
     if "url" not in _PG_STATE:
         try:
             _PG_STATE["url"], _PG_STATE["error"] = _create_run_database(), None
+        except TierViolation:
+            raise
         except Exception as e:  # any failure means: not usable here
             _PG_STATE["url"] = None
             _PG_STATE["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"

@@ -38,6 +38,7 @@ def promtool() -> str:
     return found
 
 
+@pytest.mark.e2e
 def test_promtool_accepts_the_rules() -> None:
     ran = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True,
                          text=True, check=False)
@@ -45,6 +46,7 @@ def test_promtool_accepts_the_rules() -> None:
     assert "SUCCESS: 8 rules found" in ran.stdout
 
 
+@pytest.mark.e2e
 def test_the_alerts_fire_in_promtools_unit_tests() -> None:
     ran = subprocess.run([promtool(), "test", "rules", "keeper-rules.test.yml"],
                          capture_output=True, text=True, check=False, cwd=RULES.parent)

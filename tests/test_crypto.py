@@ -89,6 +89,8 @@ def test_the_raw_sqlite_files_hold_no_token(sim: Simulator, keeper: Keeper) -> N
     assert (keeper.workdir / "keeper.db").stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.db
+@pytest.mark.e2e
 def test_a_postgresql_dump_holds_no_token() -> None:
     url = require_postgres()
     reset_postgres()
@@ -174,6 +176,7 @@ def test_plaintext_tokens_from_before_encryption_are_encrypted_by_a_migration(
     s.close()
 
 
+@pytest.mark.e2e
 def test_the_embedded_default_creates_its_key_once_mode_0600(tmp_path: Path) -> None:
     config = tmp_path / "k.toml"
     config.write_text(f'database_url = "sqlite:///{tmp_path}/var/keeper.db"\n')

@@ -240,6 +240,7 @@ def test_every_package_has_a_layer() -> None:
     assert {p.split(".")[0] for p in packages if p} <= set(LAYERS)
 
 
+@pytest.mark.e2e
 def test_the_core_imports_no_io_library() -> None:
     modules = sorted(module_name(p) for p in (KEEPER / "core").rglob("*.py"))
     code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
@@ -282,6 +283,8 @@ def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_wheel_is_the_product_and_carries_the_migrations(tmp_path: Path) -> None:
     wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
     # Built from a copy: setuptools' build/ directory in the checkout would keep files that

@@ -45,6 +45,8 @@ from keeper.wechat.simulator import SIM_USERS, Simulator, openid_for
 from tests.api.server import free_port, stop, wait_healthy
 from tests.conftest import APPID, IN_CI, ROOT, SECRET, Keeper, config_text
 
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT_S = 10.0  # the longest a page or a process may take to show up

@@ -28,6 +28,8 @@ from tests.api.test_example_site import WAIT_S, chromium, require_chromium
 from tests.conftest import Keeper
 from tests.e2e.helpers import make_grant, seed
 
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
 STATUS_KEYS = ("grants", "active", "reauth_required", "refresh_due_24h", "access_expired",
                "retrying", "profiles_failing", "avatars_saved", "events_pending",
                "events_failed")

@@ -325,6 +325,7 @@ def test_a_login_survives_a_database_blip_while_it_is_stored(
     assert "grant.store_retry" in err
 
 
+@pytest.mark.db
 def test_serve_waits_for_an_upgraded_schema_then_serves(keeper: Keeper, sim: Simulator) -> None:
     """As keeper run does: a PostgreSQL database not yet upgraded is waited for (one line),
     not a crash per server process; `keeper db upgrade` lets it start by itself."""

@@ -133,7 +133,7 @@ class SilentProxy(Proxy):
 
 def require_blackhole() -> None:
     """Skip with a visible reason where routes cannot be changed (not root); fail under CI."""
-    probe = "127.123.250.250/32"
+    probe = f"127.124.{os.getpid() % 250}.{int(time.time() * 1000) % 250 + 2}/32"  # per run
     try:
         subprocess.run([IP, "route", "add", "blackhole", probe, "table", "local"],
                        check=True, capture_output=True)

@@ -31,6 +31,8 @@ from tests.conftest import (
 )
 from tests.e2e.helpers import endpoint, make_grant, seed
 
+pytestmark = [pytest.mark.e2e]
+
 
 class NotifySocket:
     """The socket systemd would listen on: an AF_UNIX datagram socket in a temp dir."""

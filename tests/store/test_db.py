@@ -3,11 +3,14 @@ turns on an advisory lock."""
 
 from __future__ import annotations
 
+import pytest
+
 from keeper.store import db
 from keeper.wechat.simulator import Simulator
 from tests.conftest import Keeper, config_text, require_postgres, reset_postgres
 
 
+@pytest.mark.db
 def test_two_upgrades_at_once_on_an_empty_postgresql_database_both_succeed(
     keeper: Keeper, sim: Simulator
 ) -> None:

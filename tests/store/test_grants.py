@@ -56,6 +56,7 @@ def test_migrations_create_every_table(db_url: str) -> None:
     engine.dispose()
 
 
+@pytest.mark.db
 def test_postgres_is_not_migrated_behind_the_operators_back() -> None:
     from tests.conftest import TEST_CIPHER, require_postgres, reset_postgres
 
@@ -65,6 +66,7 @@ def test_postgres_is_not_migrated_behind_the_operators_back() -> None:
         Store(url, cipher=TEST_CIPHER).open()
 
 
+@pytest.mark.db
 def test_an_unreachable_database_is_one_clear_error() -> None:
     from tests.conftest import TEST_CIPHER
 

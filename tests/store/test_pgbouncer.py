@@ -19,6 +19,8 @@ from tests.conftest import TEST_CIPHER, require_postgres, reset_postgres
 from tests.pgbouncer import PgBouncer
 from tests.store.test_grants import NOW, grant, put
 
+pytestmark = [pytest.mark.db, pytest.mark.e2e]
+
 
 @pytest.fixture
 def bounced() -> Iterator[tuple[str, PgBouncer]]:

@@ -121,6 +121,7 @@ def require_postgres_url(store: Store) -> str:
     return store.engine.url.render_as_string(hide_password=False)
 
 
+@pytest.mark.db
 def test_a_pooled_connection_idle_for_a_while_is_pinged_and_replaced_when_dead(
         monkeypatch: pytest.MonkeyPatch) -> None:
     url = require_postgres()
@@ -138,6 +139,7 @@ def test_a_pooled_connection_idle_for_a_while_is_pinged_and_replaced_when_dead(
     admin.dispose()
 
 
+@pytest.mark.db
 def test_a_connection_just_checked_in_is_not_pinged(monkeypatch: pytest.MonkeyPatch) -> None:
     url = require_postgres()
     engine = db.make_engine(url, pool_size=1, max_overflow=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, text
 
 from keeper.core.models import Profile
@@ -64,6 +65,7 @@ def test_the_feed_pages_every_record_once_and_then_only_what_was_written_since(
     assert [r["openid"] for r in store.reauth_page(0, 100)[0]] == ["o7", "o0", "o9", "o5", "o1"]
 
 
+@pytest.mark.db
 def test_feed_numbers_are_taken_in_commit_order_on_postgresql() -> None:
     """A writer that took number k holds the counter until it commits: a writer after it
     waits, so no reader ever sees k+1 before k."""

@@ -823,6 +823,7 @@ def test_the_admin_api_drives_a_simulator(make_sim: Callable[..., Simulator],
     assert http.post(f"{admin}/grants", data=b"{not json", timeout=5).status_code == 400
 
 
+@pytest.mark.e2e
 def test_the_simulate_command_prints_its_url_and_stops_on_sigterm() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "keeper.wechat.simulator", "--app", "wx-cli=s3cret",
@@ -1115,6 +1116,7 @@ def test_the_admin_api_lists_and_scripts_odd_answers(
     assert userinfo(http, sim, grant["access_token"], "o-old")["city"] == "深圳"
 
 
+@pytest.mark.e2e
 def test_the_simulate_command_lists_the_corpus() -> None:
     listed = subprocess.run([sys.executable, "-m", "keeper.wechat.simulator", "--list-answers"],
                             cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
@@ -1122,6 +1124,7 @@ def test_the_simulate_command_lists_the_corpus() -> None:
     assert names == [odd.name for odd in ODD_ANSWERS]
 
 
+@pytest.mark.e2e
 def test_the_simulate_command_scripts_answers() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "keeper.wechat.simulator", "--app", "wx-cli=s3cret",
