@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keeper.core.models import Grant
-from keeper.core.policy import schedule
+from keeper.core.policy import Lifetime, schedule
 from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite
 
@@ -26,7 +26,7 @@ def grant_rows(n: int, now: float) -> list[dict[str, Any]]:
     ]
 
 
-def store_grants(store: Store, rows: list[dict[str, Any]], clock: Any, *,
+def store_grants(store: Store, rows: list[dict[str, Any]], clock: Lifetime, *,
                  access_expires_at: datetime) -> None:
     """Write ``rows`` to ``store`` (5,000 a batch), their access tokens expiring at
     ``access_expires_at`` and scheduled by ``clock``."""
