@@ -1,5 +1,6 @@
-"""The HTTP plumbing of the API: errors as ``{"error", "detail"}``, API keys and scopes,
-capped JSON bodies, bounded parameters, and one ``api.request`` log line per request.
+"""The HTTP plumbing of the API: the route table (each route declared once, on its handler),
+errors as ``{"error", "detail"}`` (keeper's exceptions answered in one place), API keys and
+scopes, capped JSON bodies, bounded parameters, and one ``api.request`` log line per request.
 
 Handlers are plain functions run in the thread pool (the store and the WeChat client block);
 everything before them (the key, the body) runs on the event loop and never waits on I/O
@@ -12,20 +13,22 @@ import base64
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 import structlog
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keeper.api.context import Api
+from keeper.api.logins import CodeRejected, ExchangeFailed
+from keeper.api.tokens import MustReauthorize, NoGrant, Unavailable
 from keeper.core.grant_lines import ID_RE
+from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
 from keeper.metrics import process as metrics
-
-if TYPE_CHECKING:
-    from keeper.api.app import Api
 
 log = structlog.get_logger("keeper.api")
 
@@ -106,45 +109,100 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-Handler = Callable[["Api", Request, Any], Response]
+Handler = Callable[[Api, Request, Any], Response]
 #: A route's shortcut on the event loop: an answer, or ``None`` to run the handler.
-Shortcut = Callable[["Api", Request], Awaitable[Response | None]]
+Shortcut = Callable[[Api, Request], Awaitable[Response | None]]
 
 
-def endpoint(route: str, scope: str | None, *, body: bool = False,
-             shortcut: Shortcut | None = None, basic: bool = False,
-             ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """A route's handler: the key checked for ``scope`` (``None``: no key), the JSON body read
-    when ``body``, then ``fn(api, request, body)`` in the thread pool. Problems become their
-    answers, and every other failure a 500 that names no value.
+class RouteTable:
+    """The routes of a module of handlers, each declared once, on its handler: its method and
+    path go into the Starlette route served, and the path is also the route's name in the
+    access log and the metrics. Iterating gives the routes."""
 
-    ``shortcut``: tried first, on the event loop (no thread hop); the handler runs only when
-    it answers ``None``. ``basic``: the key may also come as an HTTP Basic password (a page
-    a browser opens), and a 401 asks the browser for it.
-    """
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
 
-    def wrap(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
-        async def handler(request: Request) -> Response:
-            request.scope["keeper.route"] = route
-            api: Api = request.app.state.api
-            try:
-                if scope is not None:
-                    request.scope["keeper.key"] = authenticate(api, request, scope,
-                                                               basic=basic)
-                if shortcut is not None:
-                    answer = await shortcut(api, request)
-                    if answer is not None:
-                        return answer
-                payload = await read_json(request, api.config.api.max_body_bytes) if body \
-                    else None
-                return await run_in_threadpool(api.answer, fn, request, payload)
-            except Problem as p:
-                return p.response()
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
 
-        handler.__name__ = fn.__name__
-        return handler
+    def endpoint(self, method: str, path: str, scope: str | None, *, body: bool = False,
+                 shortcut: Shortcut | None = None, basic: bool = False,
+                 ) -> Callable[[Handler], Handler]:
+        """Serve the decorated handler at ``method path``: the key checked for ``scope``
+        (``None``: no key), the JSON body read when ``body``, then ``fn(api, request, body)``
+        in the thread pool. Problems become their answers, and every other failure a 500 that
+        names no value.
 
-    return wrap
+        ``shortcut``: tried first, on the event loop (no thread hop); the handler runs only
+        when it answers ``None``. ``basic``: the key may also come as an HTTP Basic password
+        (a page a browser opens), and a 401 asks the browser for it.
+        """
+
+        def register(fn: Handler) -> Handler:
+            self._routes.append(Route(path, _serve(fn, path, scope, body=body,
+                                                   shortcut=shortcut, basic=basic),
+                                      methods=[method]))
+            return fn
+
+        return register
+
+
+def _serve(fn: Handler, route: str, scope: str | None, *, body: bool,
+           shortcut: Shortcut | None, basic: bool) -> Callable[[Request], Awaitable[Response]]:
+    """The ASGI side of a handler (see :meth:`RouteTable.endpoint`)."""
+
+    async def handler(request: Request) -> Response:
+        request.scope["keeper.route"] = route
+        api: Api = request.app.state.api
+        try:
+            if scope is not None:
+                request.scope["keeper.key"] = authenticate(api, request, scope, basic=basic)
+            if shortcut is not None:
+                answer = await shortcut(api, request)
+                if answer is not None:
+                    return answer
+            payload = await read_json(request, api.config.api.max_body_bytes) if body \
+                else None
+            return await run_in_threadpool(_answer, fn, api, request, payload)
+        except Problem as p:
+            return p.response()
+
+    handler.__name__ = fn.__name__
+    return handler
+
+
+def _answer(fn: Handler, api: Api, request: Request, body: Any) -> Response:
+    """Run a handler; keeper's exceptions become the answers the OpenAPI document lists."""
+    try:
+        return fn(api, request, body)
+    except Problem as p:
+        return p.response()
+    except NoGrant as e:
+        return Problem(404, "no_grant", str(e)).response()
+    except MustReauthorize as e:
+        r = e.record
+        return Problem(409, "reauth_required", str(e),
+                       reason=r.reason if r else "other", errcode=r.errcode if r else None,
+                       since=r.since.isoformat() if r else None).response()
+    except Unavailable as e:
+        return unavailable(e.code, str(e), e.retry_after_s).response()
+    except CodeRejected as e:
+        return Problem(400, "code_rejected", str(e), errcode=e.errcode).response()
+    except ExchangeFailed as e:
+        return unavailable("wechat_unavailable", str(e), e.retry_after_s).response()
+    except ConfigError as e:  # the app has no AppSecret, or WeChat refuses the app
+        log.error("api.app_rejected", error=str(e))
+        return unavailable("app_rejected", str(e), 60).response()
+    except DatabaseUnavailable as e:
+        return unavailable("database_unavailable", str(e), 5).response()
+    except StoreError as e:
+        log.error("api.database_error", error=str(e))
+        return unavailable("database_unavailable", str(e), 5).response()
+    except Exception as e:
+        # A bug: the text is left out (it might hold a value being handled).
+        log.exception("api.crashed", route=request.scope.get("keeper.route"),
+                      error=type(e).__name__)
+        return Problem(500, "internal_error", "keeper failed; see its log").response()
 
 
 def authenticate(api: Api, request: Request, scope: str, *, basic: bool = False) -> str:

@@ -6,22 +6,23 @@ browser asks for it (any user name)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.exposition import choose_encoder
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from keeper.api.http import endpoint
+from keeper.api.context import Api
+from keeper.api.http import RouteTable
 from keeper.api.status_page import render
 from keeper.clock import utcnow
 from keeper.observe.report import build_report
 
-if TYPE_CHECKING:
-    from keeper.api.app import Api
+#: ``/metrics`` and ``/status``, each declared on its handler.
+table = RouteTable()
 
 
-@endpoint("/metrics", "read")
+@table.endpoint("GET", "/metrics", "read")
 def metrics(api: Api, request: Request, body: Any) -> Response:
     # The text format, or OpenMetrics when the scraper asks for it (as make_wsgi_app does
     # for keeper run's listener).
@@ -30,7 +31,7 @@ def metrics(api: Api, request: Request, body: Any) -> Response:
                     headers={"Cache-Control": "no-store"})
 
 
-@endpoint("/status", "read", basic=True)
+@table.endpoint("GET", "/status", "read", basic=True)
 def status(api: Api, request: Request, body: Any) -> Response:
     page = render(build_report(api.store, api.config, utcnow()))
     return HTMLResponse(page, headers={

@@ -1,22 +1,23 @@
-"""The API's handlers (CONTRACT.md, "HTTP API for applications"). Each runs in the thread
-pool and returns a response or raises a :class:`~keeper.api.http.Problem`; the domain's
-exceptions (no grant, must re-authorize, WeChat unavailable) are answered in ``Api.answer``."""
+"""The API's handlers for applications: health, the OpenAPI document, logins and grants,
+tokens, profiles and avatars, the re-authorization feed. Each is declared with its method and
+path in :data:`table`, runs in the thread pool and returns a response or raises a
+:class:`~keeper.api.http.Problem`; the domain's exceptions (no grant, must re-authorize,
+WeChat unavailable) are answered in one place, :mod:`keeper.api.http`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from keeper.api import monitoring
+from keeper.api.context import Api
 from keeper.api.documents import iso, profile_document, reauth_row
-from keeper.api.http import Problem, bad_request, endpoint, path_id, query_int
+from keeper.api.http import Problem, RouteTable, bad_request, path_id, query_int
 from keeper.api.logins import exchange
 from keeper.clock import utcnow
 from keeper.config import ACCESS_TOKEN_LIFE_S
@@ -27,15 +28,15 @@ from keeper.errors import StoreError
 from keeper.store.rows import GrantWrite
 from keeper.store.token_reader import Unreadable
 
-if TYPE_CHECKING:
-    from keeper.api.app import Api
-
 log = structlog.get_logger("keeper.api")
 
 #: The longest login code keeper passes on (WeChat's are 32 characters).
 MAX_CODE_CHARS = 512
 FEED_LIMIT = 100
 FEED_MAX = 1000
+
+#: The routes of this module's handlers, each declared on its handler.
+table = RouteTable()
 
 
 def _app(api: Api, appid: str) -> str:
@@ -53,7 +54,7 @@ def _grant(api: Api, request: Request) -> Grant:
     return grant
 
 
-@endpoint("/healthz", None)
+@table.endpoint("GET", "/healthz", None)
 def healthz(api: Api, request: Request, body: Any) -> Response:
     try:
         api.store.ping()
@@ -63,12 +64,12 @@ def healthz(api: Api, request: Request, body: Any) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@endpoint("/openapi.json", None)
+@table.endpoint("GET", "/openapi.json", None)
 def openapi(api: Api, request: Request, body: Any) -> Response:
     return Response(api.openapi, media_type="application/json")
 
 
-@endpoint("/v1/grants", "grants", body=True)
+@table.endpoint("POST", "/v1/grants", "grants", body=True)
 def create_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
     for name in body:
         if name not in ("appid", "code"):
@@ -90,7 +91,7 @@ def create_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
                          "is_snapshotuser": login.is_snapshotuser}, 201)
 
 
-@endpoint("/v1/apps/{appid}/users/{openid}", "grants", body=True)
+@table.endpoint("PUT", "/v1/apps/{appid}/users/{openid}", "grants", body=True)
 def put_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
     appid = _app(api, path_id(request, "appid"))
     openid = path_id(request, "openid")
@@ -116,7 +117,7 @@ def put_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
                         200 if existed else 201)
 
 
-@endpoint("/v1/apps/{appid}/users/{openid}", "grants")
+@table.endpoint("DELETE", "/v1/apps/{appid}/users/{openid}", "grants")
 def delete_grant(api: Api, request: Request, body: Any) -> Response:
     appid = _app(api, path_id(request, "appid"))
     openid = path_id(request, "openid")
@@ -166,7 +167,7 @@ async def fresh_token(api: Api, request: Request) -> Response | None:
     return _token_answer(openid, row.access_token, row.access_expires_at, row.scope)
 
 
-@endpoint("/v1/apps/{appid}/users/{openid}/token", "tokens", shortcut=fresh_token)
+@table.endpoint("GET", "/v1/apps/{appid}/users/{openid}/token", "tokens", shortcut=fresh_token)
 def token(api: Api, request: Request, body: Any) -> Response:
     appid, openid, min_valid = _token_args(api, request)
     t = api.desk.token(appid, openid, min_valid_s=min_valid,
@@ -174,12 +175,12 @@ def token(api: Api, request: Request, body: Any) -> Response:
     return _token_answer(openid, t.access_token, t.expires_at, t.scope)
 
 
-@endpoint("/v1/apps/{appid}/users/{openid}", "read")
+@table.endpoint("GET", "/v1/apps/{appid}/users/{openid}", "read")
 def profile(api: Api, request: Request, body: Any) -> Response:
     return JSONResponse(profile_document(api.store, _grant(api, request)))
 
 
-@endpoint("/v1/apps/{appid}/users/{openid}/avatar", "read")
+@table.endpoint("GET", "/v1/apps/{appid}/users/{openid}/avatar", "read")
 def avatar(api: Api, request: Request, body: Any) -> Response:
     grant = _grant(api, request)
     kept = api.store.profile(grant.id) or {}
@@ -203,7 +204,7 @@ def avatar(api: Api, request: Request, body: Any) -> Response:
                     headers=headers)
 
 
-@endpoint("/v1/reauth", "read")
+@table.endpoint("GET", "/v1/reauth", "read")
 def reauth_feed(api: Api, request: Request, body: Any) -> Response:
     after = query_int(request, "after", 0, 0, 2**62)
     limit = query_int(request, "limit", FEED_LIMIT, 1, FEED_MAX)
@@ -211,23 +212,8 @@ def reauth_feed(api: Api, request: Request, body: Any) -> Response:
     return JSONResponse({"users": [reauth_row(r) for r in rows], "next": str(cursor)})
 
 
-@endpoint("/v1/unionids/{unionid}", "read")
+@table.endpoint("GET", "/v1/unionids/{unionid}", "read")
 def unionid(api: Api, request: Request, body: Any) -> Response:
     rows = api.store.grants_by_unionid(path_id(request, "unionid"))
     return JSONResponse({"grants": rows})
 
-
-ROUTES = [
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/openapi.json", openapi, methods=["GET"]),
-    Route("/v1/grants", create_grant, methods=["POST"]),
-    Route("/v1/apps/{appid}/users/{openid}", put_grant, methods=["PUT"]),
-    Route("/v1/apps/{appid}/users/{openid}", delete_grant, methods=["DELETE"]),
-    Route("/v1/apps/{appid}/users/{openid}", profile, methods=["GET"]),
-    Route("/v1/apps/{appid}/users/{openid}/token", token, methods=["GET"]),
-    Route("/v1/apps/{appid}/users/{openid}/avatar", avatar, methods=["GET"]),
-    Route("/v1/reauth", reauth_feed, methods=["GET"]),
-    Route("/v1/unionids/{unionid}", unionid, methods=["GET"]),
-    Route("/metrics", monitoring.metrics, methods=["GET"]),
-    Route("/status", monitoring.status, methods=["GET"]),
-]

@@ -22,8 +22,8 @@ import jsonschema_rs
 import schemathesis
 from schemathesis.engine import events
 
+from keeper.api.app import ROUTES
 from keeper.api.openapi import document
-from keeper.api.routes import ROUTES
 from keeper.config import build_config
 from keeper.sweep.engine import utcnow
 from keeper.wechat.simulator import Simulator
