@@ -24,8 +24,8 @@ from schemathesis.engine import events
 
 from keeper.api.app import ROUTES
 from keeper.api.openapi import document
+from keeper.clock import utcnow
 from keeper.config import build_config
-from keeper.sweep.engine import utcnow
 from keeper.wechat.simulator import Simulator
 from tests.api.server import Served
 from tests.conftest import APPID
