@@ -29,7 +29,8 @@ _STREAM_WRITE_TIMEOUT_S = 10.0  # a client that neither reads nor hangs up is gi
 class Simulator(SimState):
     """WeChat's OAuth2 endpoints on a loopback HTTP server, with knobs for every failure.
 
-    ``latency_s``: slept before every API, avatar and hostile answer (outside any lock).
+    ``latency_s``: slept before every answer but the ``/_sim/`` admin API's (outside any
+    lock).
     ``refresh_token_days``: refresh-token lifetime, in days. ``quotas``: per-app quota by
     endpoint ("code", "refresh", "userinfo", "auth"); default WeChat's documented ones, none
     for auth. ``failure_rates``: failure kind ("-1", "502", "truncated", "timeout", "html") ->
