@@ -48,7 +48,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
 
-from keeper.wechat.simulator.errmsgs import _ALL, _ERRCODE_SOURCE, _REF, ERRCODES, Errcode, with_rid
+from keeper.wechat.simulator.errmsgs import (
+    ANSWER_ENDPOINTS,
+    ERRCODE_SOURCE,
+    ERRCODES,
+    REFERENCE,
+    Errcode,
+    with_rid,
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ def _cleaned(nickname: str, sex: object = 0, province: str = "", city: str = "",
             "country": country}
 
 
-_PROFILE_SOURCES = f"{_REF}, 'Profiles as they really come'"
+_PROFILE_SOURCES = f"{REFERENCE}, 'Profiles as they really come'"
 _ODD: list[OddAnswer] = [
     OddAnswer(
         "profile_control_chars", ("userinfo",),
@@ -156,7 +163,7 @@ _ODD: list[OddAnswer] = [
         "profile_sex_as_string", ("userinfo",),
         _profile(b"Tom", b'"1"', "广东".encode(), "深圳".encode(), "中国".encode()),
         _TEXT, "profile", _cleaned("Tom", 1, "广东", "深圳", "中国"), perform=True,
-        source=f"{_REF}, 'In short': sex has been seen as a string",
+        source=f"{REFERENCE}, 'In short': sex has been seen as a string",
     ),
     OddAnswer(
         "profile_empty_region", ("userinfo",), _profile("微信用户".encode()), _TEXT, "profile",
@@ -168,8 +175,8 @@ _ODD: list[OddAnswer] = [
     OddAnswer(
         "profile_application_json", ("userinfo",), _profile("小明".encode()), _ENCODING,
         "profile", _cleaned("小明"), perform=True,
-        source=(f"{_REF}, 'In short'; wechatpy issue #147 (2016): a userinfo answer with "
-                "'content-type': 'application/json; encoding=utf-8'"),
+        source=(f"{REFERENCE}, 'In short'; wechatpy issue #147 (2016): a userinfo answer "
+                "with 'content-type': 'application/json; encoding=utf-8'"),
     ),
     OddAnswer(
         "profile_other_openid", ("userinfo",),
@@ -180,7 +187,7 @@ _ODD: list[OddAnswer] = [
     OddAnswer(
         "tokens_application_json", ("code", "refresh"), _TOKENS, _ENCODING, "tokens",
         {"expires_in": 7200}, perform=True,
-        source=(f"{_REF}, 'In short': JSON sent as text/plain, sometimes "
+        source=(f"{REFERENCE}, 'In short': JSON sent as text/plain, sometimes "
                 "'application/json; encoding=utf-8'"),
     ),
     OddAnswer(
@@ -189,7 +196,7 @@ _ODD: list[OddAnswer] = [
             b'"is_snapshotuser":{is_snapshotuser}', b'"is_snapshotuser":"{is_snapshotuser}"'),
         _TEXT, "tokens", {"expires_in": 7200, "is_snapshotuser": 0}, perform=True,
         note="'0' is a string: a client that takes its truth value marks a virtual user",
-        source=(f"{_REF}, 'In short' (numbers seen as strings) and 'Virtual users' "
+        source=(f"{REFERENCE}, 'In short' (numbers seen as strings) and 'Virtual users' "
                 "(is_snapshotuser); issue 15, section 3"),
     ),
     OddAnswer(
@@ -223,11 +230,12 @@ _ODD: list[OddAnswer] = [
         source="issue 15, section 3 ('{}' from /sns/auth): defensive",
     ),
     OddAnswer(
-        "not_json", _ALL, b"system busy, please try again later\n", _TEXT, "malformed",
+        "not_json", ANSWER_ENDPOINTS, b"system busy, please try again later\n", _TEXT,
+        "malformed",
         source="issue 15, section 3 (a body that is not JSON at all)",
     ),
     OddAnswer(
-        "empty_body", _ALL, b"", _TEXT, "malformed",
+        "empty_body", ANSWER_ENDPOINTS, b"", _TEXT, "malformed",
         source="issue 15, section 3 (a body that is not JSON at all): the empty case",
     ),
     OddAnswer(
@@ -248,7 +256,8 @@ _ODD: list[OddAnswer] = [
         "error_application_json", ("refresh",),
         b'{"errcode":40030,"errmsg":"invalid refresh_token, rid: {rid}"}', _ENCODING, "reauth",
         {"reason": "refresh_token_invalid"}, errcode=40030,
-        source=f"{_REF}, 'In short' (application/json; encoding=utf-8; errmsg with a rid)",
+        source=(f"{REFERENCE}, 'In short' (application/json; encoding=utf-8; errmsg with a "
+                "rid)"),
     ),
 ]
 
@@ -257,7 +266,7 @@ def _errcode_answer(code: int, info: Errcode) -> OddAnswer:
     body = json.dumps({"errcode": code, "errmsg": with_rid(info.errmsg, "{rid}")},
                       ensure_ascii=False, separators=(",", ":")).encode()
     return OddAnswer(f"errcode_{code}", info.endpoints, body, _TEXT, info.expect,
-                     {"reason": info.reason} if info.reason else {}, source=_ERRCODE_SOURCE,
+                     {"reason": info.reason} if info.reason else {}, source=ERRCODE_SOURCE,
                      errcode=code, expect_on=info.expect_on)
 
 

@@ -28,8 +28,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from keeper.wechat.simulator.control import Control
-from keeper.wechat.simulator.records import _Reply
+from keeper.wechat.simulator.replies import Reply
+from keeper.wechat.simulator.state import SimState
 
 #: The page's path -> the scopes it grants.
 LOGIN_PAGES: dict[str, frozenset[str]] = {
@@ -79,50 +79,46 @@ class _Refused(ValueError):
     """A request the page refuses: the text WeChat shows."""
 
 
-class Authorize(Control):
-    """Serves the authorize pages (not API calls: never counted, forced or failed)."""
+def login_page(sim: SimState, method: str, path: str, query: str, body: bytes) -> Reply:
+    """One of ``LOGIN_PAGES``: GET, the page for a valid request; POST (the page's form), the
+    redirect. Not API calls: never counted, forced or failed."""
+    form = dict(parse_qsl(body.decode("utf-8", "replace") if method == "POST" else query,
+                          keep_blank_values=True))
+    try:
+        appid, redirect_uri, scope, state = _check_request(sim, path, form)
+        if method == "GET":
+            return _page(path, appid, redirect_uri, scope, state)
+        user = _USERS.get(form.get("user", ""))
+        if user is None:
+            raise _Refused("user 参数错误 (no such simulated user)")
+    except _Refused as refused:
+        return _error_page(str(refused))
+    if form.get("action") == "deny":
+        return _redirect(redirect_uri, {"state": state})
+    code = sim.issue_code(appid=appid, openid=openid_for(appid, user.key), scope=scope,
+                          unionid=unionid_for(user.key), profile={"nickname": user.nickname})
+    return _redirect(redirect_uri, {"code": code, "state": state})
 
-    def _login_page(self, method: str, path: str, query: str, body: bytes) -> _Reply:
-        """GET: the page for a valid request; POST (the page's form): the redirect."""
-        form = dict(parse_qsl(body.decode("utf-8", "replace") if method == "POST" else query,
-                              keep_blank_values=True))
-        try:
-            appid, redirect_uri, scope, state = self._check_request(path, form)
-            if method == "GET":
-                return _page(path, appid, redirect_uri, scope, state)
-            user = _USERS.get(form.get("user", ""))
-            if user is None:
-                raise _Refused("user 参数错误 (no such simulated user)")
-        except _Refused as refused:
-            return _error_page(str(refused))
-        if form.get("action") == "deny":
-            return _redirect(redirect_uri, {"state": state})
-        code = self.issue_code(appid=appid, openid=openid_for(appid, user.key), scope=scope,
-                               unionid=unionid_for(user.key),
-                               profile={"nickname": user.nickname})
-        return _redirect(redirect_uri, {"code": code, "state": state})
 
-    def _check_request(self, path: str, form: dict[str, str]) -> tuple[str, str, str, str]:
-        """(appid, redirect_uri, scope, state) of a request WeChat would accept, in WeChat's
-        order of checks; raises _Refused with the text of its error page."""
-        appid = form.get("appid", "")
-        with self._lock:
-            known = appid in self._apps
-        if not known:
-            raise _Refused("AppID 参数错误 (unknown appid)")
-        redirect_uri = form.get("redirect_uri", "")
-        if not _valid_redirect_uri(redirect_uri):
-            raise _Refused("redirect_uri 参数错误 (an absolute http(s) URL is required)")
-        if form.get("response_type") != "code":
-            raise _Refused("response_type 参数错误 (must be code)")
-        scopes = set(form.get("scope", "").split(","))
-        if not scopes <= LOGIN_PAGES[path] or "" in scopes:
-            raise _Refused(f"Scope 参数错误或没有 Scope 权限 (this page grants "
-                           f"{', '.join(sorted(LOGIN_PAGES[path]))})")
-        state = form.get("state", "")
-        if not _STATE_RE.match(state):
-            raise _Refused("state 参数错误 (at most 128 letters and digits)")
-        return appid, redirect_uri, ",".join(sorted(scopes)), state
+def _check_request(sim: SimState, path: str, form: dict[str, str]) -> tuple[str, str, str, str]:
+    """(appid, redirect_uri, scope, state) of a request WeChat would accept, in WeChat's order
+    of checks; raises _Refused with the text of its error page."""
+    appid = form.get("appid", "")
+    if not sim.knows_app(appid):
+        raise _Refused("AppID 参数错误 (unknown appid)")
+    redirect_uri = form.get("redirect_uri", "")
+    if not _valid_redirect_uri(redirect_uri):
+        raise _Refused("redirect_uri 参数错误 (an absolute http(s) URL is required)")
+    if form.get("response_type") != "code":
+        raise _Refused("response_type 参数错误 (must be code)")
+    scopes = set(form.get("scope", "").split(","))
+    if not scopes <= LOGIN_PAGES[path] or "" in scopes:
+        raise _Refused(f"Scope 参数错误或没有 Scope 权限 (this page grants "
+                       f"{', '.join(sorted(LOGIN_PAGES[path]))})")
+    state = form.get("state", "")
+    if not _STATE_RE.match(state):
+        raise _Refused("state 参数错误 (at most 128 letters and digits)")
+    return appid, redirect_uri, ",".join(sorted(scopes)), state
 
 
 def _valid_redirect_uri(uri: str) -> bool:
@@ -137,27 +133,27 @@ def _valid_redirect_uri(uri: str) -> bool:
             and not parts.fragment and "@" not in parts.netloc)
 
 
-def _redirect(redirect_uri: str, params: dict[str, str]) -> _Reply:
+def _redirect(redirect_uri: str, params: dict[str, str]) -> Reply:
     """A 302 to redirect_uri with params added to its query (the only place it ever goes)."""
     parts = urlsplit(redirect_uri)
     extra = urlencode(params)
     location = urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query
                                          else extra))
-    return _Reply(302, "text/html; charset=utf-8", b"", headers=(("Location", location),))
+    return Reply(302, "text/html; charset=utf-8", b"", headers=(("Location", location),))
 
 
-def _html(title: str, body: str, status: int = 200) -> _Reply:
+def _html(title: str, body: str, status: int = 200) -> Reply:
     page = (f'<!DOCTYPE html>\n<html lang="zh-CN"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title></head>\n<body>\n{body}\n</body></html>\n")
-    return _Reply(status, "text/html; charset=utf-8", page.encode())
+    return Reply(status, "text/html; charset=utf-8", page.encode())
 
 
-def _error_page(text: str) -> _Reply:
+def _error_page(text: str) -> Reply:
     return _html("微信登录 - 错误",
                  f'<h1>微信登录</h1>\n<p id="error">{html.escape(text)}</p>', 400)
 
 
-def _page(path: str, appid: str, redirect_uri: str, scope: str, state: str) -> _Reply:
+def _page(path: str, appid: str, redirect_uri: str, scope: str, state: str) -> Reply:
     fields = {"appid": appid, "redirect_uri": redirect_uri, "response_type": "code",
               "scope": scope, "state": state}
     hidden = "\n".join(f'<input type="hidden" name="{name}" value="{html.escape(value)}">'

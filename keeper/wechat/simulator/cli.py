@@ -11,7 +11,7 @@ import threading
 from types import FrameType
 
 from keeper.wechat.simulator.answers import ODD_ANSWERS, describe
-from keeper.wechat.simulator.records import DEFAULT_QUOTAS, ENDPOINTS, _check_endpoint, parse_quota
+from keeper.wechat.simulator.records import DEFAULT_QUOTAS, ENDPOINTS, check_endpoint, parse_quota
 from keeper.wechat.simulator.server import Simulator
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pairs = {option: [_pair(value) for value in getattr(args, option)]
                  for option in ("quota", "fail", "app")}
-        quotas = {**DEFAULT_QUOTAS, **{_check_endpoint(endpoint): parse_quota(text)
+        quotas = {**DEFAULT_QUOTAS, **{check_endpoint(endpoint): parse_quota(text)
                                        for endpoint, text in pairs["quota"]}}
         sim = Simulator(host=args.host, port=args.port, latency_s=args.latency_ms / 1000.0,
                         rotate_refresh_tokens=args.rotate,

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 ANSWER_ENDPOINTS: tuple[str, ...] = ("code", "refresh", "auth", "userinfo")
 _ALL = ANSWER_ENDPOINTS
-_REF = "reference/wechat-oauth2.md"
+#: The document the errcode table and the corpus of odd answers cite in their ``source``.
+REFERENCE = "reference/wechat-oauth2.md"
 UNKNOWN_ERRCODE = 99999  # a code keeper has never heard of
 
 
@@ -25,8 +26,9 @@ class Errcode:
     expect_on: Mapping[str, str] = field(default_factory=dict)  # per-endpoint exceptions
 
 
-_ERRCODE_SOURCE = (f"{_REF}, the errcode table; errmsg texts as WeChat sends them (meanings as in "
-                   "wechatpy's constants.WeChatErrorCode and WxJava's WxMpErrorMsgEnum)")
+#: The ``source`` of every entry of ERRCODES, as the corpus of odd answers cites it.
+ERRCODE_SOURCE = (f"{REFERENCE}, the errcode table; errmsg texts as WeChat sends them (meanings "
+                  "as in wechatpy's constants.WeChatErrorCode and WxJava's WxMpErrorMsgEnum)")
 # Meanings: the reference's table. Texts: WeChat's own English errmsg where this project knows it.
 ERRCODES: dict[int, Errcode] = {
     -1: Errcode("system error", "transient", _ALL),

@@ -14,7 +14,8 @@ from keeper.wechat.simulator.images import (
     avatar_png,
     bomb_png,
 )
-from keeper.wechat.simulator.records import _HTML_PAGE, _NOT_FOUND, HOSTILE_OK_KEY, _Reply
+from keeper.wechat.simulator.records import HOSTILE_OK_KEY
+from keeper.wechat.simulator.replies import BUSY_PAGE, NOT_FOUND, Reply
 from keeper.wechat.simulator.state import SimState
 
 HOSTILE_KINDS: tuple[str, ...] = (
@@ -25,37 +26,36 @@ HOSTILE_SLOW_S = 5.0  # how long /hostile/slow/ waits before answering (read per
 HOSTILE_ENDLESS_MAX_BYTES = 64 * 1024 * 1024  # where /hostile/endless/ gives up all the same
 HOSTILE_REDIRECT_OUT = "http://evil.example.invalid/x.png"
 _ENDLESS_CHUNK = 64 * 1024
-_ENDLESS_WRITE_TIMEOUT_S = 10.0  # a client that neither reads nor hangs up is given up on
 _HOP_RE = re.compile(r"[0-9]{1,9}")
 
 
-class Hostile(SimState):
-    """Serves ``/hostile/<kind>/...`` (not API calls: never counted, forced or failed)."""
-
-    def hostile_url(self, kind: str) -> str:
-        """The URL of a hostile avatar of this ``kind`` (one of ``HOSTILE_KINDS``)."""
-        if kind not in HOSTILE_KINDS:
-            raise ValueError(f"unknown hostile kind {kind!r}; expected one of {HOSTILE_KINDS}")
-        return f"{self.url}/hostile/{kind}/a.png"
-
-    def _hostile_reply(self, path: str) -> _Reply:
-        kind, _, rest = path.removeprefix("/hostile/").partition("/")
-        if kind not in HOSTILE_KINDS:
-            return _NOT_FOUND
-        with self._lock:
-            self._hostile[kind] = self._hostile.get(kind, 0) + 1
-        if kind == "redirect-loop":
-            hop = int(rest) + 1 if _HOP_RE.fullmatch(rest) else 1
-            return _redirect(f"{self._url}/hostile/redirect-loop/{hop}")
-        if kind == "redirect-ok":
-            return _redirect(f"{self._url}/mmopen/{HOSTILE_OK_KEY}/0")
-        if kind == "slow":
-            return _Reply(200, "image/png", avatar_png("hostile-slow", 46), stall_s=HOSTILE_SLOW_S)
-        return _HOSTILE_REPLIES[kind]
+def hostile_url(base_url: str, kind: str) -> str:
+    """The URL of a hostile avatar of this ``kind`` (one of ``HOSTILE_KINDS``) on the
+    simulator at ``base_url``."""
+    if kind not in HOSTILE_KINDS:
+        raise ValueError(f"unknown hostile kind {kind!r}; expected one of {HOSTILE_KINDS}")
+    return f"{base_url}/hostile/{kind}/a.png"
 
 
-def _redirect(location: str) -> _Reply:
-    return _Reply(302, "text/html", b"", headers=(("Location", location),))
+def hostile_reply(sim: SimState, path: str) -> Reply:
+    """The answer to ``/hostile/<kind>/...``, counted in ``sim``'s ``hostile_requests`` (not
+    an API call: never in the endpoint figures, never forced or failed)."""
+    kind, _, rest = path.removeprefix("/hostile/").partition("/")
+    if kind not in HOSTILE_KINDS:
+        return NOT_FOUND
+    sim.count_hostile_request(kind)
+    if kind == "redirect-loop":
+        hop = int(rest) + 1 if _HOP_RE.fullmatch(rest) else 1
+        return _redirect(f"{sim.url}/hostile/redirect-loop/{hop}")
+    if kind == "redirect-ok":
+        return _redirect(f"{sim.url}/mmopen/{HOSTILE_OK_KEY}/0")
+    if kind == "slow":
+        return Reply(200, "image/png", avatar_png("hostile-slow", 46), stall_s=HOSTILE_SLOW_S)
+    return _HOSTILE_REPLIES[kind]
+
+
+def _redirect(location: str) -> Reply:
+    return Reply(302, "text/html", b"", headers=(("Location", location),))
 
 
 def _endless_png() -> Iterator[bytes]:
@@ -67,17 +67,17 @@ def _endless_png() -> Iterator[bytes]:
         yield zeros
 
 
-def _hostile_replies() -> dict[str, _Reply]:
+def _hostile_replies() -> dict[str, Reply]:
     half_png = avatar_png("hostile-truncated", 64)
     return {
-        "endless": _Reply(200, "image/png", b"", stream=_endless_png),
-        "html": _Reply(200, "image/jpeg", _HTML_PAGE),
+        "endless": Reply(200, "image/png", b"", stream=_endless_png),
+        "html": Reply(200, "image/jpeg", BUSY_PAGE),
         "redirect-out": _redirect(HOSTILE_REDIRECT_OUT),
-        "truncated": _Reply(200, "image/png", half_png[: len(half_png) // 2]),
-        "bomb": _Reply(200, "image/png", bomb_png()),
-        "gif": _Reply(200, "image/gif", GIF_1X1),
-        "webp": _Reply(200, "image/webp", WEBP_1X1),
-        "jpeg": _Reply(200, "image/jpeg", JPEG_1X1),
+        "truncated": Reply(200, "image/png", half_png[: len(half_png) // 2]),
+        "bomb": Reply(200, "image/png", bomb_png()),
+        "gif": Reply(200, "image/gif", GIF_1X1),
+        "webp": Reply(200, "image/webp", WEBP_1X1),
+        "jpeg": Reply(200, "image/jpeg", JPEG_1X1),
     }
 
 

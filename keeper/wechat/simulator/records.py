@@ -1,34 +1,23 @@
-"""The simulator's records (grants, codes, forced answers, counters), its quotas, and the
-replies it sends: the pieces its mixins share. Times are Unix seconds."""
+"""What the simulator's state is made of: the endpoints, failure kinds and grant states it knows,
+its quotas, the records it keeps (grants, codes, forced answers, counters), and the checks on
+the values a caller puts in them. Times are Unix seconds."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-import secrets
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from keeper.wechat.simulator.answers import ODD_BY_NAME
-from keeper.wechat.simulator.errmsgs import errmsg, with_rid
 
 ENDPOINTS: tuple[str, ...] = ("code", "refresh", "auth", "userinfo")
 FAILURE_KINDS: frozenset[str] = frozenset({"-1", "502", "truncated", "timeout", "html"})
 GRANT_STATES: frozenset[str] = frozenset({"ok", "revoked", "invalid", "snapshot"})
 ACCESS_TOKEN_LIFETIME_S = 7200
-AVATAR_SIZES: dict[int, int] = {0: 640, 46: 46, 64: 64, 96: 96, 132: 132}  # 0 = the original
 # The image key /hostile/redirect-ok/ redirects to, owned by a user no grant can name.
 HOSTILE_OK_KEY = "hostile-redirect-ok"
-_HOSTILE_OK_OWNER = "\x00hostile"
-_DAY_S = 86400.0
-_UNQUOTED_WINDOW_S = 60.0
-_UNKNOWN_APP = "-"
-_PATHS = {"/sns/oauth2/access_token": "code", "/sns/oauth2/refresh_token": "refresh",
-          "/sns/auth": "auth", "/sns/userinfo": "userinfo"}
-_IMAGE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _QUOTA_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*$")
 _UNIT_S: dict[str, float] = {
     **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
@@ -36,11 +25,6 @@ _UNIT_S: dict[str, float] = {
     **dict.fromkeys(("h", "hr", "hour", "hours"), 3600.0),
     **dict.fromkeys(("d", "day", "days"), 86400.0),
 }
-_HTML_404 = b"<html><head><title>404 Not Found</title></head><body>404 Not Found</body></html>\n"
-_HTML_502 = (b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad "
-             b"Gateway</h1></center><hr><center>stgw</center></body></html>\n")
-_HTML_PAGE = (b"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>WeChat</title></head>"
-              b"<body><p>The system is busy, please try again later.</p></body></html>\n")
 
 
 @dataclass(frozen=True)
@@ -77,7 +61,9 @@ def parse_quota(text: str) -> SimQuota:
 
 
 @dataclass(slots=True, eq=False)
-class _Grant:
+class Grant:
+    """One user's authorization of one app, as WeChat holds it: its live tokens and state."""
+
     appid: str
     openid: str
     access_token: str
@@ -93,7 +79,9 @@ class _Grant:
 
 
 @dataclass(slots=True, eq=False)
-class _Code:
+class Code:
+    """A login code WeChat passed to an app's callback, until it is exchanged or expires."""
+
     appid: str
     openid: str
     scope: str
@@ -106,14 +94,18 @@ class _Code:
 
 
 @dataclass(slots=True, eq=False)
-class _Forced:
+class Forced:
+    """An answer queued for the next ``remaining`` calls (of ``openid`` only, unless None)."""
+
     answer: int | str
     remaining: int
     openid: str | None
 
 
 @dataclass(slots=True, eq=False)
-class _Counter:
+class Counter:
+    """What one app's calls to one endpoint came to."""
+
     calls: int = 0
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -123,61 +115,16 @@ class _Counter:
     arrivals: array[float] = field(default_factory=lambda: array("d"))
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    content_type: str
-    body: bytes
-    stall_s: float = 0.0  # a simulated timeout: stall this long instead of the latency...
-    close: bool = False  # ...then close the connection (without answering when body is empty)
-    headers: tuple[tuple[str, str], ...] = ()  # more headers, e.g. a redirect's Location
-    # A body of unknown length instead of ``body``: sent without Content-Length as the chunks
-    # come, then the connection is closed.
-    stream: Callable[[], Iterator[bytes]] | None = None
+def make_grant(*, state: str = "ok", access_expires_at: float, refresh_issued_at: float,
+               **fields: Any) -> Grant:
+    """A grant from add_grant's keyword arguments; raises ValueError on an unknown state."""
+    if state not in GRANT_STATES:
+        raise ValueError(f"unknown grant state {state!r}; expected one of {sorted(GRANT_STATES)}")
+    return Grant(state=state, access_expires_at=float(access_expires_at),
+                 refresh_issued_at=float(refresh_issued_at), **fields)
 
 
-def _error(errcode: int, text: str | None = None) -> dict[str, object]:
-    """An error body; ``_api`` appends the rid to its errmsg on the way out."""
-    return {"errcode": errcode, "errmsg": text or errmsg(errcode)}
-
-
-def _first_error(*checks: tuple[bool, int]) -> int:
-    """The errcode of the first failed check, in WeChat's order; 0 when all pass."""
-    return next((errcode for failed, errcode in checks if failed), 0)
-
-
-def _json_body(payload: Mapping[str, object]) -> bytes:
-    # Raw UTF-8 under a charset-less text/plain, as WeChat sends: clients must decode it as UTF-8.
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    try:
-        return text.encode()
-    except UnicodeEncodeError:  # a lone surrogate (a truncated emoji) goes out escaped
-        return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def _api_reply(payload: Mapping[str, object]) -> _Reply:
-    return _Reply(200, "text/plain", _json_body(payload))
-
-
-def _admin_reply(payload: Mapping[str, object], status: int = 200) -> _Reply:
-    return _Reply(status, "application/json", json.dumps(payload).encode())
-
-
-_NOT_FOUND = _Reply(404, "text/html", _HTML_404)
-
-
-def _token(prefix: str) -> str:
-    # From `secrets`, not the seeded rng: a restarted simulator must never reissue a token that
-    # some keeper database still holds.
-    return prefix + secrets.token_urlsafe(33)
-
-
-def _default_image_key(openid: str) -> str:
-    return hashlib.blake2b(openid.encode(), digest_size=15).hexdigest()
-
-
-
-def _normalize_answer(answer: int | str) -> int | str:
+def normalize_answer(answer: int | str) -> int | str:
     """An errcode (int), a failure kind or the name of an ODD_ANSWERS entry (str)."""
     if isinstance(answer, bool):
         raise TypeError("answer must be an errcode, a failure kind or an answer name, not a bool")
@@ -198,7 +145,8 @@ def _normalize_answer(answer: int | str) -> int | str:
                          f"{sorted(FAILURE_KINDS)}, nor an ODD_ANSWERS name") from None
 
 
-def _check_rates(rates: Mapping[str, float]) -> dict[str, float]:
+def check_rates(rates: Mapping[str, float]) -> dict[str, float]:
+    """Failure kind -> probability, the zero ones left out; raises ValueError on bad ones."""
     if any(kind not in FAILURE_KINDS for kind in rates):
         raise ValueError(f"failure kinds are {sorted(FAILURE_KINDS)}, got {sorted(rates)}")
     if any(not 0.0 <= rate <= 1.0 for rate in rates.values()) or sum(rates.values()) > 1.0:
@@ -206,42 +154,15 @@ def _check_rates(rates: Mapping[str, float]) -> dict[str, float]:
     return {kind: float(rate) for kind, rate in rates.items() if rate > 0}
 
 
-def _check_every(every: int) -> int:
+def check_every(every: int) -> int:
+    """``avatar_change_every``, checked: a whole number >= 0."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f"avatar_change_every must be a whole number >= 0, got {every!r}")
     return every
 
 
-def _check_endpoint(endpoint: str) -> str:
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint``, checked: one of ENDPOINTS."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"unknown endpoint {endpoint!r}; expected one of {ENDPOINTS}")
     return endpoint
-
-
-def _make_grant(*, state: str = "ok", access_expires_at: float, refresh_issued_at: float,
-                **fields: Any) -> _Grant:
-    if state not in GRANT_STATES:
-        raise ValueError(f"unknown grant state {state!r}; expected one of {sorted(GRANT_STATES)}")
-    return _Grant(state=state, access_expires_at=float(access_expires_at),
-                  refresh_issued_at=float(refresh_issued_at), **fields)
-
-
-def _token_payload(grant: _Grant) -> dict[str, object]:
-    return {"access_token": grant.access_token, "expires_in": ACCESS_TOKEN_LIFETIME_S,
-            "refresh_token": grant.refresh_token, "openid": grant.openid, "scope": grant.scope}
-
-
-def _failure_reply(failure: int | str, payload: Mapping[str, object], stall_s: float,
-                   rid: str) -> _Reply:
-    if isinstance(failure, int):
-        return _api_reply(_error(failure, with_rid(errmsg(failure), rid)))
-    if failure == "truncated":
-        body = _json_body(payload)
-        return _Reply(200, "text/plain", body[: len(body) // 2])
-    return {
-        "-1": _api_reply(_error(-1, with_rid(errmsg(-1), rid))),
-        "502": _Reply(502, "text/html", _HTML_502),
-        "html": _Reply(200, "text/html", _HTML_PAGE),
-    }.get(failure) or _Reply(0, "", b"", stall_s=stall_s, close=True)  # "timeout"
-
-

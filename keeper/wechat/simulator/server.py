@@ -1,5 +1,5 @@
-"""The simulator's HTTP server: ``Simulator`` (its life cycle and request routing, over the
-mixins that hold its parts) and the threaded loopback server and handler."""
+"""The simulator's HTTP server: ``Simulator`` (the simulator's state served over HTTP: its life
+cycle and its request routing) and the threaded loopback server and handler."""
 
 from __future__ import annotations
 
@@ -7,24 +7,30 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from keeper.wechat.simulator.admin import Admin
-from keeper.wechat.simulator.authorize import LOGIN_PAGES, Authorize
-from keeper.wechat.simulator.avatar_host import AvatarHost
-from keeper.wechat.simulator.endpoints import Endpoints
-from keeper.wechat.simulator.hostile import _ENDLESS_WRITE_TIMEOUT_S, Hostile
-from keeper.wechat.simulator.records import _NOT_FOUND, _PATHS, _admin_reply, _Reply
+from keeper.wechat.simulator import hostile
+from keeper.wechat.simulator.admin import admin_route
+from keeper.wechat.simulator.authorize import LOGIN_PAGES, login_page
+from keeper.wechat.simulator.records import SimQuota
+from keeper.wechat.simulator.replies import NOT_FOUND, Reply, admin_reply
+from keeper.wechat.simulator.state import SimState
+
+_PATHS = {"/sns/oauth2/access_token": "code", "/sns/oauth2/refresh_token": "refresh",
+          "/sns/auth": "auth", "/sns/userinfo": "userinfo"}
+_STREAM_WRITE_TIMEOUT_S = 10.0  # a client that neither reads nor hangs up is given up on
 
 
-class Simulator(Admin, Authorize, Endpoints, AvatarHost, Hostile):
+class Simulator(SimState):
     """WeChat's OAuth2 endpoints on a loopback HTTP server, with knobs for every failure.
 
-    ``latency_s``: slept before every API, avatar and hostile answer (outside any lock).
+    ``latency_s``: slept before every answer but the ``/_sim/`` admin API's (outside any
+    lock).
     ``refresh_token_days``: refresh-token lifetime, in days. ``quotas``: per-app quota by
     endpoint ("code", "refresh", "userinfo", "auth"); default WeChat's documented ones, none
     for auth. ``failure_rates``: failure kind ("-1", "502", "truncated", "timeout", "html") ->
@@ -49,7 +55,38 @@ class Simulator(Admin, Authorize, Endpoints, AvatarHost, Hostile):
     Avatar (``/mmopen/``), hostile (``/hostile/``) and authorize-page requests are not API
     calls: they are neither counted in the endpoint figures nor ever given a forced or random
     failure.
+
+    What the simulator holds, how it answers and its set-up and ``stats`` methods are
+    :class:`~keeper.wechat.simulator.state.SimState`'s; this class serves it over HTTP.
     """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0,
+                 rotate_refresh_tokens: bool = False, refresh_token_days: float = 30.0,
+                 quotas: dict[str, SimQuota] | None = None,
+                 failure_rates: dict[str, float] | None = None, timeout_sleep_s: float = 5.0,
+                 seed: int | None = None, clock: Callable[[], float] = time.time,
+                 avatar_change_every: int = 0, legacy_profiles: bool = False) -> None:
+        super().__init__(latency_s=latency_s, rotate_refresh_tokens=rotate_refresh_tokens,
+                         refresh_token_days=refresh_token_days, quotas=quotas,
+                         failure_rates=failure_rates, timeout_sleep_s=timeout_sleep_s,
+                         seed=seed, clock=clock, avatar_change_every=avatar_change_every,
+                         legacy_profiles=legacy_profiles)
+        self._address = (host, port)
+        self._lifecycle = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._url = ""
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:PORT``; valid once start() has bound the port."""
+        if not self._url:
+            raise RuntimeError("the simulator is not listening yet: call start()")
+        return self._url
+
+    def hostile_url(self, kind: str) -> str:
+        """The URL of a hostile avatar of this ``kind`` (one of ``HOSTILE_KINDS``)."""
+        return hostile.hostile_url(self.url, kind)
 
     def _bind(self) -> _Server:
         with self._lifecycle:
@@ -90,22 +127,22 @@ class Simulator(Admin, Authorize, Endpoints, AvatarHost, Hostile):
 
     # -- request handling (called by _Handler) -----------------------------------------------
 
-    def _handle(self, method: str, path: str, query: str, body: bytes) -> tuple[_Reply, float]:
+    def _handle(self, method: str, path: str, query: str, body: bytes) -> tuple[Reply, float]:
         """The reply, and how long to sleep before sending it."""
         if path.startswith("/_sim/"):
-            return self._admin(method, path.removeprefix("/_sim/"), query, body), 0.0
+            return admin_route(self, method, path.removeprefix("/_sim/"), query, body), 0.0
         endpoint = _PATHS.get(path)
         if method == "GET" and endpoint is not None:
-            reply = self._api(endpoint, dict(parse_qsl(query, keep_blank_values=True)))
+            reply = self.serve_api(endpoint, dict(parse_qsl(query, keep_blank_values=True)))
         elif method == "GET" and path.startswith("/mmopen/"):
-            reply = self._avatar(path)
+            reply = self.serve_avatar(path)
         elif method == "GET" and path.startswith("/hostile/"):
-            reply = self._hostile_reply(path)
+            reply = hostile.hostile_reply(self, path)
         elif method in ("GET", "POST") and path in LOGIN_PAGES:
-            reply = self._login_page(method, path, query, body)
+            reply = login_page(self, method, path, query, body)
         else:
-            reply = _NOT_FOUND
-        return reply, reply.stall_s or self._latency_s
+            reply = NOT_FOUND
+        return reply, reply.stall_s or self.latency_s
 
 
 class _Server(ThreadingHTTPServer):
@@ -158,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
             reply, delay_s = self.server.sim._handle(method, url.path, url.query, body)
         except Exception:
             traceback.print_exc()
-            reply, delay_s = _admin_reply({"error": "simulator bug, see its stderr"}, 500), 0.0
+            reply, delay_s = admin_reply({"error": "simulator bug, see its stderr"}, 500), 0.0
         if delay_s > 0:
             self.server.stopping.wait(delay_s)
         if reply.close and not reply.body:
@@ -180,7 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         client hangs up or stops reading for long, or the simulator stops."""
         self.send_header("Connection", "close")  # also sets close_connection
         self.end_headers()
-        self.connection.settimeout(_ENDLESS_WRITE_TIMEOUT_S)
+        self.connection.settimeout(_STREAM_WRITE_TIMEOUT_S)
         try:
             for chunk in chunks:
                 if self.server.stopping.is_set():
