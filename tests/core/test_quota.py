@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime
 
@@ -71,14 +72,67 @@ def test_a_backlog_uses_nearly_all_of_a_large_quota(quota: Quota) -> None:
     assert per_period >= 0.95 * quota.count
 
 
+def backlog(quota: Quota, *, takers: int, want: int, periods: int) -> list[int]:
+    """``takers`` processes with a backlog share one quota: each asks for ``want`` permits,
+    asks again at once when it got some, and when told to wait, asks again exactly then. The
+    grant times (µs) of every permit, the clock passed in."""
+    params = Gcra.for_quota(quota)
+    start = 1_000 * US
+    end = start + int(periods * quota.period_s * US)
+    tat, times = 0, []
+    asks = [start + i for i in range(takers)]  # the next moment each taker asks
+    while True:
+        i = min(range(takers), key=asks.__getitem__)
+        now = asks[i]
+        if now >= end:
+            return times
+        decision = take(params, tat, now, want)
+        if decision.granted:
+            tat = decision.new_tat_us
+            times += [now] * decision.granted
+        else:
+            asks[i] = now + max(1, round(decision.wait_s * US))
+
+
+def share_after_the_first_period(quota: Quota, times: list[int], periods: int) -> float:
+    """Permits per period after the first (whose burst is spent), over the quota's count."""
+    steady = [t for t in times if t >= times[0] + quota.period_s * US]
+    return len(steady) / ((periods - 1) * quota.count)
+
+
+@pytest.mark.parametrize("quota", [
+    Quota(10, 2), Quota(20, 2), Quota(12, 60), Quota(50, 1), Quota(480, 2), Quota(600, 60),
+    Quota(10000, 60), Quota(2, 1), Quota(3, 1), Quota(1, 1), Quota(5, 60),
+])
+@pytest.mark.parametrize("takers", [1, 3])
+def test_a_backlog_gets_the_most_of_the_quota_the_promise_allows(quota: Quota,
+                                                                  takers: int) -> None:
+    """Every permit comes at the moment the schedule allows: under a backlog the share of the
+    quota's rate is P / (P + slack) * (N - burst) / N (98.4 % with no burst), at least 90 %
+    for quotas of 10 and more, and no window of P + slack holds more than N grants."""
+    params = Gcra.for_quota(quota)
+    periods = 1 + max(5, math.ceil(2000 / quota.count))  # 2,000 permits or more counted
+    times = backlog(quota, takers=takers, want=params.max_take, periods=periods)
+    burst = params.max_take - 1
+    best = quota.period_s / (quota.period_s + params.slack_s) * (quota.count - burst) / quota.count
+    share = share_after_the_first_period(quota, times, periods)
+    assert best - 1 / 1000 <= share <= best + 1 / 1000  # a permit at either end
+    if quota.count >= 10:
+        assert share >= 0.9
+    window = int((quota.period_s + params.slack_s) * US)
+    assert max_in_window(times, window) <= quota.count
+
+
 def test_take_waits_exactly_until_the_next_permit_fits() -> None:
     params = Gcra.for_quota(Quota(20, 2))
     first = take(params, 0, 10 * US, 1)
     assert first.granted == 1
     second = take(params, first.new_tat_us, 10 * US, 1)
     assert second.granted == 0 and second.wait_s > 0
-    later = 10 * US + int(second.wait_s * US)
+    later = 10 * US + round(second.wait_s * US)
     assert take(params, first.new_tat_us, later, 1).granted == 1
+    # Not a moment later than that: a microsecond earlier, no permit fits yet.
+    assert take(params, first.new_tat_us, later - 1, 1).granted == 0
 
 
 def test_a_minute_pause_lasts_until_the_next_minute() -> None:
