@@ -23,11 +23,11 @@ The proof, with emission interval ``T``, tolerance ``tau = burst * T`` and
    that is ``n <= N``.
 
 Under a backlog the permits come every ``T``, a share ``P / (P + slack) * (N - burst) / N`` of
-the quota's rate: 98.4 % (60/61) for a quota under 100 of a minute or less, whatever its
-count (no burst; ``slack = P / 60``), and at least 97.3 % for any quota (the burst is at most
-1 %). Short of the burst's share, that is the most the promise allows when a permit may reach
-WeChat up to ``slack`` after its grant: a window of ``P`` by arrival may hold grants from a
-span of ``P + slack``.
+the quota's rate. With no burst (counts under 100) that is 98.4 % (60/61) for periods from 3 s
+to a minute, 97.6 % for 2 s and 95.2 % for 1 s (the slack's 50 ms floor); the burst takes at
+most 1 % more. Short of the burst's share, that is the most the promise allows when a permit
+may reach WeChat up to ``slack`` after its grant: a window of ``P`` by arrival may hold grants
+from a span of ``P + slack``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _QUOTA_RE = re.compile(
     r"^\s*(\d+)\s*/\s*(?:(\d+(?:\.\d+)?)\s*)?(second|minute|hour|day)s?\s*$", re.IGNORECASE
 )
+#: The least time allowed between a permit's grant and its call's arrival at WeChat.
+MIN_SLACK_S = 0.05
 #: WeChat's daily quota (45009) rolls at midnight, China Standard Time.
 _CHINA = timezone(timedelta(hours=8))
 
@@ -85,12 +87,13 @@ class Gcra:
         ``T = (P + slack) / (N - burst)``, rounded up to a microsecond, and ``tau = burst * T``
         (the module's docstring has the proof).
 
-        The slack is 1/60 of the period, at most one second: far above the time a request
-        takes to reach WeChat, and under 2 % of the quota. The burst is 1 % of the count, at
-        most 256: enough to batch database round trips at 50,000/minute, small enough that
-        permits one process lets lapse cost little.
+        The slack is 1/60 of the period, at least 50 ms and at most one second: above the
+        time a request takes to reach WeChat from a busy host (a permit lapses unused after
+        half of it), and at most 5 % of the quota (1/61 from a 3-second period up). The burst
+        is 1 % of the count, at most 256: enough to batch database round trips at
+        50,000/minute, small enough that permits one process lets lapse cost little.
         """
-        slack_s = min(1.0, quota.period_s / 60)
+        slack_s = min(1.0, max(MIN_SLACK_S, quota.period_s / 60))
         burst = max(0, min(256, quota.count // 100))
         interval_us = math.ceil((quota.period_s + slack_s) * _US / (quota.count - burst))
         return cls(interval_us, burst * interval_us, burst + 1, slack_s,

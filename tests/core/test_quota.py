@@ -108,8 +108,8 @@ def share_after_the_first_period(quota: Quota, times: list[int], periods: int) -
 def test_a_backlog_gets_the_most_of_the_quota_the_promise_allows(quota: Quota,
                                                                   takers: int) -> None:
     """Every permit comes at the moment the schedule allows: under a backlog the share of the
-    quota's rate is P / (P + slack) * (N - burst) / N (98.4 % with no burst), at least 90 %
-    for quotas of 10 and more, and no window of P + slack holds more than N grants."""
+    quota's rate is P / (P + slack) * (N - burst) / N (98.4 % for most quotas under 100), at
+    least 90 % for quotas of 10 and more, and no window of P + slack holds more than N."""
     params = Gcra.for_quota(quota)
     periods = 1 + max(5, math.ceil(2000 / quota.count))  # 2,000 permits or more counted
     times = backlog(quota, takers=takers, want=params.max_take, periods=periods)
