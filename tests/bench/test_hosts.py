@@ -16,6 +16,10 @@ from sqlalchemy import create_engine, text
 
 from bench.hosts_run import rates
 from bench.netns import IP
+
+# Among the test hosts (one after another under xdist): it lists the namespaces and processes
+# left behind, which another namespace test running beside it would make.
+pytestmark = [pytest.mark.hosts]
 from tests.conftest import IN_CI, PG_SERVER, ROOT, require_postgres
 
 
