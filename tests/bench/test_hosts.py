@@ -16,11 +16,11 @@ from sqlalchemy import create_engine, text
 
 from bench.hosts_run import rates
 from bench.netns import IP
+from tests.conftest import IN_CI, PG_SERVER, ROOT, require_postgres
 
 # Among the test hosts (one after another under xdist): it lists the namespaces and processes
 # left behind, which another namespace test running beside it would make.
 pytestmark = [pytest.mark.hosts]
-from tests.conftest import IN_CI, PG_SERVER, ROOT, require_postgres
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
