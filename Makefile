@@ -4,15 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo test test-fast install lint bench constraints clean systemd-check
+.PHONY: demo test test-fast install lint bench docs constraints clean systemd-check
 
 # The venv is (re)built whenever the dependency pins change. `make install` is the production
 # set (no test extras); pip stays the venv's own (ensurepip's), never upgraded to an unpinned one.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
-	rm -f $(TEST_STAMP)
+	rm -f $(TEST_STAMP) $(DOCS_STAMP)
 	touch $(STAMP)
 
 # The test extras (pytest, ruff, mypy...), for `make test` and `make lint` only.
@@ -41,18 +42,27 @@ lint: $(TEST_STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy examples/website/app.py
 
+# The documentation site (docs/, mkdocs.yml) into site/: --strict makes every warning, a
+# broken link or anchor included, an error. Its extras (MkDocs, Material) have a stamp of their own.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 # The benchmarks (bench/, beside the package, not in the wheel), from this checkout; arguments
 # through ARGS, e.g. make bench ARGS="hosts --grants-per-host 100".
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
 # Keeps the file's leading comment lines (pip freeze writes none).
-constraints: $(TEST_STAMP)
+constraints: $(TEST_STAMP) $(DOCS_STAMP)
 	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -vi '^keeper'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 clean:
-	rm -rf $(VENV) var/demo .pytest_cache
+	rm -rf $(VENV) var/demo .pytest_cache site
 
 # Install the systemd units for this checkout (run as root). The checkout should live outside
 # /home and /root (the units use ProtectHome=yes), e.g. in /opt/keeper. Also: keeper-ctl (runs a
