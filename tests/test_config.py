@@ -376,3 +376,17 @@ def test_the_same_webhook_url_twice_is_refused_even_without_its_secret() -> None
     with pytest.raises(ConfigError, match=r"webhooks\[1\].url: the same url as webhooks\[0\]"):
         build({"webhooks": [hook, hook]})
 
+
+def test_an_app_secret_that_cannot_be_read_says_where_it_was_looked_for(
+    tmp_path: Path,
+) -> None:
+    c = build({"apps": [{"appid": "wx1", "secret_env": "MISSING"},
+                        {"appid": "wx2", "secret_file": str(tmp_path / "none")},
+                        {"appid": "wx3"},
+                        {"appid": "wx4", "secret_env": "S"}]}, {"S": "secret-value"})
+    assert c.app("wx1").secret_problem == ("apps[wx1].secret_env: the environment variable "
+                                           "MISSING is not set or empty")
+    assert c.app("wx2").secret_problem == (f"apps[wx2].secret_file: {tmp_path / 'none'} cannot "
+                                           "be read: No such file or directory")
+    assert c.app("wx3").secret_problem == "apps[wx3]: neither secret_env nor secret_file is given"
+    assert c.app("wx4").secret_problem is None
