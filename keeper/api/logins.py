@@ -49,7 +49,6 @@ class AppSecretMissing(ConfigError):
     def __init__(self, app: AppConfig) -> None:
         super().__init__(f"app {app.appid} has no AppSecret, so its login codes cannot be "
                          f"exchanged: {app.secret_problem or app.secret_source}")
-        self.appid = app.appid
 
 
 class ExchangeFailed(KeeperError):
