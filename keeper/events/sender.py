@@ -53,7 +53,7 @@ class Sender:
             "Content-Type": "application/json",
             "User-Agent": f"keeper/{__version__}",
             "Keeper-Event-Id": event_id,
-            "Keeper-Signature": sign(self.hook.secret, data, t),
+            "Keeper-Signature": sign(self.hook.require_secret(), data, t),
         }
         try:
             with self.session.post(self.hook.url, data=data, headers=headers,
