@@ -7,7 +7,9 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -15,10 +17,10 @@ from structlog.testing import capture_logs
 from keeper.config.webhooks import WebhookConfig
 from keeper.core.events import TYPES
 from keeper.events.deliverer import Deliverer
-from keeper.events.sender import Sender
+from keeper.events.sender import Outcome, Sender
 from keeper.events.signing import sign, verify
 from keeper.store.grants import Store
-from tests.events.receiver import Receiver, signature_ok
+from tests.events.receiver import Receiver, Trickler, signature_ok, tls_files
 from tests.store.test_grants import NOW, grant, put
 from tests.store.test_users import record
 
@@ -186,6 +188,103 @@ def test_redirects_are_not_followed_bodies_are_capped_and_attempts_time_out(kind
         assert outcome.delivered and took < 2
     else:
         assert not outcome.delivered and outcome.error == "read timeout" and took < 1
+
+
+def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_trickles() -> None:
+    """The receiver sends its answer's status line and headers a byte a second, for ever: no
+    read waits even half the timeout, so only a deadline over the whole attempt ends it:
+    within timeout + 1 s, with the connection closed, a failure to try again later."""
+    timeout_s = 2.0
+    trickler = Trickler(interval_s=1.0)
+    sender = Sender(hook(trickler.url, timeout_s=timeout_s))
+    ended: list[tuple[Outcome, float]] = []
+
+    def attempt() -> None:
+        began = time.monotonic()
+        outcome = sender.send("evt_1", '{"id":"evt_1"}', t=int(time.time()))
+        ended.append((outcome, time.monotonic() - began))
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    began = time.monotonic()
+    thread.start()
+    try:
+        thread.join(timeout_s + 1)
+        assert ended, (f"the attempt was still running {time.monotonic() - began:.1f} s after "
+                       f"it began (timeout {timeout_s:g} s; {trickler.sent} bytes trickled)")
+        # The receiver sees the connection end with the attempt, not when the test ends.
+        assert trickler.closed.wait(1.0), "the attempt ended with its connection left open"
+    finally:
+        trickler.stop()  # (the end, for an attempt without a deadline)
+        thread.join(5)
+        sender.close()
+    outcome, took = ended[0]
+    assert took <= timeout_s + 1, f"the attempt took {took:.2f} s"
+    assert outcome == Outcome(None, "read timeout") and not outcome.delivered
+
+
+def test_a_trickled_answer_is_an_attempt_to_retry(store: Store) -> None:
+    put(store, grant("o1"))
+    trickler = Trickler()
+    clock = Clock()
+    d = deliverer(store, hook(trickler.url, timeout_s=0.5), clock=clock)
+    try:
+        record(store, "o1")
+        with capture_logs() as logs:
+            counts = d.deliver_all()
+        closed = trickler.closed.wait(1.0)
+    finally:
+        d.close()
+        trickler.stop()
+    assert counts == Counter(retry=1) and closed
+    (retry,) = (e for e in logs if e["event"] == "event.retry")
+    assert retry["error"] == "read timeout" and retry["status"] is None
+    assert 30 <= retry["retry_in_s"] <= 60
+    assert store.delivery_counts() == {"events_pending": 1, "events_failed": 0}
+
+
+def test_the_kept_alive_connection_carries_the_next_attempts() -> None:
+    receiver = Receiver()
+    sender = Sender(hook(receiver.url))
+    try:
+        for n in range(3):
+            assert sender.send(f"evt_{n}", "{}", t=int(time.time())).delivered
+    finally:
+        sender.close()
+        receiver.stop()
+    assert len({s.peer for s in receiver.seen}) == 1 and len(receiver.seen) == 3
+
+
+def test_https_is_verified_and_its_handshake_is_within_the_deadline(tmp_path: Path) -> None:
+    """A certificate is taken only from a trusted CA and for the url's host name; a receiver
+    that never answers the handshake is given up at the deadline."""
+    server, cafile = tls_files(tmp_path)  # a certificate for "localhost" only
+    receiver = Receiver(tls=server)
+    by_name = receiver.url.replace("127.0.0.1", "localhost")
+    silent = socket.create_server(("127.0.0.1", 0))  # connects (the backlog), never answers
+    outcomes: dict[str, Outcome] = {}
+    try:
+        sender = Sender(hook(by_name), cafile=cafile)
+        outcomes["trusted"] = sender.send("evt_1", "{}", t=int(time.time()))
+        sender.close()
+        for name, url, ca in (("by address", receiver.url, cafile),
+                              ("another CA", by_name, None)):
+            sender = Sender(hook(url), cafile=ca)
+            outcomes[name] = sender.send("evt_1", "{}", t=int(time.time()))
+            sender.close()
+        sender = Sender(hook(f"https://127.0.0.1:{silent.getsockname()[1]}/", timeout_s=0.5),
+                        cafile=cafile)
+        began = time.monotonic()
+        outcomes["silent"] = sender.send("evt_1", "{}", t=int(time.time()))
+        took = time.monotonic() - began
+        sender.close()
+    finally:
+        silent.close()
+        receiver.stop()
+    assert outcomes == {"trusted": Outcome(200, None),
+                        "by address": Outcome(None, "TLS error"),
+                        "another CA": Outcome(None, "TLS error"),
+                        "silent": Outcome(None, "connect timeout")}
+    assert len(receiver.seen) == 1 and took <= 0.5 + 1
 
 
 def test_one_failing_event_does_not_hold_the_others_back(store: Store) -> None:
