@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from keeper.config.webhooks import WebhookConfig
 from keeper.core.events import TYPES
-from keeper.events.deliverer import Deliverer
+from keeper.events.deliverer import Deliverer, attempt_bound, lease_for
 from keeper.events.sender import Outcome, Sender
 from keeper.events.signing import sign, verify
 from keeper.store.grants import Store
@@ -285,6 +285,60 @@ def test_https_is_verified_and_its_handshake_is_within_the_deadline(tmp_path: Pa
                         "another CA": Outcome(None, "TLS error"),
                         "silent": Outcome(None, "connect timeout")}
     assert len(receiver.seen) == 1 and took <= 0.5 + 1
+
+
+def test_a_lease_is_renewed_before_it_has_less_left_than_an_attempt_lasts() -> None:
+    for timeout_s in (0.1, 1.0, 7.5, 10.0, 14.0, 30.0, 60.0):  # the range webhooks allow
+        h = hook("http://127.0.0.1:9/", timeout_s=timeout_s)
+        assert lease_for(h) >= 30 and lease_for(h) / 2 > attempt_bound(h) > timeout_s
+
+
+def test_an_attempt_starts_only_with_more_lease_left_than_it_lasts(store: Store) -> None:
+    """The test moves the deliverer's clock: each attempt lasts as long as it may (timeout
+    + 1 s), and in the first round the database takes 35 s to renew a lease of 40 s. No
+    attempt starts with its bound or less of the lease left: in that round none starts at all;
+    in the next, with a quick database, every event goes."""
+    put(store, *(grant(f"o{i}") for i in range(6)))
+    clock = Clock()
+    lease_until: list[datetime] = []  # the lease as the database keeps it
+    db_latency = [timedelta(seconds=35)]
+    left_at_start: list[float] = []
+    bound = 10.0 + 1  # a 10 s timeout: an attempt may last 11 s
+
+    def answer(n: int, event_id: str) -> int:
+        left_at_start.append((lease_until[-1] - clock.now).total_seconds())
+        clock.now += timedelta(seconds=bound)  # this attempt takes all it may
+        return 200
+
+    receiver = Receiver(answer=answer)
+    h = hook(receiver.url, timeout_s=10.0)
+    assert lease_for(h) == 40
+    d = deliverer(store, h, clock=clock)
+    take_webhook = store.take_webhook
+
+    def slow_take(key: str, holder: str, *, now: datetime, lease_s: float,
+                  takeover: str | None = None) -> bool:
+        held = take_webhook(key, holder, now=now, lease_s=lease_s, takeover=takeover)
+        if held:  # SQLite's lease_until; PostgreSQL's runs from its clock, no sooner
+            lease_until.append(now + timedelta(seconds=lease_s))
+        clock.now += db_latency[0]
+        return held
+
+    store.take_webhook = slow_take  # type: ignore[method-assign]
+    try:
+        record(store, *(f"o{i}" for i in range(6)))
+        first = d.deliver_all()
+        starts_in_first = list(left_at_start)
+        db_latency[0] = timedelta(0)
+        second = d.deliver_all()
+    finally:
+        d.close()
+        receiver.stop()
+    assert lease_until, "the deliverer never took the lease"
+    assert starts_in_first == [], (f"attempts started with {starts_in_first} s of the lease "
+                                   f"left; each may last {bound:g} s")
+    assert first["delivered"] == 0 and second["delivered"] == 6
+    assert len(left_at_start) == 6 and min(left_at_start) > bound, left_at_start
 
 
 def test_one_failing_event_does_not_hold_the_others_back(store: Store) -> None:
