@@ -151,13 +151,15 @@ class Receiver:
 class Trickler:
     """A receiver that reads one request, then sends its answer's status line and headers one
     byte every ``interval_s``, without end: no read ever waits long, so a timeout per read
-    never fires. It stops only when the test calls :meth:`stop`; ``closed`` is set when the
-    sender closed the connection (end of stream or reset), ``sent`` counts the bytes sent."""
+    never fires. (``at_once`` is sent first, all of it: a head, to trickle the body.) It stops
+    only when the test calls :meth:`stop`; ``closed`` is set when the sender closed the
+    connection (end of stream or reset), ``sent`` counts the bytes trickled."""
 
     ANSWER = b"HTTP/1.1 200 OK\r\nX-Trickle: "  # then "a" for ever: one endless header line
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, interval_s: float = 1.0, *, at_once: bytes = b"") -> None:
         self.interval_s = interval_s
+        self.at_once = at_once
         self.sent = 0
         self.closed = threading.Event()
         self.request = b""
@@ -190,7 +192,8 @@ class Trickler:
                     if not chunk:
                         return
                     self.request += chunk
-                answer = self.ANSWER
+                conn.sendall(self.at_once)
+                answer = b"" if self.at_once else self.ANSWER
                 while True:
                     conn.sendall(answer[:1] or b"a")
                     self.sent += 1

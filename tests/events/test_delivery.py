@@ -222,6 +222,22 @@ def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_trickles() 
     assert outcome == Outcome(None, "read timeout") and not outcome.delivered
 
 
+def test_a_2xx_whose_body_trickles_is_delivered_and_its_connection_closed() -> None:
+    """The status decides; the body is read, to 4 KiB, only to reuse the connection, and not
+    past the deadline."""
+    trickler = Trickler(at_once=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    sender = Sender(hook(trickler.url, timeout_s=0.5))
+    try:
+        began = time.monotonic()
+        outcome = sender.send("evt_1", "{}", t=int(time.time()))
+        took = time.monotonic() - began
+        closed = trickler.closed.wait(1.0)
+    finally:
+        trickler.stop()
+        sender.close()
+    assert outcome == Outcome(200, None) and took <= 0.5 + 1 and closed
+
+
 def test_a_trickled_answer_is_an_attempt_to_retry(store: Store) -> None:
     put(store, grant("o1"))
     trickler = Trickler()
