@@ -31,7 +31,8 @@ _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 @dataclass(frozen=True)
 class WebhookConfig:
-    """One receiver of events. ``timeout_s``: connect and read timeout of one attempt.
+    """One receiver of events. ``timeout_s``: the deadline of one whole attempt
+    (resolving, connecting, sending, reading the status and a little of the body).
     ``secret`` is ``None`` when its source is unset or unreadable, and ``secret_problem``
     then says why, naming the key (only the processes that send need it)."""
 
