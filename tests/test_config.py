@@ -297,3 +297,96 @@ def test_the_same_webhook_url_twice_is_refused() -> None:
     hook = {"url": "https://a/h", "secret_env": "S"}
     with pytest.raises(ConfigError, match=r"webhooks\[1\].url: the same url as webhooks\[0\]"):
         build_config({"webhooks": [hook, hook]}, env={"S": "x" * 10}, source="t")
+
+
+@pytest.mark.parametrize(("hook", "env", "content", "key", "reason"), [
+    ({"secret_env": "HOOK_S"}, {}, None, "webhooks[0].secret_env",
+     "the environment variable HOOK_S is not set or empty"),
+    ({"secret_env": "HOOK_S"}, {"HOOK_S": " \n"}, None, "webhooks[0].secret_env",
+     "the environment variable HOOK_S is not set or empty"),
+    ({"secret_file": "hook.secret"}, {}, None, "webhooks[0].secret_file",
+     "cannot be read: No such file or directory"),
+    ({"secret_file": "hook.secret"}, {}, b"\n", "webhooks[0].secret_file", "is empty"),
+    ({"secret_file": "hook.secret"}, {}, b"\xff\xfe whsec", "webhooks[0].secret_file",
+     "is not UTF-8 text"),
+    ({"secret_file": "."}, {}, None, "webhooks[0].secret_file",
+     "cannot be read: Is a directory"),
+])
+def test_a_webhook_secret_that_cannot_be_read_is_loaded_as_missing_and_said_by_the_senders(
+    tmp_path: Path, hook: dict[str, str], env: dict[str, str], content: bytes | None, key: str,
+    reason: str,
+) -> None:
+    """Only a process that sends needs a webhook's secret: the configuration loads without
+    it, and the check the senders make names the key, the source and the webhook (by key and
+    host, never by its url, whose query string may hold a secret)."""
+    if content is not None:
+        (tmp_path / "hook.secret").write_bytes(content)
+    url = "https://hooks.example.com/keeper-in?token=QSECRET"
+    c = build_config({"webhooks": [{"url": url, **hook}]}, env=env,
+                     source=str(tmp_path / "keeper.toml"))
+    (h,) = c.webhooks
+    assert h.secret is None
+    assert h.secret_problem is not None and h.secret_problem.startswith(key)
+    assert reason in h.secret_problem
+    assert c.redacted()["webhooks"][0]["secret_source"].endswith("(unavailable)")
+    from keeper.config.webhooks import require_secrets
+
+    require_secrets(())  # no webhook: nothing to sign
+    with pytest.raises(ConfigError) as e:
+        require_secrets(c.webhooks)
+    message = str(e.value)
+    assert message.startswith(key) and reason in message, message
+    assert h.key in message and "hooks.example.com" in message
+    assert "QSECRET" not in message and "keeper-in" not in message and "\n" not in message
+    if "secret_file" in hook:
+        assert str(tmp_path / hook["secret_file"]) in message  # where it was looked for
+
+
+def test_every_webhook_whose_secret_is_missing_is_named_in_one_line() -> None:
+    c = build({"webhooks": [{"url": "https://a.example/h", "secret_env": "A"},
+                            {"url": "https://b.example/h", "secret_env": "B"},
+                            {"url": "https://c.example/h", "secret_env": "C"}]},
+              {"B": "whsec-b-is-here"})
+    assert [h.secret for h in c.webhooks] == [None, "whsec-b-is-here", None]
+    from keeper.config.webhooks import require_secrets
+
+    with pytest.raises(ConfigError) as e:
+        require_secrets(c.webhooks)
+    assert "webhooks[0].secret_env" in str(e.value) and "webhooks[2].secret_env" in str(e.value)
+    assert "webhooks[1]" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("hook", "error"), [
+    ({"events": ["reauth.lost"]}, "webhooks[0].events: unknown event type 'reauth.lost'"),
+    ({"timeout": 0}, "webhooks[0].timeout: expected"),
+    ({"colour": "red"}, "unknown configuration key: webhooks[0].colour"),
+])
+def test_a_malformed_webhook_is_refused_even_when_its_secret_is_missing_too(
+    hook: dict[str, object], error: str,
+) -> None:
+    """A malformed table is a configuration error for every command, whether or not its
+    secret can be read."""
+    with pytest.raises(ConfigError) as e:
+        build({"webhooks": [{"url": "https://x.example/", "secret_env": "UNSET", **hook}]})
+    assert error in str(e.value)
+
+
+def test_the_same_webhook_url_twice_is_refused_even_without_its_secret() -> None:
+    hook = {"url": "https://a/h", "secret_env": "UNSET"}
+    with pytest.raises(ConfigError, match=r"webhooks\[1\].url: the same url as webhooks\[0\]"):
+        build({"webhooks": [hook, hook]})
+
+
+def test_an_app_secret_that_cannot_be_read_says_where_it_was_looked_for(
+    tmp_path: Path,
+) -> None:
+    c = build({"apps": [{"appid": "wx1", "secret_env": "MISSING"},
+                        {"appid": "wx2", "secret_file": str(tmp_path / "none")},
+                        {"appid": "wx3"},
+                        {"appid": "wx4", "secret_env": "S"}]}, {"S": "secret-value"})
+    assert c.app("wx1").secret_problem == ("apps[wx1].secret_env: the environment variable "
+                                           "MISSING is not set or empty")
+    assert c.app("wx2").secret_problem == (f"apps[wx2].secret_file: {tmp_path / 'none'} cannot "
+                                           "be read: No such file or directory")
+    assert c.app("wx3").secret_problem == "apps[wx3]: neither secret_env nor secret_file is given"
+    assert c.app("wx4").secret_problem is None

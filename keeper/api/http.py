@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keeper.api.context import Api
-from keeper.api.logins import CodeRejected, ExchangeFailed
+from keeper.api.logins import AppSecretMissing, CodeRejected, ExchangeFailed
 from keeper.api.tokens import MustReauthorize, NoGrant, Unavailable
 from keeper.core.grant_lines import ID_RE
 from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
@@ -190,7 +190,12 @@ def _answer(fn: Handler, api: Api, request: Request, body: Any) -> Response:
         return Problem(400, "code_rejected", str(e), errcode=e.errcode).response()
     except ExchangeFailed as e:
         return unavailable("wechat_unavailable", str(e), e.retry_after_s).response()
-    except ConfigError as e:  # the app has no AppSecret, or WeChat refuses the app
+    except AppSecretMissing as e:
+        # The server's own configuration, not an outage: no Retry-After, as asking again
+        # changes nothing until an operator sets the secret and restarts keeper serve. Not
+        # logged per request: serve said so once per app at start (app.secret_missing).
+        return Problem(500, "app_secret_missing", str(e)).response()
+    except ConfigError as e:  # WeChat refuses the app (its AppSecret, the IP whitelist)
         log.error("api.app_rejected", error=str(e))
         return unavailable("app_rejected", str(e), 60).response()
     except DatabaseUnavailable as e:

@@ -41,6 +41,16 @@ class CodeRejected(KeeperError):
         self.errcode = errcode
 
 
+class AppSecretMissing(ConfigError):
+    """keeper has no AppSecret for the app (its configuration, not an outage): no login code of
+    the app can be exchanged until an operator sets it. The message names the app and where
+    the secret is read from, never a value."""
+
+    def __init__(self, app: AppConfig) -> None:
+        super().__init__(f"app {app.appid} has no AppSecret, so its login codes cannot be "
+                         f"exchanged: {app.secret_problem or app.secret_source}")
+
+
 class ExchangeFailed(KeeperError):
     """WeChat could not exchange the code now (no answer, quota used up)."""
 
@@ -64,12 +74,11 @@ def exchange(
 ) -> Login:
     """Exchange ``code`` for ``app`` and store the grant (clearing any re-authorization record).
 
-    Raises :class:`CodeRejected`, :class:`ExchangeFailed`, ``ConfigError`` (the app has no
-    AppSecret, or WeChat refuses the app) and ``StoreError``.
+    Raises :class:`CodeRejected`, :class:`ExchangeFailed`, :class:`AppSecretMissing` (before
+    asking WeChat anything), ``ConfigError`` (WeChat refuses the app) and ``StoreError``.
     """
     if not app.secret:
-        raise ConfigError(f"app {app.appid} has no AppSecret ({app.secret_source}): set "
-                          "secret_env or secret_file")
+        raise AppSecretMissing(app)
     try:
         gate.acquire(app.appid, "code", max_wait_s=max_wait_s)
     except QuotaWait as e:

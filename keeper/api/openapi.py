@@ -66,6 +66,9 @@ ERRORS = {
     "404": _json("Error", "`unknown_app`, `no_grant`, `no_avatar` or `not_found`"),
     "413": _json("Error", "the body is larger than the limit (64 KiB)"),
     "415": _json("Error", "the body is not application/json"),
+    "500": _json("Error", "`app_secret_missing`: keeper has no AppSecret for the app (the "
+                 "server's configuration: `detail` says where it is read from); asking again "
+                 "changes nothing until an operator sets it"),
     "503": _json("Error", "try again after `Retry-After` seconds: `wechat_unavailable`, "
                  "`quota_exhausted`, `grant_busy`, `database_unavailable`, `app_rejected`",
                  RETRY_AFTER),
@@ -211,7 +214,7 @@ def document(config: Config, now: datetime) -> str:
         "/v1/grants": {"post": op(
             "exchange a login code (never retried: a code is single-use) and keep the grant",
             "grants", {"201": _json("Login", "the grant is kept"),
-                       **_errors("400", "401", "403", "404", "413", "415", "503")},
+                       **_errors("400", "401", "403", "404", "413", "415", "500", "503")},
             body="LoginRequest")},
         "/v1/apps/{appid}/users/{openid}": {
             "put": op("upsert a grant the application obtained itself; clears any "

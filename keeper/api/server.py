@@ -96,6 +96,12 @@ def serve(config: Config) -> int:
     os.environ["KEEPER_CONFIG"] = str(Path(config.source).resolve())
     log.info("keeper.started", version=__version__, pid=os.getpid(), command="serve",
              listen=api.listen, processes=api.processes, **config.redacted())
+    for app in config.apps:
+        if not app.secret:
+            # Once per app, here rather than per request: each POST /v1/grants for it is
+            # answered 500 app_secret_missing until the secret is set and serve restarted.
+            log.warning("app.secret_missing", appid=app.appid, secret_source=app.secret_source,
+                        error=app.secret_problem, answer="500 app_secret_missing")
     # uvicorn re-raises the SIGTERM or SIGINT that stopped it, once it has shut down, to the
     # handler in place before it started: with the default one the process would die of it
     # (status 143 after a clean stop, not the exit 0 systemd and the contract expect). This one

@@ -12,6 +12,7 @@ from typing import Any
 
 from keeper.clock import utcnow
 from keeper.config import Config
+from keeper.config.webhooks import require_secrets
 from keeper.errors import UsageError
 from keeper.events.deliverer import Deliverer
 from keeper.log import register_secret
@@ -76,6 +77,7 @@ def cmd_events(config: Config, args: argparse.Namespace) -> int:
 def _deliver(config: Config, args: argparse.Namespace) -> int:
     if args.id or args.failed:
         raise UsageError("keeper events deliver takes no ID or --failed")
+    require_secrets(config.webhooks)  # the one `keeper events` action that signs
     for hook in config.webhooks:
         register_secret(hook.secret)
     deliverer = Deliverer(store=open_store(config, pool_size=2), webhooks=config.webhooks,

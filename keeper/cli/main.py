@@ -18,6 +18,7 @@ import structlog
 from keeper import __version__
 from keeper.clock import utcnow
 from keeper.config import Config, load_config
+from keeper.config.webhooks import require_secrets
 from keeper.core.forecast import MAX_DAYS
 from keeper.core.grant_lines import MAX_LINE_BYTES, parse_lines
 from keeper.core.models import Grant
@@ -68,6 +69,9 @@ def _iso(value: datetime | None) -> str | None:
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from keeper.service.scheduler import Service
 
+    # It sends events: without a webhook's secret it must not start (the other commands,
+    # which send none, run without it).
+    require_secrets(config.webhooks)
     log.info("keeper.started", version=__version__, pid=os.getpid(), **config.redacted())
     service = Service(config=config, load=lambda: load_config(args.config))
     service.install_signals()

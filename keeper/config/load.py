@@ -88,26 +88,35 @@ def _quotas(
     return quotas
 
 
-def _read_secret(app: Table, env: Mapping[str, str], base: Path) -> tuple[str | None, str]:
+def _read_secret(app: Table, env: Mapping[str, str],
+                 base: Path) -> tuple[str | None, str, str | None]:
+    """(the AppSecret, its source, why it could not be read: ``None`` when it was)."""
     secret_env = app.string("secret_env", None)
     secret_file = app.string("secret_file", None)
     if secret_env and secret_file:
         raise ConfigError(f"{app.key('secret_env')}: give secret_env or secret_file, not both")
     if secret_env:
         value = env.get(secret_env, "").strip()
-        return (value or None), f"env {secret_env}"
+        return (value or None), f"env {secret_env}", None if value else (
+            f"{app.key('secret_env')}: the environment variable {secret_env} is not set or "
+            "empty")
     if secret_file:
-        # A secret that cannot be read is not fatal here: only `keeper grant` needs it, and it
-        # says why then (the source carries the reason).
-        path = _resolve(path_value(secret_file, app.key("secret_file")), env, base)
+        # A secret that cannot be read is not fatal here: only a code exchange needs it
+        # (`keeper grant`, `POST /v1/grants`), and it says why then (the source carries the
+        # reason for the start-up log line).
+        key = app.key("secret_file")
+        path = _resolve(path_value(secret_file, key), env, base)
         try:
             value = path.read_text(encoding="utf-8").strip()
         except OSError as e:
-            return None, f"file {path} (cannot be read: {e.strerror})"
+            return (None, f"file {path} (cannot be read: {e.strerror})",
+                    f"{key}: {path} cannot be read: {e.strerror}")
         except UnicodeDecodeError:
-            return None, f"file {path} (not UTF-8 text)"
-        return (value or None), f"file {path}" + ("" if value else " (empty)")
-    return None, "none"
+            return None, f"file {path} (not UTF-8 text)", f"{key}: {path} is not UTF-8 text"
+        if not value:
+            return None, f"file {path} (empty)", f"{key}: {path} is empty"
+        return value, f"file {path}", None
+    return None, "none", f"{app.prefix.rstrip('.')}: neither secret_env nor secret_file is given"
 
 
 def _app(raw: object, index: int, env: Mapping[str, str], base: Path,
@@ -121,7 +130,7 @@ def _app(raw: object, index: int, env: Mapping[str, str], base: Path,
     if not _APPID_RE.match(appid):
         raise ConfigError(f"apps[{index}].appid: {show(appid)} is not an appid")
     t.prefix = f"apps[{appid}]."
-    secret, source = _read_secret(t, env, base)
+    secret, source, problem = _read_secret(t, env, base)
     days = t.number("refresh_token_days", 30, most=3650)
     at_day = t.number("refresh_at_day", 29, most=3650)
     if at_day >= days:
@@ -131,7 +140,7 @@ def _app(raw: object, index: int, env: Mapping[str, str], base: Path,
         )
     app_quotas = _quotas(t.pop("quotas", {}), t.key("quotas"), quotas)
     t.finish()
-    return AppConfig(appid, secret, source, days, at_day, app_quotas)
+    return AppConfig(appid, secret, source, days, at_day, app_quotas, problem)
 
 
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:

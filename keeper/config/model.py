@@ -34,7 +34,8 @@ ACCESS_REFRESH = ("ahead", "on_demand")
 @dataclass(frozen=True)
 class AppConfig:
     """One WeChat app. ``secret`` is ``None`` when its source is unset or unreadable; only a
-    code exchange needs it, and it says so then."""
+    code exchange needs it, and it says so then, in the words of ``secret_problem`` (which
+    names the key and where the secret is read from)."""
 
     appid: str
     secret: str | None = field(repr=False)
@@ -42,6 +43,7 @@ class AppConfig:
     refresh_token_days: float
     refresh_at_day: float
     quotas: Mapping[str, Quota | None]
+    secret_problem: str | None = None
 
     @property
     def refresh_lifetime_s(self) -> float:

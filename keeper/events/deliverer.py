@@ -3,10 +3,19 @@ first, one at a time, on threads of its own (never the sweep's workers: a receiv
 or slow never slows a sweep).
 
 A process holds a webhook through a lease row (:mod:`keeper.store.deliveries`), renewed while
-it works; losing it stops that webhook's loop until it is taken again. A failed attempt is
-rescheduled (:func:`keeper.core.events.next_attempt`), so one event a receiver refuses never
-blocks the others; after 72 hours of attempts it is failed. A database outage is operations,
-not a crash: one ``database.unavailable`` line per outage, a pause, and the loop goes on.
+it works; losing it stops that webhook's loop until it is taken again. An attempt lasts at most
+:func:`attempt_bound` (the sender's deadline, the webhook's ``timeout``, plus a margin) and
+starts only while the lease held has more than that left: the lease is renewed first
+otherwise, and if renewing took so long that too little is left even so, no attempt starts in
+that round. So no attempt outlives its lease, and a live process never has its webhook taken
+over while an attempt of its is in flight. A process frozen between that check and the end of
+its attempt (a stopped VM) can still overrun its lease and have another send the same event at
+the same time: at-least-once delivery and the event id allow that.
+
+A failed attempt is rescheduled (:func:`keeper.core.events.next_attempt`), so one event a
+receiver refuses never blocks the others; after 72 hours of attempts it is failed. A database
+outage is operations, not a crash: one ``database.unavailable`` line per outage, a pause, and
+the loop goes on.
 """
 
 from __future__ import annotations
@@ -38,11 +47,21 @@ POLL_S = 0.5
 BATCH = 50
 #: How often delivered events past the retention are pruned.
 PRUNE_EVERY_S = 600.0
+#: What an attempt may last past its deadline: closing the connection, the thread waking.
+ATTEMPT_MARGIN_S = 1.0
 
+
+def attempt_bound(hook: WebhookConfig) -> float:
+    """The longest one attempt to ``hook`` lasts: the sender's deadline is the webhook's
+    ``timeout`` (:mod:`keeper.events.sender`), and then the connection is closed."""
+    return hook.timeout_s + ATTEMPT_MARGIN_S
 
 
 def lease_for(hook: WebhookConfig) -> float:
-    """A webhook lease outlasts two attempts: it is renewed when half is left."""
+    """A webhook lease: at least 30 s, and four timeouts. It is renewed once half is left,
+    which is always more than an attempt's bound (timeout 0.1 to 60 s: half is 15 s, or 2 x
+    timeout), so the rule that an attempt needs more than its bound left only holds delivery
+    back when renewing was slow."""
     return max(30.0, 4 * hook.timeout_s)
 
 
@@ -91,11 +110,14 @@ class Deliverer:
 
     # -- one webhook ---------------------------------------------------------------------
 
-    def _hold(self, hook: WebhookConfig, now: datetime) -> bool:
-        """Hold the webhook's lease, renewing it once half is spent; whether it is held."""
+    def _hold(self, hook: WebhookConfig, now: datetime, *, need_s: float = 0.0) -> bool:
+        """Hold the webhook's lease, renewing it once half is spent or no more than
+        ``need_s`` is left; whether it is held. The lease is counted from ``now``, taken
+        before the database is asked: it lapses no sooner (on PostgreSQL it runs from the
+        database's clock, when the UPDATE ran)."""
         lease_s = lease_for(hook)
         until = self._held_until.get(hook.key)
-        if until is not None and (until - now).total_seconds() > lease_s / 2:
+        if until is not None and (until - now).total_seconds() > max(lease_s / 2, need_s):
             return True
         held = self.store.take_webhook(hook.key, self.holder, now=now, lease_s=lease_s)
         if not held:
@@ -132,9 +154,12 @@ class Deliverer:
             batch = self.store.due(hook.key, now, limit=BATCH)
             if not batch:
                 break
-            for due in batch:  # one at a time, holding the lease for each
-                if self.stop.is_set() or not self._hold(hook, self.clock()):
+            bound = attempt_bound(hook)
+            for due in batch:  # one at a time, each inside the lease (the module's docstring)
+                if self.stop.is_set() or not self._hold(hook, self.clock(), need_s=bound):
                     break
+                if (self._held_until[hook.key] - self.clock()).total_seconds() <= bound:
+                    return counts  # renewing took most of the lease: the next round renews
                 began = time.monotonic()
                 outcome = sender.send(due.event_id, due.body, t=int(time.time()))
                 counts[self._settle(hook, due, outcome, time.monotonic() - began)] += 1

@@ -9,6 +9,7 @@ from keeper.avatars.fetcher import Fetcher
 from keeper.avatars.sweep_pass import AvatarKeeper
 from keeper.clock import utcnow
 from keeper.config import Config
+from keeper.config.webhooks import require_secrets
 from keeper.crypto import Cipher, create_key_file, load_keys
 from keeper.errors import ConfigError
 from keeper.events.deliverer import Deliverer
@@ -108,7 +109,9 @@ class Runtime:
 
     def deliverer(self) -> Deliverer:
         """The events' delivery loop, on a store (and connection pool) of its own: a slow
-        receiver never holds a connection a sweep needs."""
+        receiver never holds a connection a sweep needs. ``ConfigError`` when a webhook's
+        secret could not be read: nothing could be signed for it."""
+        require_secrets(self.config.webhooks)
         for hook in self.config.webhooks:
             register_secret(hook.secret)
         store = Store(self.config.database_url, cipher=self.store.cipher,

@@ -26,6 +26,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from keeper.clock import utcnow
 from keeper.config import Config
+from keeper.config.webhooks import require_secrets
 from keeper.errors import ConfigError, DatabaseUnavailable, KeeperError, SchemaOutdated, StoreError
 from keeper.log import set_level
 from keeper.service.metrics import start_metrics, stop_metrics
@@ -212,6 +213,9 @@ class Service:
         try:
             config = self.load()
             cipher_for(config)  # a key file that cannot be read is refused now, not later
+            # So is a webhook whose secret this process cannot read: webhooks are read at
+            # start only, and the next start would refuse it.
+            require_secrets(config.webhooks)
         except ConfigError as e:
             log.error("config.reload_refused", error=str(e))
             self.notifier.ready("reload refused; running with the previous configuration")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 
 from keeper.wechat.simulator import Simulator
-from tests.api.server import Served
-from tests.conftest import APPID, wait_for
+from tests.api.server import Served, serving, stop
+from tests.conftest import APPID, Keeper, wait_for
 from tests.e2e.helpers import endpoint, make_grant
 
 
@@ -79,6 +80,60 @@ def test_codes_wechat_refuses_or_cannot_take_are_answered_and_never_retried(
     quota = served.call("POST", "/v1/grants",
                         json={"appid": APPID, "code": sim.issue_code(appid=APPID, openid="o-3")})
     assert quota.status_code == 503 and int(quota.headers["Retry-After"]) >= 1
+
+
+def test_an_app_without_its_appsecret_is_a_server_configuration_error(
+    keeper: Keeper, sim: Simulator, tmp_path: Path,
+) -> None:
+    """Given `keeper serve` without one app's AppSecret (its secret_env unset) and another app
+    whose AppSecret WeChat refuses, a login for the first is answered 500 `app_secret_missing`,
+    saying which app and where its secret is read from, without Retry-After and without
+    asking WeChat, and `keeper serve` said so once, at start; a login for the second is still
+    503 `app_rejected` with Retry-After; the first app's other endpoints work; `keeper grant`
+    reports the missing secret in the same words."""
+    unset = "wx00000000000000b2"
+    wrong = "not-the-apps-secret-0123456789"
+    keeper.env["KEEPER_TEST_SECRET"] = wrong  # APPID: WeChat answers 40125
+    keeper.env.pop("KEEPER_B_SECRET", None)
+    extra = f'[[apps]]\nappid = "{unset}"\nsecret_env = "KEEPER_B_SECRET"\n'
+    with serving(keeper, db_url=f"sqlite:///{tmp_path / 'keeper.db'}", api_base=sim.url,
+                 extra=extra) as served:
+        asked = endpoint(sim, "code")["calls"]
+        answers = [served.call("POST", "/v1/grants", json={
+            "appid": unset, "code": sim.issue_code(appid=unset, openid=f"o-{i}")})
+            for i in range(2)]
+        for r in answers:
+            assert r.status_code == 500 and r.json()["error"] == "app_secret_missing", r.text
+            assert "Retry-After" not in r.headers
+        detail = answers[0].json()["detail"]
+        assert unset in detail and "secret_env" in detail and "KEEPER_B_SECRET" in detail
+        assert endpoint(sim, "code")["calls"] == asked  # WeChat was not asked
+        refused = served.call("POST", "/v1/grants", json={
+            "appid": APPID, "code": sim.issue_code(appid=APPID, openid="o-wrong")})
+        assert refused.status_code == 503 and refused.json()["error"] == "app_rejected"
+        assert refused.headers["Retry-After"] == "60"
+        now = int(time.time())
+        put = served.call("PUT", served.user(unset, "o-put"), json={
+            "access_token": "AT-o-put-e2e-secret", "refresh_token": "RT-o-put-e2e-secret",
+            "scope": "snsapi_base", "access_expires_at": now + 7200,
+            "refresh_issued_at": now - 86400})
+        assert put.status_code == 201, put.text
+        got = served.call("GET", served.user(unset, "o-put", "/token"))
+        assert got.status_code == 200 and got.json()["access_token"] == "AT-o-put-e2e-secret"
+        doc = served.call("GET", "/openapi.json").json()
+        documented = doc["paths"]["/v1/grants"]["post"]["responses"]["500"]["description"]
+        assert "app_secret_missing" in documented
+        cli = keeper.run("grant", "--app", unset, sim.issue_code(appid=unset, openid="o-cli"))
+        assert cli.code == 2 and [e["error"] for e in cli.logs()
+                                  if e["event"] == "command.refused"] == [detail], cli.err
+        _, log = stop(served.proc)
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    missing = [e for e in lines if e["event"] == "app.secret_missing"]
+    assert len(missing) == 1, missing
+    assert missing[0]["appid"] == unset and missing[0]["level"] == "warning"
+    assert missing[0]["secret_source"] == "env KEEPER_B_SECRET"
+    assert not [e for e in lines if e["event"] == "api.app_rejected" and unset in e["error"]]
+    assert wrong not in log + detail + refused.text + cli.err
 
 
 def test_put_upserts_a_grant_field_by_field_and_clears_its_reauth_record(

@@ -16,10 +16,19 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from keeper.config.webhooks import webhook_key
 from keeper.store.schema import deliveries, events, grants, reauth
 from keeper.sweep.engine import MIN_PAGE
 from keeper.wechat.simulator import Simulator
-from tests.conftest import Keeper, config_text, require_postgres, reset_postgres, wait_for
+from tests.api.server import serving
+from tests.conftest import (
+    APPID,
+    Keeper,
+    config_text,
+    require_postgres,
+    reset_postgres,
+    wait_for,
+)
 from tests.e2e.helpers import endpoint, make_grant, seed
 from tests.events.receiver import Receiver
 from tests.service.test_service import start_service, stop
@@ -247,8 +256,6 @@ def _free_port() -> int:
     ('url = "https://x/?token=QSECRET"', "webhooks[0].secret_env: give secret_env or"),
     ('url = "https://x/"\nsecret_env = "KEEPER_HOOK_SECRET"\nsecret_file = "f"',
      "webhooks[0].secret_env: give secret_env or"),
-    ('url = "https://x/"\nsecret_env = "NOT_SET_ANYWHERE"', "NOT_SET_ANYWHERE is not set"),
-    ('url = "https://x/"\nsecret_file = "missing-file"', "webhooks[0].secret_file: "),
     ('url = "https://x/"\nsecret_env = "KEEPER_HOOK_SECRET"\nevents = ["reauth.lost"]',
      "webhooks[0].events: unknown event type 'reauth.lost'"),
     ('url = "https://x/"\nsecret_env = "KEEPER_HOOK_SECRET"\ntimeout = 0',
@@ -266,6 +273,86 @@ def test_a_bad_webhook_is_refused_in_one_line_naming_the_key(
     refused = [e for e in ran.logs() if e["event"] == "command.refused"]
     assert ran.code == 2 and len(refused) == 1 and error in refused[0]["error"], ran.err
     assert "QSECRET" not in ran.err
+
+
+#: A webhook whose secret_env the tests below leave unset; its url's query string holds a
+#: value no line may show.
+UNSIGNED_URL = "https://hooks.example.com/keeper-in?token=QSECRET"
+UNSIGNED = f'url = "{UNSIGNED_URL}"\nsecret_env = "KEEPER_HOOK_SECRET"'
+
+
+def _add_webhook_without_its_secret(keeper: Keeper, webhook: str) -> None:
+    keeper.env.pop("KEEPER_HOOK_SECRET", None)
+    keeper.write_config(keeper.config.read_text().replace(
+        "[[apps]]", f"[[webhooks]]\n{webhook}\n\n[[apps]]"))
+
+
+def _refused_by_the_senders(keeper: Keeper) -> list[str]:
+    """The one `command.refused` error of each process that sends events, which must exit 2
+    at start, before anything else (no sweep, no delivery)."""
+    errors = []
+    for argv in (("run",), ("events", "deliver")):
+        ran = keeper.run(*argv, timeout=30)
+        refused = [e for e in ran.logs() if e["event"] == "command.refused"]
+        assert ran.code == 2 and len(refused) == 1, (argv, ran.code, ran.err)
+        assert not {"keeper.started", "sweep.started", "event.retry"} & set(ran.events())
+        assert "QSECRET" not in ran.err + ran.out and "keeper-in" not in ran.err
+        errors.append(refused[0]["error"])
+    return errors
+
+
+def test_a_missing_webhook_secret_stops_only_the_processes_that_send(
+    sim: Simulator, keeper: Keeper,
+) -> None:
+    """Given a [[webhooks]] table whose secret_env is not set, every command that sends no
+    event runs: `keeper sweep` records events (it never delivers them), `keeper events replay`
+    only makes deliveries pending again, `keeper serve` serves. `keeper run` and `keeper
+    events deliver` exit 2 at start, in one line naming the webhook (by key and host, not
+    its url) and where its secret is read from."""
+    _add_webhook_without_its_secret(keeper, UNSIGNED)
+    seed(sim, keeper, [make_grant("o-live"),  # `keeper import`
+                       make_grant("o-dead", access_in_s=-60, scope="snsapi_base")])
+    sim.script("o-dead", "refresh", 40030)
+    for argv in (
+        ("status",), ("sweep", "--json"), ("reauth", "--json"), ("events", "--json"),
+        ("events", "--failed"), ("events", "replay", "--failed"),
+        ("token", "--app", APPID, "o-live"), ("profile", "--app", APPID, "o-live"),
+        ("check", "--app", APPID, "o-live"),
+        ("grant", "--app", APPID, sim.issue_code(appid=APPID, openid="o-new")),
+        ("forecast", "--days", "3"), ("cleanup-avatars",), ("db", "upgrade"), ("rotate-key",),
+    ):
+        ran = keeper.run(*argv)
+        assert ran.code == 0, (argv, ran.err)
+        assert "QSECRET" not in ran.err + ran.out
+    recorded = [json.loads(line) for line in keeper.run("events", "--json").out.splitlines()]
+    assert [(e["type"], e["openid"]) for e in recorded] == [("reauth.recorded", "o-dead")]
+    assert "o-dead" in keeper.run("reauth").out
+    with serving(keeper, db_url=f"sqlite:///{keeper.workdir / 'keeper.db'}", api_base=sim.url,
+                 extra=f"[[webhooks]]\n{UNSIGNED}\n") as served:
+        got = served.call("GET", served.user(APPID, "o-live", "/token"))
+        assert got.status_code == 200 and got.json()["access_token"] == "AT-o-live-e2e-secret"
+    expected = ("webhooks[0].secret_env: the environment variable KEEPER_HOOK_SECRET is not set "
+                "or empty")
+    for error in _refused_by_the_senders(keeper):
+        assert error.startswith(expected), error
+        assert f"webhook {webhook_key(UNSIGNED_URL)}" in error and "hooks.example.com" in error
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (None, "cannot be read: No such file or directory"), ("\n", "is empty")])
+def test_a_webhook_secret_file_that_cannot_be_read_stops_only_the_senders(
+    keeper: Keeper, content: str | None, reason: str,
+) -> None:
+    if content is not None:
+        (keeper.workdir / "hook.secret").write_text(content)
+    _add_webhook_without_its_secret(
+        keeper, f'url = "{UNSIGNED_URL}"\nsecret_file = "hook.secret"')
+    ran = keeper.run("status")
+    assert ran.code == 0, ran.err
+    for error in _refused_by_the_senders(keeper):
+        assert error.startswith(
+            f"webhooks[0].secret_file: {keeper.workdir.resolve() / 'hook.secret'} {reason}"), \
+            error
 
 
 def test_events_retention_is_checked(keeper: Keeper) -> None:

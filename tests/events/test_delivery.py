@@ -7,18 +7,20 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from keeper.config.webhooks import WebhookConfig
 from keeper.core.events import TYPES
-from keeper.events.deliverer import Deliverer
-from keeper.events.sender import Sender
+from keeper.events.deliverer import Deliverer, attempt_bound, lease_for
+from keeper.events.sender import Outcome, Sender
 from keeper.events.signing import sign, verify
 from keeper.store.grants import Store
-from tests.events.receiver import Receiver, signature_ok
+from tests.events.receiver import Receiver, Trickler, signature_ok, tls_files
 from tests.store.test_grants import NOW, grant, put
 from tests.store.test_users import record
 
@@ -186,6 +188,173 @@ def test_redirects_are_not_followed_bodies_are_capped_and_attempts_time_out(kind
         assert outcome.delivered and took < 2
     else:
         assert not outcome.delivered and outcome.error == "read timeout" and took < 1
+
+
+def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_trickles() -> None:
+    """The receiver sends its answer's status line and headers a byte a second, for ever: no
+    read waits even half the timeout, so only a deadline over the whole attempt ends it:
+    within timeout + 1 s, with the connection closed, a failure to try again later."""
+    timeout_s = 2.0
+    trickler = Trickler(interval_s=1.0)
+    sender = Sender(hook(trickler.url, timeout_s=timeout_s))
+    ended: list[tuple[Outcome, float]] = []
+
+    def attempt() -> None:
+        began = time.monotonic()
+        outcome = sender.send("evt_1", '{"id":"evt_1"}', t=int(time.time()))
+        ended.append((outcome, time.monotonic() - began))
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    began = time.monotonic()
+    thread.start()
+    try:
+        thread.join(timeout_s + 1)
+        assert ended, (f"the attempt was still running {time.monotonic() - began:.1f} s after "
+                       f"it began (timeout {timeout_s:g} s; {trickler.sent} bytes trickled)")
+        # The receiver sees the connection end with the attempt, not when the test ends.
+        assert trickler.closed.wait(1.0), "the attempt ended with its connection left open"
+    finally:
+        trickler.stop()  # (the end, for an attempt without a deadline)
+        thread.join(5)
+        sender.close()
+    outcome, took = ended[0]
+    assert took <= timeout_s + 1, f"the attempt took {took:.2f} s"
+    assert outcome == Outcome(None, "read timeout") and not outcome.delivered
+
+
+def test_a_2xx_whose_body_trickles_is_delivered_and_its_connection_closed() -> None:
+    """The status decides; the body is read, to 4 KiB, only to reuse the connection, and not
+    past the deadline."""
+    trickler = Trickler(at_once=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    sender = Sender(hook(trickler.url, timeout_s=0.5))
+    try:
+        began = time.monotonic()
+        outcome = sender.send("evt_1", "{}", t=int(time.time()))
+        took = time.monotonic() - began
+        closed = trickler.closed.wait(1.0)
+    finally:
+        trickler.stop()
+        sender.close()
+    assert outcome == Outcome(200, None) and took <= 0.5 + 1 and closed
+
+
+def test_a_trickled_answer_is_an_attempt_to_retry(store: Store) -> None:
+    put(store, grant("o1"))
+    trickler = Trickler()
+    clock = Clock()
+    d = deliverer(store, hook(trickler.url, timeout_s=0.5), clock=clock)
+    try:
+        record(store, "o1")
+        with capture_logs() as logs:
+            counts = d.deliver_all()
+        closed = trickler.closed.wait(1.0)
+    finally:
+        d.close()
+        trickler.stop()
+    assert counts == Counter(retry=1) and closed
+    (retry,) = (e for e in logs if e["event"] == "event.retry")
+    assert retry["error"] == "read timeout" and retry["status"] is None
+    assert 30 <= retry["retry_in_s"] <= 60
+    assert store.delivery_counts() == {"events_pending": 1, "events_failed": 0}
+
+
+def test_the_kept_alive_connection_carries_the_next_attempts() -> None:
+    receiver = Receiver()
+    sender = Sender(hook(receiver.url))
+    try:
+        for n in range(3):
+            assert sender.send(f"evt_{n}", "{}", t=int(time.time())).delivered
+    finally:
+        sender.close()
+        receiver.stop()
+    assert len({s.peer for s in receiver.seen}) == 1 and len(receiver.seen) == 3
+
+
+def test_https_is_verified_and_its_handshake_is_within_the_deadline(tmp_path: Path) -> None:
+    """A certificate is taken only from a trusted CA and for the url's host name; a receiver
+    that never answers the handshake is given up at the deadline."""
+    server, cafile = tls_files(tmp_path)  # a certificate for "localhost" only
+    receiver = Receiver(tls=server)
+    by_name = receiver.url.replace("127.0.0.1", "localhost")
+    silent = socket.create_server(("127.0.0.1", 0))  # connects (the backlog), never answers
+    outcomes: dict[str, Outcome] = {}
+    try:
+        sender = Sender(hook(by_name), cafile=cafile)
+        outcomes["trusted"] = sender.send("evt_1", "{}", t=int(time.time()))
+        sender.close()
+        for name, url, ca in (("by address", receiver.url, cafile),
+                              ("another CA", by_name, None)):
+            sender = Sender(hook(url), cafile=ca)
+            outcomes[name] = sender.send("evt_1", "{}", t=int(time.time()))
+            sender.close()
+        sender = Sender(hook(f"https://127.0.0.1:{silent.getsockname()[1]}/", timeout_s=0.5),
+                        cafile=cafile)
+        began = time.monotonic()
+        outcomes["silent"] = sender.send("evt_1", "{}", t=int(time.time()))
+        took = time.monotonic() - began
+        sender.close()
+    finally:
+        silent.close()
+        receiver.stop()
+    assert outcomes == {"trusted": Outcome(200, None),
+                        "by address": Outcome(None, "TLS error"),
+                        "another CA": Outcome(None, "TLS error"),
+                        "silent": Outcome(None, "connect timeout")}
+    assert len(receiver.seen) == 1 and took <= 0.5 + 1
+
+
+def test_a_lease_is_renewed_before_it_has_less_left_than_an_attempt_lasts() -> None:
+    for timeout_s in (0.1, 1.0, 7.5, 10.0, 14.0, 30.0, 60.0):  # the range webhooks allow
+        h = hook("http://127.0.0.1:9/", timeout_s=timeout_s)
+        assert lease_for(h) >= 30 and lease_for(h) / 2 > attempt_bound(h) > timeout_s
+
+
+def test_an_attempt_starts_only_with_more_lease_left_than_it_lasts(store: Store) -> None:
+    """The test moves the deliverer's clock: each attempt lasts as long as it may (timeout
+    + 1 s), and in the first round the database takes 35 s to renew a lease of 40 s. No
+    attempt starts with its bound or less of the lease left: in that round none starts at all;
+    in the next, with a quick database, every event goes."""
+    put(store, *(grant(f"o{i}") for i in range(6)))
+    clock = Clock()
+    lease_until: list[datetime] = []  # the lease as the database keeps it
+    db_latency = [timedelta(seconds=35)]
+    left_at_start: list[float] = []
+    bound = 10.0 + 1  # a 10 s timeout: an attempt may last 11 s
+
+    def answer(n: int, event_id: str) -> int:
+        left_at_start.append((lease_until[-1] - clock.now).total_seconds())
+        clock.now += timedelta(seconds=bound)  # this attempt takes all it may
+        return 200
+
+    receiver = Receiver(answer=answer)
+    h = hook(receiver.url, timeout_s=10.0)
+    assert lease_for(h) == 40
+    d = deliverer(store, h, clock=clock)
+    take_webhook = store.take_webhook
+
+    def slow_take(key: str, holder: str, *, now: datetime, lease_s: float,
+                  takeover: str | None = None) -> bool:
+        held = take_webhook(key, holder, now=now, lease_s=lease_s, takeover=takeover)
+        if held:  # SQLite's lease_until; PostgreSQL's runs from its clock, no sooner
+            lease_until.append(now + timedelta(seconds=lease_s))
+        clock.now += db_latency[0]
+        return held
+
+    store.take_webhook = slow_take  # type: ignore[method-assign]
+    try:
+        record(store, *(f"o{i}" for i in range(6)))
+        first = d.deliver_all()
+        starts_in_first = list(left_at_start)
+        db_latency[0] = timedelta(0)
+        second = d.deliver_all()
+    finally:
+        d.close()
+        receiver.stop()
+    assert lease_until, "the deliverer never took the lease"
+    assert starts_in_first == [], (f"attempts started with {starts_in_first} s of the lease "
+                                   f"left; each may last {bound:g} s")
+    assert first["delivered"] == 0 and second["delivered"] == 6
+    assert len(left_at_start) == 6 and min(left_at_start) > bound, left_at_start
 
 
 def test_one_failing_event_does_not_hold_the_others_back(store: Store) -> None:

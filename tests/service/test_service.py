@@ -165,6 +165,31 @@ def test_sighup_applies_a_new_config_and_refuses_a_bad_one(
     assert len(refused) == 1 and "wrokers" in refused[0]
 
 
+def test_sighup_refuses_a_webhook_whose_secret_the_service_cannot_read(
+    sim: Simulator, keeper: Keeper, notify: NotifySocket
+) -> None:
+    """`keeper run` sends events, so it needs every webhook's secret (other commands do not):
+    a reload adding a webhook whose secret is not in its environment is refused, naming it,
+    as a start would be, and the service goes on with the configuration it has."""
+    slow_interval(keeper)
+    keeper.env.pop("KEEPER_HOOK_SECRET", None)
+    proc, log = start_service(keeper, notify)
+    try:
+        notify.wait_for("READY=1")
+        keeper.write_config(keeper.config.read_text().replace("[[apps]]", (
+            '[[webhooks]]\nurl = "https://hooks.example.com/in?token=QSECRET"\n'
+            'secret_env = "KEEPER_HOOK_SECRET"\n\n[[apps]]')))
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("reload refused")
+        assert keeper.run("status").code == 0  # the same file, for a command that sends nothing
+    finally:
+        assert stop(proc) == 0
+    text = log.read_text()
+    refused = [e for e in text.splitlines() if '"config.reload_refused"' in e]
+    assert len(refused) == 1 and "webhooks[0].secret_env" in refused[0], text[-2000:]
+    assert "KEEPER_HOOK_SECRET is not set or empty" in refused[0] and "QSECRET" not in text
+
+
 def test_a_second_signal_exits_at_once(sim: Simulator, keeper: Keeper) -> None:
     seed(sim, keeper, [make_grant(f"o{i}", access_in_s=-60, scope="snsapi_base")
                        for i in range(40)])
