@@ -49,7 +49,7 @@ $(DOCS_STAMP): $(STAMP)
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The benchmarks (bench/, beside the package, not in the wheel), from this checkout; arguments
 # through ARGS, e.g. make bench ARGS="hosts --grants-per-host 100".
@@ -67,7 +67,7 @@ clean:
 # Install the systemd units for this checkout (run as root). The checkout should live outside
 # /home and /root (the units use ProtectHome=yes), e.g. in /opt/keeper. Also: keeper-ctl (runs a
 # keeper command as the service), the groups keeper-avatars and keeper-api with
-# /var/lib/keeper-avatars (README, "Avatars") and /run/keeper-api (the API's unix socket),
+# /var/lib/keeper-avatars (docs/operators/avatars.md) and /run/keeper-api (the API's unix socket),
 # /etc/keeper/keeper.toml (avatar_dir set to that directory), keeper.env and api-keys if missing.
 UNITDIR ?= /etc/systemd/system
 CONFDIR ?= /etc/keeper

@@ -7,7 +7,7 @@ and adds WeChat's latency to every call. Three runs over access-expired grants:
 
 1. **one host**, no quota: the refreshes per second one host makes;
 2. **all hosts** (default 3), no quota, the same number of grants per host: the ratio to run 1
-   (the issue's target: at least 2.7 with 3 hosts);
+   (the target: at least 2.7 with 3 hosts);
 3. **all hosts with the quota binding**: the share of the quota's rate they use together (the
    target: at least 95 %), and the busiest quota window at the simulator (never above it).
 

@@ -338,8 +338,9 @@ FAKETIME_MT = next(iter(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")), No
 
 def clock_offset_env(offset_s: float) -> dict[str, str]:
     """The environment that sets a program's clock ``offset_s`` ahead (negative: behind) by
-    libfaketime, its monotonic clocks left alone (fault-injection.md). Skipped with the reason
-    where libfaketime is not installed; a failure when CI is set."""
+    libfaketime, its monotonic clocks left alone (faked ones hang timed waits; see
+    docs/explanation/faults.md). Skipped with the reason where libfaketime is not installed; a
+    failure when CI is set."""
     if FAKETIME_MT is None:
         message = "libfaketime is not installed (Debian's `faketime` package)"
         if IN_CI:

@@ -1,10 +1,11 @@
 """The package layout holds: a pure core, layers that import only downwards, no import circle
 inside a package, no module reaching into another's private names, and a wheel that is the
-product alone and carries its migrations (README, "Design in a page": the package map)."""
+product alone and carries its migrations (docs/explanation/design.md: the package map)."""
 
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -321,3 +322,42 @@ def test_the_wheel_is_the_product_and_carries_the_migrations(tmp_path: Path) -> 
                          cwd=tmp_path, check=False)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split()[0] == "None"
+
+
+#: What no tracked file may name: the files of another checkout (a ``shared`` directory beside
+#: this one, the outside contract file, the WeChat and fault-making notes kept there) and a
+#: tracker's issue cited by its number. Built from parts, so that this file does not name them.
+_OUTSIDE = re.compile("|".join((
+    re.escape("." + "./" + "shared"),
+    re.escape("CONTRACT" + ".md"),
+    re.escape("wechat" + "-oauth2.md"),
+    re.escape("fault" + "-injection.md"),
+    r"(?i:\bissues?" + r"\s+\d+)",
+    r"(?i:\bstop" + r"\s+\d+\b)",
+)))
+
+
+@pytest.mark.e2e  # git ls-files is a child process
+def test_no_tracked_file_names_what_lies_outside_the_repository() -> None:
+    """Every reason is stated here: a comment, a docstring, a test or a page says the reason
+    itself, or points to a page under docs/ (docs/reference/wechat.md, docs/reference/contract.md,
+    docs/explanation/faults.md), never to another checkout's files or a tracker's issue number,
+    which a reader of this repository cannot open. Another project's public issue, cited with
+    its repository and ``#``, is a public source and allowed."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the tracked files cannot be listed")
+    listed = subprocess.run([git, "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    found: list[str] = []
+    for name in listed.stdout.decode().split("\0"):
+        path = ROOT / name
+        if not name or not path.is_file():
+            continue  # the separator's tail, or a tracked file deleted in this work tree
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            continue  # binary (the screenshots)
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if _OUTSIDE.search(line):
+                found.append(f"{name}:{number}: {line.strip()[:120]}")
+    assert found == [], "say the reason itself, or point to a page under docs/:\n" + "\n".join(
+        found)

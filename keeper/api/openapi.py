@@ -261,7 +261,7 @@ def document(config: Config, now: datetime) -> str:
                     "records per page (default 100)", False)])},
         "/metrics": {"get": op(
             "Prometheus metrics: this server's requests and WeChat calls, and the database's "
-            "counts (README, \"Metrics\")", "read",
+            "counts (docs/reference/metrics.md)", "read",
             {"200": {"description": "Prometheus text format 0.0.4", "content": {
                 "text/plain": {"schema": {"type": "string"}}}},
              **_errors("401", "403")})},

@@ -1,7 +1,7 @@
 """``keeper serve``: the API under uvicorn.
 
 uvicorn (httptools parser, uvloop) with Starlette was chosen by measurement on this project's
-token look-up (README, "The application API"). One process by default; ``api.processes`` more
+token look-up (docs/performance/api.md). One process by default; ``api.processes`` more
 share one listening socket under uvicorn's supervisor, each with its own pools. SIGTERM stops
 accepting, lets requests in flight finish (at most ``GRACE_S``), then exits 0.
 """

@@ -1,4 +1,5 @@
-"""The ``keeper`` command line (see CONTRACT.md): exit 0 ok, 1 run failure, 2 bad input."""
+"""The ``keeper`` command line (docs/reference/commands.md): exit 0 ok, 1 run failure, 2 bad
+input."""
 
 from __future__ import annotations
 

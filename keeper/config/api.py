@@ -2,7 +2,7 @@
 
 ``listen`` is ``HOST:PORT`` (IPv6 as ``[::1]:8790``) or ``unix:/PATH``. The default is loopback:
 the API hands out access tokens, so it reaches beyond the host only behind a TLS proxy the
-operator puts in front of it (README, "The application API").
+operator puts in front of it (docs/operators/api-service.md).
 """
 
 from __future__ import annotations

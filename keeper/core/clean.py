@@ -1,10 +1,10 @@
 """Text as WeChat really sends it, made safe to store: the one place answers are cleaned.
 
-Reported in the wild (see ../shared/reference/wechat-oauth2.md, "Profiles as they really
-come"): raw control characters inside strings (0x14 before a nickname, a backspace as the
-city, a newline in the province), nicknames in GBK bytes, truncated emoji (lone surrogate
-escapes such as ``"\\ud83d"``), an escaped NUL, private-use characters for old emoji, numbers
-sent as strings. The rules:
+Reported in the wild (see docs/reference/wechat.md, "Profiles as they really come"): raw
+control characters inside strings (0x14 before a nickname, a backspace as the city, a newline
+in the province), nicknames in GBK bytes, truncated emoji (lone surrogate escapes such as
+``"\\ud83d"``), an escaped NUL, private-use characters for old emoji, numbers sent as strings.
+The rules:
 
 - bytes that are not UTF-8 become U+FFFD (decoding is done with ``errors="replace"``);
 - lone surrogates become U+FFFD (PostgreSQL and UTF-8 encoders refuse them);

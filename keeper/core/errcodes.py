@@ -1,9 +1,9 @@
 """Every errcode WeChat's OAuth2 endpoints are known to answer, and what keeper does about it.
 
 One table, read by the WeChat client (:func:`keeper.wechat.client.classify`), tested row by row
-against the simulator, and shown in the README. Sources: WeChat's web-login and Open Platform
-pages, the error tables of wechatpy (``wechatpy/exceptions.py`` users) and WxJava
-(``WxMpErrorMsgEnum``), and ../shared/reference/wechat-oauth2.md. Pure code.
+against the simulator, and shown in docs/reference/errcodes.md. Sources: WeChat's web-login
+and Open Platform pages, the error tables of wechatpy (``wechatpy/exceptions.py`` users) and
+WxJava (``WxMpErrorMsgEnum``), gathered in docs/reference/wechat.md. Pure code.
 
 Kinds, from the user's point of view:
 

@@ -1,4 +1,4 @@
-"""Events: what keeper tells applications (README, "Events for applications"), as plain data.
+"""Events: what keeper tells applications (docs/reference/events.md), as plain data.
 
 An event is built once, when the change it reports is written, into the exact JSON text every
 delivery attempt sends: ``{"id", "type", "created_at", "data": {"appid", "openid", "unionid",
@@ -23,7 +23,7 @@ REAUTH_CLEARED = "reauth.cleared"
 PROFILE_CHANGED = "profile.changed"
 AVATAR_CHANGED = "avatar.changed"
 GRANT_DELETED = "grant.deleted"
-#: Every event type, in the README's order.
+#: Every event type, in the order docs/reference/events.md lists them.
 TYPES = (REAUTH_RECORDED, REAUTH_CLEARED, PROFILE_CHANGED, AVATAR_CHANGED, GRANT_DELETED)
 
 #: The profile fields whose change is a ``profile.changed`` (``privilege`` as a list).

@@ -1,7 +1,7 @@
 """What is due, what an answer means for a grant, and when to try again.
 
-Pure code with ``now`` as a parameter: it reads like the reference it implements
-(../shared/reference/wechat-oauth2.md) and is tested without a clock, a network or a database.
+Pure code with ``now`` as a parameter: it reads like the documentation it implements
+(docs/reference/wechat.md) and is tested without a clock, a network or a database.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``Keeper-Signature`` header: ``t=UNIX_SECONDS,v1=HEX``, where HEX is the HMAC-SHA256,
-keyed by the webhook's secret, of ``"{t}.{raw body}"`` (the contract). ``verify`` is what a
-receiver does; the README shows it in Python and Node."""
+keyed by the webhook's secret, of ``"{t}.{raw body}"`` (docs/reference/contract.md). ``verify``
+is what a receiver does; docs/guides/events.md shows it in Python, Node and PHP."""
 
 from __future__ import annotations
 

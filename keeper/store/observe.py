@@ -1,6 +1,7 @@
 """Read-side queries for metrics, the status page and the re-login forecast. Each is an
-indexed or grouped query that stays cheap on a large table (README, "Metrics": measured at
-1,000,000 grants). A mixin of :class:`keeper.store.grants.Store`, which provides ``engine``.
+indexed or grouped query that stays cheap on a large table (docs/performance/metrics.md:
+measured at 1,000,000 grants). A mixin of :class:`keeper.store.grants.Store`, which provides
+``engine``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Every endpoint of the application API end to end: a real ``keeper serve`` over HTTP, the
-WeChat simulator behind it, on SQLite and on PostgreSQL (CONTRACT.md, "HTTP API")."""
+WeChat simulator behind it, on SQLite and on PostgreSQL (docs/reference/http-api.md)."""
 
 from __future__ import annotations
 

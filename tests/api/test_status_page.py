@@ -1,7 +1,7 @@
 """``GET /status`` in headless Chromium: the page draws one forecast bar per day, its numbers
 are `keeper status --json`'s and `keeper forecast --json`'s, and nothing on it is fetched
-from elsewhere. The test's screenshot is the README's (``KEEPER_STATUS_SCREENSHOT=PATH``
-keeps it; docs/status-page.png is one, committed).
+from elsewhere. The test's screenshot is the one on docs/operators/status-page.md
+(``KEEPER_STATUS_SCREENSHOT=PATH`` keeps it; docs/status-page.png is one, committed).
 
 Given users whose refresh tokens end on many of the coming days, some dead, one expiring, and
 three sweeps (one with a transient failure), when Chromium opens /status with a read key,

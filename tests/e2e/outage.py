@@ -1,6 +1,6 @@
 """Real database faults for tests: a connection storm, a held write lock, a silent network.
 
-See ../shared/reference/fault-injection.md for why each is made this way.
+docs/explanation/faults.md says why each is made this way.
 """
 
 from __future__ import annotations

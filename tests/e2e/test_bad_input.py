@@ -107,7 +107,7 @@ def import_file(setup: Setup, name: str, data: bytes) -> Ran:
     return setup.run("import", "--json", str(path))
 
 
-# -- the examples -------------------------------------------------------------------
+# -- the bad inputs the import must survive -------------------------------------------------
 
 
 BAD_LINES = {

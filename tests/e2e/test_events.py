@@ -1,7 +1,7 @@
 """Events end to end: `keeper run` delivers to a receiver of the test's own over loopback,
 survives kill -9 at random moments of sweeps that record re-authorizations without losing or
 inventing an event, shares a webhook between two processes one attempt at a time, and the
-`keeper events` commands and configuration errors behave as the README says."""
+`keeper events` commands and configuration errors behave as docs/reference/events.md says."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from tests.events.receiver import Receiver
 from tests.service.test_service import start_service, stop
 
 HOOK_SECRET = "whsec-e2e-7f3a9c1d5e"  # the webhook's secret (from the environment)
-#: kill -9 per database; the suite runs both, so 2 x KILLS in all (the issue asks for >= 20).
+#: kill -9 per database; the suite runs both, so 2 x KILLS in all (at least 20).
 KILLS = 10
 
 

@@ -43,7 +43,7 @@ from tests.service.test_service import start_service, stop
 from tests.sweep.test_engine import key_file, put
 
 USERS = 120
-#: The outage of the in-process test; KEEPER_OUTAGE_S=60 reproduces the issue's minute-long one.
+#: The outage of the in-process test; KEEPER_OUTAGE_S=60 makes it a minute long.
 OUTAGE_S = float(os.environ.get("KEEPER_OUTAGE_S", "3"))
 
 

@@ -76,7 +76,7 @@ class Cluster:
     def start(self, host: Host, *args: str, clock_offset_s: float = 0) -> subprocess.Popen[bytes]:
         """``keeper ARGS`` on ``host``, its output in the host's directory (``keeper.err``);
         ``clock_offset_s``: the host's clock runs that far ahead (negative: behind), by
-        libfaketime, monotonic clocks left alone (fault-injection.md)."""
+        libfaketime, monotonic clocks left alone (a faked one hangs timed waits)."""
         env = dict(self.local.env)
         if clock_offset_s:
             env.update(clock_offset_env(clock_offset_s))

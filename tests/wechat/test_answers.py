@@ -1,7 +1,7 @@
 """WeChat's answers as they really come: parsed, cleaned, checked against the question.
 
-Each odd body below is one reported in the wild (../shared/reference/wechat-oauth2.md,
-"Profiles as they really come" and "In short"); the property tests feed the parser anything.
+Each odd body below is one reported in the wild (docs/reference/wechat.md, "Profiles as they
+really come" and "In short"); the property tests feed the parser anything.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def test_the_table_has_no_contradiction() -> None:
             for endpoint in row.endpoints:
                 assert (endpoint, code) not in seen, (endpoint, code)
                 seen[(endpoint, code)] = row.kind
-    # What the issue names, by class.
+    # The codes whose class matters most, by class.
     for code in (40030, 42002, 42007):
         assert all(seen[(e, code)] == errcodes.REAUTH for e in errcodes.ENDPOINTS)
     for code in (40013, 40125, 40164, 48004):

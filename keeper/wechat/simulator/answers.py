@@ -23,17 +23,18 @@ WeChat never issued) and ``{rid}``. Everything else, raw bytes included, is sent
   refresh done and, where rotation is on, the refresh token rotated): the tokens in the body are
   the live ones, and a client that drops them loses the grant.
 - ``profile``: a profile; ``fields`` are its text fields *after cleaning*, the rule being
-  (issue 15): lone surrogates and bytes that are not UTF-8 become U+FFFD; NUL and the other C0
-  control characters (0x14, backspace...) are removed, but tab and newline kept; everything
-  else (private-use characters included) kept. ``note`` says where a field
-  may differ.
+  keeper/core/clean.py's: lone surrogates and bytes that are not UTF-8 become U+FFFD; NUL and
+  the other C0 control characters (0x14, backspace...) are removed, but tab and newline kept;
+  everything else (private-use characters included) kept. ``note`` says where a field may
+  differ.
 - ``valid``: ``/sns/auth`` says the access token is valid.
 - ``malformed``: not a usable answer (not JSON, an empty object, a token missing, a lifetime of
   0): keep what is stored, treat it as transient. These entries never change the simulator's
   state (except that a code is consumed, as WeChat does), so nothing stored goes stale.
 - ``mismatch``: the answer names another user: refuse it, store nothing from it.
-- errcode conclusions, from the table of the reference: ``transient``, ``quota``, ``config``
-  (the operator must fix the app's configuration), ``app_banned`` (48004: pause the app),
+- errcode conclusions, from the errcode table of docs/reference/wechat.md: ``transient``,
+  ``quota``, ``config`` (the operator must fix the app's configuration), ``app_banned``
+  (48004: pause the app),
   ``bug`` (a parameter keeper sent is wrong: never re-authorize), ``login_again`` (a code is
   spent: the user must log in again), ``reauth`` (``fields["reason"]`` as in ``keeper reauth``),
   ``refresh_access`` (the access token is stale: refresh it), ``stop_token`` (40003: that token
@@ -117,6 +118,9 @@ def _cleaned(nickname: str, sex: object = 0, province: str = "", city: str = "",
 
 
 _PROFILE_SOURCES = f"{REFERENCE}, 'Profiles as they really come'"
+#: Answers no report is known of, refused on principle: an answer that names another user or
+#: lacks a token would otherwise overwrite a live grant.
+_CHECKED = "docs/explanation/wechat-answers.md, 'Every answer is checked against the question'"
 _ODD: list[OddAnswer] = [
     OddAnswer(
         "profile_control_chars", ("userinfo",),
@@ -149,8 +153,9 @@ _ODD: list[OddAnswer] = [
         "profile_nul", ("userinfo",), _profile("小\\u0000明".encode()), _TEXT, "profile",
         _cleaned("小明"), perform=True,
         note="PostgreSQL refuses NUL in text: it must go before the profile is stored",
-        source=("issue 15, section 3 (NUL escaped in a nickname, seen by this project); cf. "
-                "chanxuehong/wechat PR #187 (2016): '\\u0007' inside a nickname"),
+        source=("docs/explanation/wechat-answers.md, 'Cleaning, in one place' (NUL escaped in "
+                "a nickname, seen by this project); cf. chanxuehong/wechat PR #187 (2016): "
+                "'\\u0007' inside a nickname"),
     ),
     OddAnswer(
         "profile_private_use", ("userinfo",), _profile("\ue412小明\ue056".encode(), b"2"),
@@ -182,7 +187,7 @@ _ODD: list[OddAnswer] = [
         "profile_other_openid", ("userinfo",),
         _profile("小明".encode(), openid=b"{other_openid}"), _TEXT, "mismatch",
         note="a profile naming a user who did not ask: not this user's profile",
-        source="issue 15, section 3 ('an answer whose openid differs'): defensive, no report known",
+        source=f"{_CHECKED} (an answer whose openid differs): defensive, no report known",
     ),
     OddAnswer(
         "tokens_application_json", ("code", "refresh"), _TOKENS, _ENCODING, "tokens",
@@ -197,7 +202,7 @@ _ODD: list[OddAnswer] = [
         _TEXT, "tokens", {"expires_in": 7200, "is_snapshotuser": 0}, perform=True,
         note="'0' is a string: a client that takes its truth value marks a virtual user",
         source=(f"{REFERENCE}, 'In short' (numbers seen as strings) and 'Virtual users' "
-                "(is_snapshotuser); issue 15, section 3"),
+                "(is_snapshotuser)"),
     ),
     OddAnswer(
         "tokens_other_openid", ("refresh",),
@@ -206,37 +211,37 @@ _ODD: list[OddAnswer] = [
             b"{refresh_token}", b"{fake_refresh_token}"),
         _TEXT, "mismatch",
         note="tokens for a user who did not ask; the asker's tokens are untouched",
-        source="issue 15, section 3 ('an answer whose openid differs'): defensive, no report known",
+        source=f"{_CHECKED} (an answer whose openid differs): defensive, no report known",
     ),
     OddAnswer(
         "tokens_missing_access_token", ("code", "refresh"),
         _TOKENS.replace(b'"access_token":"{access_token}",', b""), _TEXT, "malformed",
-        source="issue 15, section 3 (a refresh/code answer missing access_token): defensive",
+        source=f"{_CHECKED} (a refresh/code answer missing access_token): defensive",
     ),
     OddAnswer(
         "tokens_missing_refresh_token", ("code", "refresh"),
         _TOKENS.replace(b'"refresh_token":"{refresh_token}",', b""), _TEXT, "malformed",
-        source="issue 15, section 3 (a refresh/code answer missing refresh_token): defensive",
+        source=f"{_CHECKED} (a refresh/code answer missing refresh_token): defensive",
     ),
     OddAnswer(
         "tokens_expires_in_zero", ("code", "refresh"),
         _TOKENS.replace(b"{expires_in}", b"0"), _TEXT, "malformed",
         note="an access token that is dead on arrival",
-        source="issue 15, section 3 (expires_in 0): defensive",
+        source=f"{_CHECKED} (expires_in 0): defensive",
     ),
     OddAnswer(
         "auth_empty_object", ("auth",), b"{}", _TEXT, "malformed",
         note="no errcode at all: not a 'valid' (errcode 0)",
-        source="issue 15, section 3 ('{}' from /sns/auth): defensive",
+        source=f"{_CHECKED} ('{{}}' from /sns/auth): defensive",
     ),
     OddAnswer(
         "not_json", ANSWER_ENDPOINTS, b"system busy, please try again later\n", _TEXT,
         "malformed",
-        source="issue 15, section 3 (a body that is not JSON at all)",
+        source=f"{_CHECKED} (a body that is not JSON at all)",
     ),
     OddAnswer(
         "empty_body", ANSWER_ENDPOINTS, b"", _TEXT, "malformed",
-        source="issue 15, section 3 (a body that is not JSON at all): the empty case",
+        source=f"{_CHECKED} (a body that is not JSON at all): the empty case",
     ),
     OddAnswer(
         "errmsg_rid_without_comma", ("auth", "userinfo"),

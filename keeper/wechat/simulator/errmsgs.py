@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 ANSWER_ENDPOINTS: tuple[str, ...] = ("code", "refresh", "auth", "userinfo")
 _ALL = ANSWER_ENDPOINTS
-#: The document the errcode table and the corpus of odd answers cite in their ``source``.
-REFERENCE = "reference/wechat-oauth2.md"
+#: The page the errcode table and the corpus of odd answers cite in their ``source``: WeChat's
+#: API as keeper is built against it (its public text, the errcode table, the quirks reported).
+REFERENCE = "docs/reference/wechat.md"
 UNKNOWN_ERRCODE = 99999  # a code keeper has never heard of
 
 
@@ -29,7 +30,8 @@ class Errcode:
 #: The ``source`` of every entry of ERRCODES, as the corpus of odd answers cites it.
 ERRCODE_SOURCE = (f"{REFERENCE}, the errcode table; errmsg texts as WeChat sends them (meanings "
                   "as in wechatpy's constants.WeChatErrorCode and WxJava's WxMpErrorMsgEnum)")
-# Meanings: the reference's table. Texts: WeChat's own English errmsg where this project knows it.
+# Meanings: that page's errcode table. Texts: WeChat's own English errmsg where this project
+# knows it.
 ERRCODES: dict[int, Errcode] = {
     -1: Errcode("system error", "transient", _ALL),
     40001: Errcode("invalid credential, access_token is invalid or not latest", "refresh_access",

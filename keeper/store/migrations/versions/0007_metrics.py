@@ -8,7 +8,7 @@ counts records by app and reason without joining grants (a join read every grant
 1,000,000 grants on PostgreSQL). ``quota_state`` counts permits per window in the same
 statement that takes them.
 
-Written beside the events work's 0006 (issue 11, merged first), which it follows.
+Written beside the events work's 0006 (merged first), which it follows.
 
 Revision ID: 0007
 Revises: 0006
