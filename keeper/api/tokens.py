@@ -202,7 +202,9 @@ class TokenDesk:
                 # a lapsed lease): then nothing is recorded, and the caller must not be told
                 # either. What is stored decides.
                 self._read(appid, openid)  # raises MustReauthorize if it was recorded
-                raise self._busy(openid)
+                raise Unavailable(f"grant {openid} waits for another keeper process that may "
+                                  "hold newer tokens; try again", retry_after_s=2,
+                                  code="grant_busy")
             raise MustReauthorize(openid, write.reauth)
         g = write.grant
         return Token(g.access_token, g.access_expires_at, g.scope, True)

@@ -154,8 +154,9 @@ class Leases:
         clock: the earlier holder's chance to write the tokens' successor, which clears the
         hold. Whoever claims the grant after that confirms the answer (record and event in
         one transaction, :func:`keeper.core.policy.confirm_held`). While an answer is held,
-        only a result bringing a new refresh token, or a record needing no hold (42007), is
-        written. Returns the number written (held answers included).
+        only a result bringing a new refresh token, or a record needing no hold (42007, the
+        hold's own confirmation), is written. Returns the number written (held answers
+        included).
         """
         if not writes:
             return 0
@@ -172,9 +173,10 @@ class Leases:
                 if not own and (w.base is None or not self._holds(row, w.base)):
                     continue  # superseded: newer tokens were stored meanwhile
                 if row.held_until is not None and not w.renews and (
-                        w.reauth is None or w.doubtful):
+                        w.grant.state != REAUTH or w.hold_s is not None):
                     # Another answer is held for an earlier holder: only that holder's newer
-                    # tokens (or the hold's end) settle it, and this result is neither.
+                    # tokens, or a death no holder can undo (42007, the hold's confirmation),
+                    # settle it, and this result is neither.
                     continue
                 if (w.reauth is not None and w.hold_s is not None and row.state != REAUTH
                         and (w.grant.taken_over or not own)):

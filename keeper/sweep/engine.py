@@ -48,7 +48,7 @@ SUMMARY_KEYS = (
     "profiles_fetched", "avatars_saved", "transient_failures",
 )
 _SUCCESSES = ("refresh_tokens_refreshed", "access_tokens_refreshed", "profiles_fetched",
-              "no_profile", "reauth_recorded")
+              "no_profile", "reauth_recorded", "reauth_held")
 #: Held results are committed this often at least: what a SIGKILL can take is the calls in
 #: flight plus this long of answers.
 FLUSH_EVERY_S = 0.05

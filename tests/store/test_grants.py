@@ -285,10 +285,14 @@ def test_a_40030_whose_own_lease_was_lost_is_held_while_another_holder_works(
     assert told(store) == []
     held = store.get_grant("wx1", "o1")
     assert held is not None and held.held_errcode == 40030 and held.state == "active"
-    # While held, another doubtful answer or a result with no new token changes nothing.
+    # While held, another doubtful answer or a result with no new refresh token (a failure,
+    # the same token back on its refresh day) changes nothing.
     assert store.apply([refused(a, 42002)], "A", NOW) == 0
-    assert store.apply([GrantWrite(a, schedule(a, CLOCK), base=(a.access_token,
-                                                                 a.refresh_token))], "A", NOW) == 0
+    same = replace(a, state=EXPIRING, access_token="AT-same-RT")
+    for w in (GrantWrite(a, schedule(a, CLOCK), base=(a.access_token, a.refresh_token)),
+              GrantWrite(same, schedule(same, CLOCK), reauth=Reauth(
+                  "refresh_token_expiring", None, NOW), base=(a.access_token, a.refresh_token))):
+        assert store.apply([w], "A", NOW) == 0
     assert store.apply([refreshed(b, "by-B")], "B", NOW) == 1
     alive = store.get_grant("wx1", "o1")
     assert alive is not None and alive.refresh_token == "RT-by-B" and alive.held_errcode is None
