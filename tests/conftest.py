@@ -320,16 +320,18 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 
 def pass_lease_time(store: Store, seconds: float) -> None:
     """Let ``seconds`` pass on the database's clock as far as leases go: every lease (grants'
-    and webhooks') ends that much earlier. Whether a lease has lapsed is the database's
-    decision (PostgreSQL's own clock; keeper.store.clock), which no ``now`` a test passes can
-    move, so a test makes a lease lapse by moving its end instead."""
+    and webhooks') and every hold on a grant's answer ends that much earlier. Whether a lease
+    has lapsed is the database's decision (PostgreSQL's own clock; keeper.store.clock), which
+    no ``now`` a test passes can move, so a test makes a lease lapse by moving its end
+    instead. (A held grant also falls due by the process's clock: pass a later cutoff.)"""
     step = timedelta(seconds=seconds)
     with store.engine.begin() as conn:
-        for table, key in ((grants, grants.c.id), (webhooks, webhooks.c.key)):
-            rows = conn.execute(select(key, table.c.lease_until)
-                                .where(table.c.lease_until.is_not(None))).all()
+        for table, key, column in ((grants, grants.c.id, grants.c.lease_until),
+                                   (grants, grants.c.id, grants.c.held_until),
+                                   (webhooks, webhooks.c.key, webhooks.c.lease_until)):
+            rows = conn.execute(select(key, column).where(column.is_not(None))).all()
             for k, until in rows:
-                conn.execute(update(table).where(key == k).values(lease_until=until - step))
+                conn.execute(update(table).where(key == k).values({column: until - step}))
 
 
 #: libfaketime for threaded programs (Debian's `faketime` package).

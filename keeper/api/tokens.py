@@ -197,6 +197,14 @@ class TokenDesk:
         if not self._store(write, lease_id):
             return None  # superseded (a new login, a delete): read what is stored now
         if write.grant.state == REAUTH:
+            if write.doubtful:
+                # The store may have held this answer for an earlier holder (a takeover from
+                # a lapsed lease): then nothing is recorded, and the caller must not be told
+                # either. What is stored decides.
+                self._read(appid, openid)  # raises MustReauthorize if it was recorded
+                raise Unavailable(f"grant {openid} waits for another keeper process that may "
+                                  "hold newer tokens; try again", retry_after_s=2,
+                                  code="grant_busy")
             raise MustReauthorize(openid, write.reauth)
         g = write.grant
         return Token(g.access_token, g.access_expires_at, g.scope, True)

@@ -57,6 +57,14 @@ class Grant:
     profile_failures: int = 0  # profile reads that failed in a row (tokens unaffected)
     profile_retry_at: datetime | None = None  # no profile read before this, after a failure
     profile_error: str | None = None  # what the last failed profile read was, never a secret
+    #: Leased from a holder whose lease lapsed unreleased (set by each claim): that holder may
+    #: be frozen with WeChat's newer tokens, which would make WeChat refuse these ones.
+    taken_over: bool = False
+    #: WeChat's definitive answer about these tokens, held unconfirmed because an earlier
+    #: holder may yet write their successor (``keeper.core.policy.held_answer``): the errcode
+    #: and when WeChat gave it. Only a record tells anyone the user must log in again.
+    held_errcode: int | None = None
+    held_since: datetime | None = None
 
     @property
     def wants_profile(self) -> bool:

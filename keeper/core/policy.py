@@ -175,7 +175,31 @@ def reauth_reason(errcode: int | None) -> str:
 def after_reauth(grant: Grant, errcode: int | None, now: datetime) -> tuple[Grant, Reauth]:
     """WeChat said the grant is dead: the user must log in again."""
     record = Reauth(reauth_reason(errcode), errcode, now)
-    return replace(grant, state=REAUTH, retry_at=None, last_error=str(errcode)), record
+    return replace(grant, state=REAUTH, retry_at=None, last_error=str(errcode),
+                   held_errcode=None, held_since=None), record
+
+
+#: Definitive answers that another holder's refresh explains as well as a dead grant does.
+#: WeChat answers 40030 for a refresh token it has replaced and 42002 for one past its
+#: lifetime, so a process that took a grant over from a lapsed lease, and sent the tokens it
+#: found, hears one of them while the earlier holder (frozen, not dead) holds the successor.
+#: 42007 (a password change, a withdrawn authorization) kills every token of the
+#: authorization, the newest too: no earlier holder can hold a live one.
+SUPERSEDABLE = frozenset({40030, 42002})
+
+
+def held_answer(errcode: int | None) -> bool:
+    """Whether a definitive answer about the tokens a holder started from is held, not
+    recorded, when an earlier holder may still write their successor."""
+    return errcode in SUPERSEDABLE
+
+
+def confirm_held(grant: Grant) -> tuple[Grant, Reauth]:
+    """The hold on WeChat's answer is over and nobody wrote newer tokens meanwhile: the answer
+    stands, as WeChat gave it then (no second call: the tokens are the ones it refused)."""
+    if grant.held_errcode is None or grant.held_since is None:
+        raise ValueError("the grant holds no answer to confirm")
+    return after_reauth(grant, grant.held_errcode, grant.held_since)
 
 
 def backoff_s(failures: int, rng: random.Random | None = None) -> float:

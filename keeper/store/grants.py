@@ -133,8 +133,8 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
         """Insert or replace grants by (appid, openid) — a login or an import.
 
         A new grant for a user clears their re-authorization record (``reauth.cleared``, in
-        the same transaction) and any lease (a sweep working the old tokens then loses its
-        write, so the new tokens win). The profile
+        the same transaction), any lease (a sweep working the old tokens then loses its
+        write, so the new tokens win) and any answer held about the old tokens. The profile
         schedule of an existing grant is kept: re-importing does not re-read every profile.
         """
         if not writes:
@@ -161,6 +161,8 @@ class Store(Leases, Reports, QuotaState, AvatarState, Users, Outbox, Deliveries,
                 "access_due_at": ex.access_due_at,
                 "profile_due_at": func.coalesce(grants.c.profile_due_at, ex.profile_due_at),
                 "lease_id": None, "lease_until": None, "updated_at": now,
+                # New tokens: an answer held about the old ones no longer concerns anyone.
+                "held_errcode": None, "held_since": None, "held_until": None,
             },
         )
         with translate("storing grants"), self.engine.begin() as conn:

@@ -1,5 +1,6 @@
 """Leases on grants: claiming what is due, writing results under the lease (or, when it
-lapsed, only over the very tokens the work started from), and releasing what was not worked.
+lapsed, only over the very tokens the work started from), holding a re-authorization that a
+frozen earlier holder's newer tokens may disprove, and releasing what was not worked.
 
 A mixin of :class:`keeper.store.grants.Store`, which provides ``engine``, ``cipher``,
 ``_tokens`` and ``_insert``.
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, case, delete, select, update
 
-from keeper.core.models import REAUTH, Grant
+from keeper.core.models import REAUTH, Grant, Reauth
 from keeper.crypto import Cipher, WrongKey
 from keeper.store.changes import stored_profiles, stored_records, sweep_events
 from keeper.store.clock import clock_params, db_later, db_now
@@ -30,7 +31,7 @@ from keeper.store.rows import (
     profile_values,
     schedule_values,
 )
-from keeper.store.schema import grants, profiles, reauth
+from keeper.store.schema import UTCDateTime, grants, profiles, reauth
 
 
 class Leases:
@@ -100,7 +101,8 @@ class Leases:
         rows = conn.execute(
             update(grants)
             .where(grants.c.id.in_(ids), col <= cutoff, free)
-            .values(lease_id=lease_id, lease_until=db_later(self.sqlite, "b_until"))
+            .values(lease_id=lease_id, lease_until=db_later(self.sqlite, "b_until"),
+                    taken_over=_TAKEN_OVER)
             .returning(*grants.c),
             params,
         ).all()
@@ -112,8 +114,8 @@ class Leases:
         expiring_by: datetime | None = None,
     ) -> Grant | None:
         """Lease one grant for ``lease_s`` of the database's clock, for a one-user command;
-        ``None`` if another process holds it (``now``: SQLite's clock, see
-        :mod:`keeper.store.clock`).
+        ``None`` if another process holds it, or it holds an answer for an earlier holder
+        whose hold is not over (``now``: SQLite's clock, see :mod:`keeper.store.clock`).
 
         ``expiring_by``: lease it only if its access token expires by then. A caller that read
         a stale token may find it refreshed by another process since: then nothing is leased
@@ -142,8 +144,19 @@ class Leases:
         during a database outage, or another process holds it now) is written only when its
         stored tokens are still the write's ``base``: then nothing newer has been stored, and
         this answer of WeChat's is the newest (a failure recorded meanwhile from the same
-        tokens is replaced). Anything else is superseded and dropped. Returns the number
-        written.
+        tokens is replaced). Anything else is superseded and dropped.
+
+        A re-authorization that an earlier holder's newer tokens would explain
+        (``GrantWrite.doubtful``: 40030 or 42002 about the tokens the work started from) is
+        *held*, not recorded, when such a holder may exist: the grant was taken over from a
+        lapsed lease, or this write's own lease was lost. The tokens stay, nothing is recorded
+        or announced, and claims skip the grant until ``hold_s`` has passed on the database's
+        clock: the earlier holder's chance to write the tokens' successor, which clears the
+        hold. Whoever claims the grant after that confirms the answer (record and event in
+        one transaction, :func:`keeper.core.policy.confirm_held`). While an answer is held,
+        only a result bringing a new refresh token, or a record needing no hold (42007, the
+        hold's own confirmation), is written. Returns the number written (held answers
+        included).
         """
         if not writes:
             return 0
@@ -151,19 +164,34 @@ class Leases:
             ids = [w.grant.id for w in writes]
             rows = {r.id: r for r in conn.execute(_HELD, {"b_ids": ids})}
             mine: list[GrantWrite] = []
+            held: list[dict[str, Any]] = []
             for w in writes:
                 row = rows.get(w.grant.id)
                 if row is None:
                     continue  # the grant was deleted meanwhile
-                if row.lease_id == lease_id:
+                own = row.lease_id == lease_id
+                if not own and (w.base is None or not self._holds(row, w.base)):
+                    continue  # superseded: newer tokens were stored meanwhile
+                if row.held_until is not None and not w.renews and (
+                        w.grant.state != REAUTH or w.hold_s is not None):
+                    # Another answer is held for an earlier holder: only that holder's newer
+                    # tokens, or a death no holder can undo (42007, the hold's confirmation),
+                    # settle it, and this result is neither.
+                    continue
+                if (w.reauth is not None and w.hold_s is not None and row.state != REAUTH
+                        and (w.grant.taken_over or not own)):
+                    held.append(self._hold_params(w.grant.id, w.reauth, w.hold_s, now))
+                elif own:
                     mine.append(w)
-                elif w.base is not None and self._holds(row, w.base):
+                else:
                     # Lease lost, tokens unchanged: this answer is the newest. A failure
                     # recorded meanwhile from the same tokens no longer holds.
                     keep_record = w.grant.state == REAUTH or w.reauth is not None
                     mine.append(w if keep_record else replace(w, clear_reauth=True))
+            if held:
+                conn.execute(_HOLD[self.sqlite], held)
             if not mine:
-                return 0
+                return len(held)
             params = [
                 {
                     "b_id": w.grant.id,
@@ -175,7 +203,17 @@ class Leases:
             ]
             conn.execute(_WRITE, params)
             self._record(conn, mine, now)
-        return len(mine)
+        return len(mine) + len(held)
+
+    def _hold_params(self, grant_id: int, record: Reauth, hold_s: float,
+                     now: datetime) -> dict[str, Any]:
+        return {
+            "b_id": grant_id, "b_errcode": record.errcode, "b_since": record.since,
+            # Due (by this process's clock) when the hold ends, so that the first sweep
+            # after it confirms the answer; no access or profile work meanwhile.
+            "b_due": now + timedelta(seconds=hold_s), "b_now": now,
+            **clock_params(self.sqlite, now, hold_s, now_name="b_now", later_name="b_until"),
+        }
 
     def _holds(self, row: Any, base: tuple[str, str]) -> bool:
         """Whether a stored row's tokens are ``base`` (access, refresh)."""
@@ -246,8 +284,14 @@ class Leases:
 
 def _free(now: Any) -> Any:
     """Not leased, or leased by a process whose lease has lapsed (it crashed) by ``now``, the
-    database's clock."""
-    return grants.c.lease_id.is_(None) | (grants.c.lease_until <= now)
+    database's clock; and holding no answer for an earlier holder, or that hold is over."""
+    return ((grants.c.lease_id.is_(None) | (grants.c.lease_until <= now))
+            & (grants.c.held_until.is_(None) | (grants.c.held_until <= now)))
+
+
+#: What a claim sets ``taken_over`` to: whether the lease it replaces was still there (a
+#: released or written lease is NULL), read from the row as it was before the claim.
+_TAKEN_OVER = grants.c.lease_id.is_not(None)
 
 
 # Statements built once. ``keeper serve`` runs them for every token it refreshes (one grant
@@ -259,7 +303,8 @@ _CLAIM_ONE = {
     sqlite: update(grants)
     .where(grants.c.appid == bindparam("b_appid"), grants.c.openid == bindparam("b_openid"),
            _free(db_now(sqlite, "b_now")))
-    .values(lease_id=bindparam("b_lease_id"), lease_until=db_later(sqlite, "b_lease_until"))
+    .values(lease_id=bindparam("b_lease_id"), lease_until=db_later(sqlite, "b_lease_until"),
+            taken_over=_TAKEN_OVER)
     .returning(*grants.c)
     for sqlite in (True, False)
 }
@@ -274,7 +319,8 @@ _CLAIM_ONE_STALE = {
 #: apply's first step: the rows its results are for, locked, with what decides whether each
 #: result is still wanted.
 _HELD = (
-    select(grants.c.id, grants.c.lease_id, grants.c.access_token, grants.c.refresh_token)
+    select(grants.c.id, grants.c.lease_id, grants.c.access_token, grants.c.refresh_token,
+           grants.c.state, grants.c.held_until)
     .where(grants.c.id.in_(bindparam("b_ids", expanding=True)))
     .with_for_update()
 )
@@ -285,6 +331,22 @@ _WRITE = (
     .values(
         {k: bindparam(k) for k in (*MUTABLE, "key_id", *(c.name for c in DUE_COLUMNS))}
         | {"lease_id": None, "lease_until": None,
-           "updated_at": bindparam("b_now", type_=grants.c.updated_at.type)}
+           "updated_at": bindparam("b_now", type_=grants.c.updated_at.type),
+           # A result written settles any held answer: it is that answer confirmed, or it
+           # brings the tokens' successor (apply drops anything else while one is held).
+           "held_errcode": None, "held_since": None, "held_until": None}
     )
 )
+#: apply's hold of a doubtful answer (executemany): the tokens stay, the lease ends, and
+#: claims skip the grant until ``held_until`` on the database's clock.
+_HOLD = {
+    sqlite: update(grants)
+    .where(grants.c.id == bindparam("b_id"))
+    .values(held_errcode=bindparam("b_errcode", type_=grants.c.held_errcode.type),
+            held_since=bindparam("b_since", type_=UTCDateTime()),
+            held_until=db_later(sqlite, "b_until"),
+            refresh_due_at=bindparam("b_due", type_=UTCDateTime()),
+            access_due_at=None, profile_due_at=None, lease_id=None, lease_until=None,
+            updated_at=bindparam("b_now", type_=UTCDateTime()))
+    for sqlite in (True, False)
+}

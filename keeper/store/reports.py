@@ -69,6 +69,8 @@ class Reports:
                     func.count().filter(live, grants.c.failures > 0),
                     func.count().filter(
                         live, grants.c.profile_failures >= PROFILE_FAILING_AFTER),
+                    # Answers held for an earlier holder: not records (nobody was told).
+                    func.count().filter(grants.c.held_until.is_not(None)),
                 )
             ).one()
             by_reason: dict[str, int] = {
@@ -90,6 +92,7 @@ class Reports:
             "active": counts[1],
             "reauth_required": sum(by_reason.values()),
             "reauth_by_reason": by_reason,
+            "reauth_held": counts[6],
             "refresh_due_24h": counts[3],
             "access_expired": counts[2],
             "retrying": counts[4],

@@ -40,6 +40,12 @@ class GrantWrite:
     lapsed is still applied when the stored tokens are exactly these (nothing newer was
     written meanwhile), so a result WeChat answered is never thrown away for a lapsed lease
     and never overwrites a newer token.
+
+    ``hold_s``: set when ``reauth`` is an answer about ``base`` that an earlier holder's
+    newer tokens would explain (:func:`keeper.core.policy.held_answer`). If an earlier holder
+    may still write (the grant was taken over from a lapsed lease, or this write's own lease
+    was lost), the answer is held that long on the database's clock instead of recorded
+    (:meth:`keeper.store.leases.Leases.apply`).
     """
 
     grant: Grant
@@ -48,6 +54,18 @@ class GrantWrite:
     reauth: Reauth | None = None
     clear_reauth: bool = False
     base: tuple[str, str] | None = field(default=None, repr=False)
+    hold_s: float | None = None
+
+    @property
+    def doubtful(self) -> bool:
+        """A re-authorization an earlier holder's newer tokens may yet disprove."""
+        return self.reauth is not None and self.hold_s is not None
+
+    @property
+    def renews(self) -> bool:
+        """Whether this write carries a refresh token other than the one the work started
+        from: the only answer that disproves a held 40030 or 42002."""
+        return self.base is not None and self.grant.refresh_token != self.base[1]
 
 
 def new_lease_id() -> str:
@@ -66,6 +84,8 @@ def grant_of(row: Row[Any] | Mapping[str, Any], cipher: Cipher) -> Grant:
         last_error=m["last_error"], profile_at=m["profile_at"], profile_stop=m["profile_stop"],
         lease_id=m["lease_id"], profile_failures=m["profile_failures"],
         profile_retry_at=m["profile_retry_at"], profile_error=m["profile_error"],
+        taken_over=bool(m["taken_over"]), held_errcode=m["held_errcode"],
+        held_since=m["held_since"],
     )
 
 

@@ -80,6 +80,16 @@ grants = Table(
     # Which key encrypted the two tokens (a fingerprint, see keeper.crypto.key_id).
     Column("key_id", String(16)),
     Column("lease_until", UTCDateTime),
+    # Set by each claim: whether it took the grant over from a lease that lapsed unreleased
+    # (its holder may be frozen with newer tokens; migration 0008).
+    Column("taken_over", Boolean, nullable=False, default=False, server_default="0"),
+    # WeChat's definitive answer held unconfirmed (40030, 42002 heard after a takeover): its
+    # errcode, when it was given, and until when (the database's clock) the earlier holder
+    # may write the tokens' successor. Claims skip the grant until then; whoever claims it
+    # after confirms the answer as a record, unless a write of newer tokens cleared it.
+    Column("held_errcode", Integer),
+    Column("held_since", UTCDateTime),
+    Column("held_until", UTCDateTime),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     UniqueConstraint("appid", "openid", name="uq_grants_appid_openid"),

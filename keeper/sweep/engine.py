@@ -48,7 +48,7 @@ SUMMARY_KEYS = (
     "profiles_fetched", "avatars_saved", "transient_failures",
 )
 _SUCCESSES = ("refresh_tokens_refreshed", "access_tokens_refreshed", "profiles_fetched",
-              "no_profile", "reauth_recorded")
+              "no_profile", "reauth_recorded", "reauth_held")
 #: Held results are committed this often at least: what a SIGKILL can take is the calls in
 #: flight plus this long of answers.
 FLUSH_EVERY_S = 0.05
@@ -483,13 +483,18 @@ class SweepRun:
         return summary
 
     def abandon(self) -> None:
-        """The grace is over: give back the grants whose calls have not come back.
+        """The grace is over: stop waiting for the calls that have not come back.
 
-        Should their results still arrive, the worker threads hold them in the sweeper.
+        Their leases are kept, not given back: a call still under way may yet bring WeChat's
+        new tokens, and a grant released now would be claimed as if nobody held any, so a
+        40030 for the tokens it replaced would be recorded at once. Left to lapse, the lease
+        makes the next claim a takeover, whose 40030 is held until this process had its
+        chance to write. Should the results still arrive, the worker threads hold them in the
+        sweeper.
         """
+        self.unqueue()  # grants no worker started: no call was made, their leases go back
         self.counts["abandoned"] += len(self.in_flight)
         log.warning("sweep.abandoned", in_flight=len(self.in_flight))
-        self.s.release_later(self.lease_id, list(self.in_flight))
         self.in_flight.clear()
 
     def summary(self, started: float) -> dict[str, Any]:

@@ -75,6 +75,7 @@ def dumps(write: GrantWrite, lease_id: str) -> str:
         "reauth": _record(write.reauth),
         "clear_reauth": write.clear_reauth,
         "base": list(write.base) if write.base else None,
+        "hold_s": write.hold_s,
     }, ensure_ascii=False)
 
 
@@ -88,6 +89,7 @@ def loads(text: str) -> tuple[GrantWrite, str]:
         reauth=_build(Reauth, data.get("reauth")),
         clear_reauth=bool(data.get("clear_reauth")),
         base=(str(base[0]), str(base[1])) if base else None,
+        hold_s=None if data.get("hold_s") is None else float(data["hold_s"]),
     )
     return write, str(data["lease_id"])
 

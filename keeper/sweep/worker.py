@@ -20,12 +20,15 @@ from keeper.core.models import Grant, Profile, Reauth
 from keeper.core.policy import (
     ACCESS,
     PROFILE_FAILING_AFTER,
+    Lifetime,
     access_stale,
     after_profile_failure,
     after_profile_read,
     after_reauth,
     after_refresh,
     after_transient,
+    confirm_held,
+    held_answer,
     profile_due,
     refresh_reason,
     schedule,
@@ -189,14 +192,22 @@ class Worker:
         answered before is returned in ``write``, to be stored. A failed profile read delays
         only the profile. ``profile_reads=False``: tokens only (``keeper token``);
         ``force_refresh``: refresh even when nothing is due.
+
+        A grant holding an answer (claimed only once its hold is over) is confirmed without a
+        call. A 40030 or 42002 about the tokens the work started from is held instead of
+        recorded when the grant was taken over from a lapsed lease (see
+        :meth:`keeper.store.leases.Leases.apply`, which also holds it if this lease is lost).
         """
         result = Result(grant)
         counts = result.counts
         clock = self.clocks.get(grant.appid)
         if clock is None or self.stop.is_set() or self.halt.is_set():
             return result
+        if grant.held_errcode is not None:
+            return self._confirm(result, clock)
         now = self.clock()
         p = _Progress(grant)
+        hold_s: float | None = None
         try:
             reason = refresh_reason(grant, clock, now) or (ACCESS if force_refresh else None)
             if (reason is None and profile_reads and profile_due(grant, clock, now)
@@ -207,10 +218,21 @@ class Worker:
             if profile_reads and profile_due(p.grant, clock, self.clock()):
                 self._profile(p, counts)
         except ReauthRequired as e:
+            about_start = p.grant.refresh_token == grant.refresh_token
             p.grant, p.record = after_reauth(p.grant, e.errcode, self.clock())
-            counts["reauth_recorded"] += 1
-            log.info("reauth.recorded", appid=grant.appid, openid=grant.openid,
-                     reason=p.record.reason, errcode=e.errcode, endpoint=e.endpoint)
+            if about_start and held_answer(e.errcode):
+                # If an earlier holder may still write these tokens' successor, this answer
+                # is held for as long as a lease: the store decides (lease lost or not).
+                hold_s = self.config.lease_s
+            if hold_s is not None and grant.taken_over:
+                counts["reauth_held"] += 1
+                log.info("reauth.held", appid=grant.appid, openid=grant.openid,
+                         reason=p.record.reason, errcode=e.errcode, endpoint=e.endpoint,
+                         hold_s=hold_s)
+            else:
+                counts["reauth_recorded"] += 1
+                log.info("reauth.recorded", appid=grant.appid, openid=grant.openid,
+                         reason=p.record.reason, errcode=e.errcode, endpoint=e.endpoint)
         except QuotaExceeded as e:
             counts["transient_failures"] += 1
             try:
@@ -271,5 +293,18 @@ class Worker:
         if record is not None and record.reason != "refresh_token_expiring":
             clear = False
         result.write = GrantWrite(p.grant, schedule(p.grant, clock), p.profile, record, clear,
+                                  base=(grant.access_token, grant.refresh_token), hold_s=hold_s)
+        return result
+
+    def _confirm(self, result: Result, clock: Lifetime) -> Result:
+        """The grant's held answer outlived its hold (claims skip a held grant until then) and
+        no earlier holder wrote newer tokens (a write clears the hold): it is recorded now,
+        without asking WeChat again about tokens it has refused."""
+        grant = result.grant
+        dead, record = confirm_held(grant)
+        result.counts["reauth_recorded"] += 1
+        log.info("reauth.recorded", appid=grant.appid, openid=grant.openid,
+                 reason=record.reason, errcode=record.errcode, held_since=record.since.isoformat())
+        result.write = GrantWrite(dead, schedule(dead, clock), reauth=record,
                                   base=(grant.access_token, grant.refresh_token))
         return result

@@ -17,14 +17,28 @@ from pathlib import Path
 import pytest
 import requests
 
+from keeper.api.tokens import TokenDesk, Unavailable
+from keeper.clock import utcnow
+from keeper.config import build_config
 from keeper.crypto import Cipher, load_keys
+from keeper.service.runtime import Runtime
 from keeper.store.grants import Store
 from keeper.store.rows import new_lease_id
 from keeper.wechat.simulator import Simulator
 from tests.api.server import Served, free_port, make_keys, serving, stop, wait_healthy
-from tests.conftest import APPID, Keeper, clock_offset_env, config_text, wait_for
+from tests.conftest import (
+    APPID,
+    SECRET,
+    Keeper,
+    clock_offset_env,
+    config_text,
+    pass_lease_time,
+    wait_for,
+)
 from tests.e2e.helpers import endpoint, make_grant, seed
 from tests.e2e.outage import Outage
+from tests.store.test_grants import told
+from tests.sweep.test_engine import key_file, put
 
 
 def store_of(served: Served, db_url: str) -> Store:
@@ -125,6 +139,42 @@ def test_a_request_for_a_grant_a_sweep_holds_waits_for_the_sweep_result(
         store.close()
     assert endpoint(sim, "refresh")["calls"] == 0
     assert served2.call("GET", "/v1/reauth").json()["users"] == []
+
+
+def test_an_on_demand_refresh_after_a_takeover_tells_nobody_the_user_is_dead(
+    migrated_url: str, sim: Simulator, tmp_path: Path
+) -> None:
+    """The token desk (``keeper serve``, ``keeper token``) shares the sweep's leases: given a
+    sweep froze past its lease after WeChat rotated a grant's tokens for it, a token request
+    that takes the grant over is answered 40030. The caller gets 503 ``grant_busy``, not 409
+    ``reauth_required``; nothing is recorded; asking again makes no call while the answer is
+    held; once the frozen sweep writes, the caller gets WeChat's new token."""
+    config = build_config(
+        {"database_url": migrated_url, "api_base": sim.url, "workers": 2,
+         "encryption_key_file": str(key_file(tmp_path)), "read_timeout": 0.5,
+         "connect_timeout": 0.5, "lease": "1m", "apps": [{"appid": APPID, "secret_env": "S"}]},
+        env={"S": SECRET}, source="test")
+    sim.configure(rotate_refresh_tokens=True)
+    with Runtime.build(config) as rt:
+        put(rt, sim, make_grant("o-frozen", access_in_s=-60, scope="snsapi_base"))
+        now = datetime.now(UTC)
+        [a] = rt.store.claim(appids=[APPID], cutoff=now, limit=1, lease_id="A", lease_s=60,
+                             now=now)
+        frozen = rt.worker.work(a)
+        assert frozen.write is not None
+        pass_lease_time(rt.store, 61)
+        desk = TokenDesk(store=rt.store, worker=rt.worker, lease_s=config.lease_s, wait_s=0.2,
+                         clock=utcnow)
+        for _ in range(2):
+            with pytest.raises(Unavailable) as busy:
+                desk.token(APPID, "o-frozen", min_valid_s=600)
+            assert busy.value.code == "grant_busy"
+        assert endpoint(sim, "refresh")["errors"] == {"40030": 1}
+        assert told(rt.store) == []
+        assert rt.store.apply([frozen.write], "A", utcnow()) == 1
+        token = desk.token(APPID, "o-frozen", min_valid_s=600)
+        assert token.access_token == sim.current_tokens()["o-frozen"][0]
+        assert told(rt.store) == []
 
 
 ANSWERS = [("timeout", "wechat_unavailable"), ("502", "wechat_unavailable"),

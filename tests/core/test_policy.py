@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from keeper.core.models import ACTIVE, EXPIRING, REAUTH, Grant, TokenAnswer
+from keeper.core.models import ACTIVE, EXPIRING, REAUTH, Grant, Reauth, TokenAnswer
 from keeper.core.policy import (
     ACCESS,
     BACKOFF_CAP_S,
@@ -19,6 +19,8 @@ from keeper.core.policy import (
     after_refresh,
     after_transient,
     backoff_s,
+    confirm_held,
+    held_answer,
     profile_due,
     reauth_reason,
     refresh_reason,
@@ -186,3 +188,21 @@ def test_on_demand_sweeps_leave_access_tokens_alone_but_keep_refresh_tokens_aliv
     assert schedule(day29, ON_DEMAND).refresh_due_at == NOW
     held = schedule(replace(expired, retry_at=NOW + DAY), ON_DEMAND)
     assert held.access_due_at is None and held.refresh_due_at == NOW + 19 * DAY
+
+
+def test_only_answers_another_holders_refresh_explains_are_held() -> None:
+    """40030 (a replaced refresh token) and 42002 (an old one past its lifetime, whose
+    successor may exist) are what a takeover hears while a frozen holder has the new tokens;
+    42007 kills every token of the authorization, the newest too, and 40003 is about the
+    openid: those never wait."""
+    assert held_answer(40030) and held_answer(42002)
+    assert not any(held_answer(code) for code in (42007, 40003, None))
+
+
+def test_a_held_answer_is_confirmed_as_wechat_gave_it_and_the_hold_ends() -> None:
+    since = NOW - timedelta(minutes=5)
+    dead, record = confirm_held(grant(held_errcode=42002, held_since=since, taken_over=True))
+    assert record == Reauth("refresh_token_expired", 42002, since)
+    assert dead.state == REAUTH and dead.held_errcode is None and dead.held_since is None
+    with pytest.raises(ValueError):
+        confirm_held(grant())

@@ -11,15 +11,15 @@ import pytest
 from sqlalchemy import func, inspect, select, text
 
 from keeper.core.models import EXPIRING, REAUTH, Grant, Profile, Reauth
-from keeper.core.policy import Lifetime, after_reauth, schedule
+from keeper.core.policy import Lifetime, after_reauth, confirm_held, held_answer, schedule
 from keeper.core.quota import Decision
 from keeper.errors import DatabaseUnavailable, SchemaOutdated
 from keeper.store import db
 from keeper.store.grants import Store
 from keeper.store.leases import _free
 from keeper.store.rows import GrantWrite
-from keeper.store.schema import grants
-from tests.conftest import pass_lease_time, wait_for
+from keeper.store.schema import events, grants
+from tests.conftest import TEST_CIPHER, pass_lease_time, wait_for
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -188,21 +188,145 @@ def refreshed(g: Grant, token: str) -> GrantWrite:
     return GrantWrite(new, schedule(new, CLOCK), base=(g.access_token, g.refresh_token))
 
 
+def refused(g: Grant, errcode: int, when: datetime = NOW) -> GrantWrite:
+    """WeChat refused ``g``'s tokens, as the worker writes it: a 40030 or 42002 about the
+    tokens the work started from may be held (``hold_s``, one lease of 300 s)."""
+    dead, record = after_reauth(g, errcode, when)
+    return GrantWrite(dead, schedule(dead, CLOCK), reauth=record,
+                      base=(g.access_token, g.refresh_token),
+                      hold_s=300 if held_answer(errcode) else None)
+
+
+def told(store: Store) -> list[tuple[str, object]]:
+    """Everything an application can read about re-authorizations: the feed's rows and the
+    reauth events of the outbox, as (what, openid)."""
+    rows, _ = store.reauth_page(0, 1000)
+    with store.engine.connect() as conn:
+        news = conn.execute(select(events.c.type, events.c.openid)
+                            .where(events.c.type.like("reauth.%")).order_by(events.c.seq)).all()
+    return [("feed", r["openid"]) for r in rows] + [(t, o) for t, o in news]
+
+
+def test_a_takeovers_40030_names_nobody_while_the_frozen_holder_may_write_its_new_tokens(
+    store: Store,
+) -> None:
+    """Given A claimed a grant and WeChat rotated its tokens for A, when A freezes past its
+    lease and B takes the grant over, B's refresh with the replaced token is answered 40030:
+    nothing is recorded, announced or listed, the tokens stay, and no claim takes the grant
+    while A may still write. When A wakes up and writes WeChat's new tokens, the grant is
+    alive and nobody was ever told otherwise."""
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [a] = claim(store, lease_id="A")
+    assert not a.taken_over
+    pass_lease_time(store, 301)  # A is frozen: its lease lapses unreleased
+    [b] = claim(store, lease_id="B")
+    assert b.taken_over
+    assert store.apply([refused(b, 40030)], "B", NOW) == 1
+    assert told(store) == []
+    held = store.get_grant("wx1", "o1")
+    assert held is not None and held.state == "active" and held.refresh_token == "RT-o1"
+    assert (held.held_errcode, held.held_since, held.lease_id) == (40030, NOW, None)
+    status = store.status(NOW)
+    assert status["reauth_required"] == 0 and status["reauth_held"] == 1
+    # Held for A: neither a sweep (whatever its cutoff) nor a one-user command takes it.
+    assert store.claim(appids=["wx1"], cutoff=NOW + DAY, limit=10, lease_id="C", lease_s=300,
+                       now=NOW) == []
+    assert store.claim_one("wx1", "o1", lease_id="D", lease_s=300, now=NOW) is None
+
+    assert store.apply([refreshed(a, "new")], "A", NOW) == 1
+    alive = store.get_grant("wx1", "o1")
+    assert alive is not None and alive.refresh_token == "RT-new" and alive.state == "active"
+    assert alive.held_errcode is None and store.status(NOW)["reauth_held"] == 0
+    assert told(store) == []
+
+
+def test_a_held_answer_nobody_disproves_is_recorded_once_when_its_hold_ends(
+    store: Store,
+) -> None:
+    """Given B's 40030 after a takeover is held, when the hold (one more lease) ends and A
+    never wrote, the next claim finds the answer still held and confirms it without asking
+    WeChat again: the record, its event and its feed row appear together, exactly once."""
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    claim(store, lease_id="A")  # A dies holding the lease
+    pass_lease_time(store, 301)
+    [b] = claim(store, lease_id="B")
+    assert store.apply([refused(b, 40030)], "B", NOW) == 1
+    pass_lease_time(store, 299)
+    later = NOW + timedelta(seconds=301)
+    # Due by the process's clock (the cutoff), but the hold is not over on the database's.
+    assert store.claim(appids=["wx1"], cutoff=later, limit=10, lease_id="C", lease_s=300,
+                       now=NOW) == []
+    pass_lease_time(store, 2)
+    [c] = store.claim(appids=["wx1"], cutoff=later, limit=10, lease_id="C", lease_s=300,
+                      now=NOW)
+    assert (c.held_errcode, c.held_since, c.taken_over) == (40030, NOW, False)
+    dead, record = confirm_held(c)
+    assert record == Reauth("refresh_token_invalid", 40030, NOW)
+    assert store.apply([GrantWrite(dead, schedule(dead, CLOCK), reauth=record,
+                                   base=(c.access_token, c.refresh_token))], "C", later) == 1
+    assert told(store) == [("feed", "o1"), ("reauth.recorded", "o1")]
+    status = store.status(later)
+    assert status["reauth_required"] == 1 and status["reauth_held"] == 0
+    assert store.claim(appids=["wx1"], cutoff=later + DAY, limit=10, lease_id="E",
+                       lease_s=300, now=NOW) == []
+
+
+def test_a_40030_whose_own_lease_was_lost_is_held_while_another_holder_works(
+    store: Store,
+) -> None:
+    """Given A's lease lapsed before A's call reached WeChat and B took the grant over and
+    had its refresh rotated, A's 40030 (B had replaced the token) arrives while B still
+    works: it is held, not recorded, and B's write of the new tokens settles it."""
+    put(store, grant("o1", access_expires_at=NOW - DAY))
+    [a] = claim(store, lease_id="A")
+    pass_lease_time(store, 301)
+    [b] = claim(store, lease_id="B")
+    assert store.apply([refused(a, 40030)], "A", NOW) == 1
+    assert told(store) == []
+    held = store.get_grant("wx1", "o1")
+    assert held is not None and held.held_errcode == 40030 and held.state == "active"
+    # While held, another doubtful answer or a result with no new refresh token (a failure,
+    # the same token back on its refresh day) changes nothing.
+    assert store.apply([refused(a, 42002)], "A", NOW) == 0
+    same = replace(a, state=EXPIRING, access_token="AT-same-RT")
+    for w in (GrantWrite(a, schedule(a, CLOCK), base=(a.access_token, a.refresh_token)),
+              GrantWrite(same, schedule(same, CLOCK), reauth=Reauth(
+                  "refresh_token_expiring", None, NOW), base=(a.access_token, a.refresh_token))):
+        assert store.apply([w], "A", NOW) == 0
+    assert store.apply([refreshed(b, "by-B")], "B", NOW) == 1
+    alive = store.get_grant("wx1", "o1")
+    assert alive is not None and alive.refresh_token == "RT-by-B" and alive.held_errcode is None
+    assert told(store) == []
+
+
+def test_answers_no_other_holder_can_explain_are_recorded_at_once(store: Store) -> None:
+    """Without a takeover a 40030 is recorded at once, and 42007 (every token of the
+    authorization is dead, the newest too) is recorded at once even after a takeover."""
+    put(store, grant("o1", access_expires_at=NOW - DAY), grant("o2", access_expires_at=NOW - DAY))
+    [g1] = [g for g in claim(store, lease_id="A") if g.openid == "o1"]
+    assert store.apply([refused(g1, 40030)], "A", NOW) == 1
+    pass_lease_time(store, 301)
+    [g2] = claim(store, lease_id="B")
+    assert g2.openid == "o2" and g2.taken_over
+    assert store.apply([refused(g2, 42007)], "B", NOW) == 1
+    assert told(store) == [("feed", "o1"), ("feed", "o2"), ("reauth.recorded", "o1"),
+                           ("reauth.recorded", "o2")]
+
+
 def test_a_result_whose_lease_lapsed_is_written_while_the_stored_tokens_are_its_base(
     store: Store,
 ) -> None:
     """Given A's lease lapsed during an outage and B holds the grant now, when A's held
     result arrives and the stored tokens are still the ones A refreshed, it is written (it is
-    the newest answer) and the failure B recorded from the same old tokens is cleared."""
+    the newest answer) and the failure B had from the same old tokens is settled."""
     put(store, grant("o1", access_expires_at=NOW - DAY))
     [g] = claim(store, lease_id="A")
     pass_lease_time(store, 301)
     later = LEASE + timedelta(seconds=1)
     [b] = store.claim(appids=["wx1"], cutoff=later, limit=1, lease_id="B", lease_s=300,
                       now=NOW)
-    dead, record = after_reauth(b, 40030, later)  # B sent the old token WeChat had replaced
-    assert store.apply([GrantWrite(dead, schedule(dead, CLOCK), reauth=record,
-                                   base=(b.access_token, b.refresh_token))], "B", later) == 1
+    # B sent the old token WeChat had replaced
+    assert store.apply([refused(b, 40030, later)], "B", later) == 1
     assert store.apply([refreshed(g, "new")], "A", later) == 1
     stored = store.get_grant("wx1", "o1")
     assert stored is not None and stored.refresh_token == "RT-new" and stored.state == "active"
@@ -371,3 +495,58 @@ def test_the_due_query_is_a_range_scan_of_its_index(store: Store) -> None:
             plan = " ".join(str(r) for r in conn.execute(
                 text(("EXPLAIN QUERY PLAN " if store.sqlite else "EXPLAIN ") + sql)))
         assert f"ix_grants_{column}" in plan, plan
+
+
+def test_migration_0008_adds_takeovers_and_held_answers_and_can_be_undone(db_url: str) -> None:
+    """Existing grants were taken over by nobody and hold no answer; a lease that lapsed
+    before the upgrade still makes the next claim a takeover; the downgrade drops the
+    columns and the upgrade after it brings them back. Neither touches the rows that
+    reference grants (a table copy on SQLite would delete them by cascade)."""
+    from alembic import command
+
+    engine = db.make_engine(db_url)
+    db.upgrade(engine, target="0007")
+    long_ago = datetime(2000, 1, 1)  # a lapsed lease on any database's clock
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO grants (id, appid, openid, scope, access_token, refresh_token, "
+            "access_expires_at, refresh_issued_at, state, failures, created_at, updated_at, "
+            "access_due_at, lease_id, lease_until) VALUES (7, 'wx1', 'o7', 'snsapi_base', "
+            ":at, :rt, :t, :t, 'active', 0, :t, :t, :t, 'L-before', :ago)"),
+            {"at": TEST_CIPHER.encrypt("AT-o7"), "rt": TEST_CIPHER.encrypt("RT-o7"),
+             "t": NOW.replace(tzinfo=None), "ago": long_ago})
+        conn.execute(text(
+            "INSERT INTO grants (id, appid, openid, scope, access_token, refresh_token, "
+            "access_expires_at, refresh_issued_at, state, failures, created_at, updated_at) "
+            "VALUES (8, 'wx1', 'o8', 'snsapi_base', :at, :rt, :t, :t, 'reauth', 0, :t, :t)"),
+            {"at": TEST_CIPHER.encrypt("AT-o8"), "rt": TEST_CIPHER.encrypt("RT-o8"),
+             "t": NOW.replace(tzinfo=None)})
+        conn.execute(text("INSERT INTO reauth (grant_id, reason, since, seq, appid) "
+                          "VALUES (8, 'other', :t, 1, 'wx1')"), {"t": NOW.replace(tzinfo=None)})
+        conn.execute(text("INSERT INTO profiles (grant_id, fetched_at, avatar_due) "
+                          "VALUES (8, :t, false)"), {"t": NOW.replace(tzinfo=None)})
+
+    def kept() -> tuple[int, int]:
+        with engine.connect() as conn:
+            return (conn.execute(text("SELECT count(*) FROM reauth")).scalar_one(),
+                    conn.execute(text("SELECT count(*) FROM profiles")).scalar_one())
+
+    assert db.upgrade(engine) == ("0007", "0008")
+    assert kept() == (1, 1)
+    store = Store(db_url, cipher=TEST_CIPHER).open()
+    try:
+        before = store.get_grant("wx1", "o7")
+        assert before is not None and not before.taken_over and before.held_errcode is None
+        [g] = claim(store, lease_id="L-after")
+        assert g.taken_over and g.held_since is None
+    finally:
+        store.close()
+    cfg = db._alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0007")
+    columns = {c["name"] for c in inspect(engine).get_columns("grants")}
+    assert not columns & {"taken_over", "held_errcode", "held_since", "held_until"}
+    assert kept() == (1, 1)
+    assert db.upgrade(engine) == ("0007", "0008")
+    engine.dispose()

@@ -12,14 +12,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from keeper.config import build_config
-from keeper.core.models import ACTIVE, Grant
+from keeper.core.models import ACTIVE, REAUTH, Grant
 from keeper.core.policy import schedule
 from keeper.crypto import create_key_file
 from keeper.service.runtime import Runtime
 from keeper.store.rows import GrantWrite
 from keeper.wechat.simulator import Simulator
-from tests.conftest import APPID, SECRET
+from tests.conftest import APPID, SECRET, pass_lease_time, wait_for
 from tests.e2e.helpers import make_grant
+from tests.store.test_grants import told
 
 
 def key_file(directory: Path) -> Path:
@@ -29,15 +30,20 @@ def key_file(directory: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def rt(migrated_url: str, sim: Simulator, tmp_path: Path) -> Iterator[Runtime]:
+def build_runtime(url: str, sim: Simulator, tmp_path: Path, **settings: object) -> Runtime:
     config = build_config(
-        {"database_url": migrated_url, "api_base": sim.url, "workers": 4,
+        {"database_url": url, "api_base": sim.url, "workers": 4,
          "encryption_key_file": str(key_file(tmp_path)), "read_timeout": 0.5,
-         "connect_timeout": 0.5, "lease": "1m", "apps": [{"appid": APPID, "secret_env": "S"}]},
+         "connect_timeout": 0.5, "lease": "1m", "apps": [{"appid": APPID, "secret_env": "S"}],
+         **settings},
         env={"S": SECRET}, source="test",
     )
-    runtime = Runtime.build(config)
+    return Runtime.build(config)
+
+
+@pytest.fixture
+def rt(migrated_url: str, sim: Simulator, tmp_path: Path) -> Iterator[Runtime]:
+    runtime = build_runtime(migrated_url, sim, tmp_path)
     yield runtime
     runtime.close()
 
@@ -213,3 +219,109 @@ def test_a_result_the_database_refuses_costs_its_batch_mates_nothing(
     ok = rt.store.get_grant(APPID, "ok-user")
     assert odd is not None and ok is not None
     assert rt.store.profile(odd.id) is None and rt.store.profile(ok.id) is not None
+
+
+def refresh_errors(sim: Simulator) -> dict[str, int]:
+    return dict(sim.stats()["endpoints"]["refresh"]["errors"])  # type: ignore[index]
+
+
+def test_a_frozen_holders_new_tokens_win_over_the_40030_a_takeover_hears(
+    rt: Runtime, sim: Simulator
+) -> None:
+    """Given WeChat rotates refresh tokens and process A refreshed a grant, then froze past
+    its lease before writing, when a sweep takes the grant over it sends the replaced token
+    and WeChat answers 40030: the answer is held, and no record, event or feed row names the
+    user. When A wakes up and writes WeChat's new tokens, the grant is alive, and nobody was
+    ever told otherwise."""
+    sim.configure(rotate_refresh_tokens=True)
+    put(rt, sim, make_grant("o1", access_in_s=-60, scope="snsapi_base"))
+    now = datetime.now(UTC)
+    [a] = rt.store.claim(appids=[APPID], cutoff=now, limit=1, lease_id="A", lease_s=60, now=now)
+    frozen = rt.worker.work(a)  # WeChat rotated the tokens; A froze before its write
+    assert frozen.write is not None
+    assert frozen.write.grant.refresh_token == sim.current_tokens()["o1"][1]
+    pass_lease_time(rt.store, 61)
+    summary = sweep(rt)
+    assert refresh_errors(sim) == {"40030": 1}
+    assert told(rt.store) == []
+    assert summary["reauth_recorded"] == 0 and summary.get("reauth_held") == 1
+    assert rt.store.apply([frozen.write], "A", datetime.now(UTC)) == 1
+    g = rt.store.get_grant(APPID, "o1")
+    assert g is not None and g.state == ACTIVE
+    assert g.refresh_token == sim.current_tokens()["o1"][1]
+    assert told(rt.store) == []
+    assert sweep(rt)["reauth_recorded"] == 0 and told(rt.store) == []
+
+
+def test_a_grant_dead_for_real_is_recorded_when_its_hold_ends_without_a_second_call(
+    rt: Runtime, sim: Simulator
+) -> None:
+    """Given a process died holding the lease of a grant WeChat has really killed, the sweep
+    that takes it over holds WeChat's 40030; when the hold (one lease) is over and nobody
+    wrote newer tokens, the next sweep records it without calling WeChat again: one record,
+    one event, one feed row."""
+    put(rt, sim, make_grant("o1", access_in_s=-60, scope="snsapi_base", state="invalid"))
+    now = datetime.now(UTC)
+    assert rt.store.claim(appids=[APPID], cutoff=now, limit=1, lease_id="A", lease_s=60,
+                          now=now)
+    pass_lease_time(rt.store, 61)
+    first = sweep(rt)
+    assert told(rt.store) == []
+    assert first["reauth_recorded"] == 0 and first.get("reauth_held") == 1
+    assert refresh_errors(sim) == {"40030": 1}
+    lease_s = rt.config.lease_s
+    assert sweep(rt)["reauth_recorded"] == 0  # the hold is not over
+    pass_lease_time(rt.store, lease_s + 1)
+    sweeper = rt.sweeper()
+    try:
+        summary = sweeper.run_once(datetime.now(UTC) + timedelta(seconds=lease_s + 1))
+    finally:
+        sweeper.close()
+    assert summary["reauth_recorded"] == 1
+    assert refresh_errors(sim) == {"40030": 1}  # no second call
+    assert told(rt.store) == [("feed", "o1"), ("reauth.recorded", "o1")]
+    g = rt.store.get_grant(APPID, "o1")
+    assert g is not None and g.state == REAUTH
+    assert sweep(rt)["reauth_recorded"] == 0
+    assert told(rt.store) == [("feed", "o1"), ("reauth.recorded", "o1")]
+
+
+def test_a_call_given_up_at_a_stop_keeps_its_lease_until_its_answer_is_written(
+    migrated_url: str, sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given calls still in flight when a stop's grace ends, their leases are not given back
+    (their answers may yet bring new tokens: a grant released now would be claimed as if
+    nobody held it, and the 40030 for its replaced token recorded at once), while grants no
+    worker started are released. The answers, when they come, are written under the lease."""
+    from keeper.sweep import engine
+
+    monkeypatch.setattr(engine, "STOP_GRACE_S", 0.05)
+    sim.configure(rotate_refresh_tokens=True, latency_s=1.0)
+    rt = build_runtime(migrated_url, sim, tmp_path, read_timeout=5)
+    put(rt, sim, *(make_grant(f"o{i}", access_in_s=-60, scope="snsapi_base")
+                   for i in range(12)))
+    sweeper = rt.sweeper()
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: result.update(sweeper.run_once()))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while sim.stats()["endpoints"]["refresh"]["calls"] < 4:  # type: ignore[index]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    rt.stop.set()
+    thread.join(timeout=10)
+    try:
+        leased = [g.openid for i in range(12)
+                  if (g := rt.store.get_grant(APPID, f"o{i}")) and g.lease_id]
+        assert len(leased) == 4 and result["abandoned"] == 4  # the 4 workers' calls
+        wait_for(lambda: sweeper.held_count() == 4)
+        assert sweeper.write_held() == (4, 0)
+        current = sim.current_tokens()
+        for openid in leased:
+            g = rt.store.get_grant(APPID, openid)
+            assert g is not None and g.lease_id is None
+            assert g.refresh_token == current[openid][1]
+    finally:
+        sweeper.close()
+        rt.close()
+    assert sim.stats()["endpoints"]["refresh"]["calls"] == 4  # type: ignore[index]

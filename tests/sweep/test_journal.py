@@ -35,6 +35,10 @@ def result(store: Store, openid: str = "o1") -> tuple[GrantWrite, str]:
 def test_a_result_round_trips_exactly(store: Store) -> None:
     write, lease = result(store)
     assert loads(dumps(write, lease)) == (write, lease)
+    # A takeover's doubtful answer keeps what lets the store hold it when replayed.
+    taken = replace(write, grant=replace(write.grant, taken_over=True, held_errcode=40030,
+                                         held_since=NOW), hold_s=300.0)
+    assert loads(dumps(taken, lease)) == (taken, lease)
 
 
 def test_files_are_sealed_private_and_hold_no_token(store: Store, tmp_path: Path) -> None:
