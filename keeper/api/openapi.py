@@ -13,6 +13,7 @@ from typing import Any
 
 from keeper import __version__
 from keeper.api.keys import SCOPES
+from keeper.api.protocol import MAX_HEAD_BYTES
 from keeper.config import ACCESS_TOKEN_LIFE_S, Config
 from keeper.core.grant_lines import AHEAD, EARLIEST, ID_RE, MAX_SCOPE_CHARS, MAX_TOKEN_BYTES
 
@@ -65,7 +66,10 @@ ERRORS = {
     "403": _json("Error", "the key lacks the scope this operation needs"),
     "404": _json("Error", "`unknown_app`, `no_grant`, `no_avatar` or `not_found`"),
     "413": _json("Error", "the body is larger than the limit (64 KiB)"),
-    "415": _json("Error", "the body is not application/json"),
+    "415": _json("Error", "`unsupported_media_type`: a body sent without `Content-Type: "
+                 "application/json` (another type, or none)"),
+    "431": _json("Error", f"`headers_too_large`: the request line and headers came to more "
+                 f"than {MAX_HEAD_BYTES} bytes (32 KiB); the connection is closed"),
     "503": _json("Error", "try again after `Retry-After` seconds: `wechat_unavailable`, "
                  "`quota_exhausted`, `grant_busy`, `database_unavailable`, `app_rejected`",
                  RETRY_AFTER),
@@ -184,7 +188,8 @@ def document(config: Config, now: datetime) -> str:
     def op(summary: str, scope: str | None, responses: dict[str, Any],
            params: list[dict[str, Any]] | None = None, body: str | None = None
            ) -> dict[str, Any]:
-        o: dict[str, Any] = {"summary": summary, "responses": responses}
+        # Any request's head may be too large, whatever its route.
+        o: dict[str, Any] = {"summary": summary, "responses": {**responses, **_errors("431")}}
         if params:
             o["parameters"] = params
         if body:
