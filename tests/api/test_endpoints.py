@@ -230,3 +230,33 @@ def test_keys_and_scopes(served: Served, sim: Simulator) -> None:
     keys_file.write_text("this is not a keys line\n")
     time.sleep(1.2)  # the file is looked at again after a second; nothing else to wait on
     assert served.call("GET", user, key="all").status_code == 200
+
+
+def test_a_body_without_content_type_is_refused_and_never_reaches_wechat(
+    served: Served, sim: Simulator
+) -> None:
+    code = sim.issue_code(appid=APPID, openid="o-ctype")
+    login_body = json.dumps({"appid": APPID, "code": code}).encode()
+    r = served.call("POST", "/v1/grants", data=login_body)
+    assert "Content-Type" not in r.request.headers  # bytes: requests names no type
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == "unsupported_media_type"
+    assert endpoint(sim, "code")["calls"] == 0  # nothing reached WeChat
+
+    path = served.user(APPID, "o-ctype-put")
+    g = make_grant("o-ctype-put")
+    grant_body = json.dumps({k: g[k] for k in ("access_token", "refresh_token", "scope",
+                                                "access_expires_at", "refresh_issued_at")})
+    r = served.call("PUT", path, data=grant_body.encode())
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == "unsupported_media_type"
+    assert served.call("GET", path).status_code == 404  # nothing stored
+
+    # With the header, the same code (never spent) and the same grant are taken.
+    typed = {"Content-Type": "application/json; charset=utf-8"}
+    assert served.call("POST", "/v1/grants", data=login_body, headers=typed).status_code == 201
+    assert endpoint(sim, "code")["calls"] == 1
+    assert served.call("PUT", path, data=grant_body.encode(), headers=typed).status_code == 201
+    # No body at all is no JSON object: 400, whatever the headers.
+    r = served.call("POST", "/v1/grants")
+    assert (r.status_code, r.json()["error"]) == (400, "bad_request"), r.text
