@@ -6,10 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import Any
 
+from sqlalchemy import text
+
+from keeper.store import db
 from keeper.wechat.simulator import Simulator
-from tests.api.server import Served
-from tests.conftest import APPID, wait_for
+from tests.api.server import Served, serving
+from tests.conftest import APPID, Keeper, wait_for
 from tests.e2e.helpers import endpoint, make_grant
 
 
@@ -260,3 +264,38 @@ def test_a_body_without_content_type_is_refused_and_never_reaches_wechat(
     # No body at all is no JSON object: 400, whatever the headers.
     r = served.call("POST", "/v1/grants")
     assert (r.status_code, r.json()["error"]) == (400, "bad_request"), r.text
+
+
+def _event_bodies(db_url: str, kind: str) -> list[dict[str, Any]]:
+    """The bodies of the events of ``kind`` keeper recorded, as each delivery sends them."""
+    engine = db.make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT body FROM events WHERE type = :t ORDER BY seq"),
+                                {"t": kind}).scalars().all()
+    finally:
+        engine.dispose()
+    return [json.loads(body) for body in rows]
+
+
+def test_sex_is_wechats_integer_in_the_api_the_command_and_events(
+    keeper: Keeper, sim: Simulator, db_url: str
+) -> None:
+    with serving(keeper, db_url=db_url, api_base=sim.url,
+                 extra="profile_interval = 0") as served:  # every sweep reads the profile
+        login(served, sim, "o-sex")  # today's common profile: sex 0
+        assert served.keeper.run("sweep").code == 0
+        doc = served.call("GET", served.user(APPID, "o-sex")).json()
+        assert doc["sex"] == 0 and type(doc["sex"]) is int, doc  # 0, not "0"
+        shown = served.keeper.run("profile", "--app", APPID, "o-sex", "--json")
+        assert shown.code == 0 and json.loads(shown.out)["sex"] == 0, shown.out
+        assert '"sex": 0' in shown.out
+
+        # WeChat has sent sex as a string: keeper still keeps and tells WeChat's integer.
+        sim.script("o-sex", "userinfo", "profile_sex_as_string")
+        assert served.keeper.run("sweep").code == 0
+        doc = served.call("GET", served.user(APPID, "o-sex")).json()
+        assert doc["sex"] == 1 and type(doc["sex"]) is int, doc
+        [changed] = _event_bodies(db_url, "profile.changed")
+        assert changed["data"]["changed"]["sex"] == 1, changed
+        assert '"sex":1' in json.dumps(changed, separators=(",", ":"))

@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from alembic import command
 from sqlalchemy import func, inspect, select, text
 
 from keeper.core.models import EXPIRING, REAUTH, Grant, Profile, Reauth
@@ -19,7 +20,7 @@ from keeper.store.grants import Store
 from keeper.store.leases import _free
 from keeper.store.rows import GrantWrite
 from keeper.store.schema import grants
-from tests.conftest import pass_lease_time, wait_for
+from tests.conftest import TEST_CIPHER, pass_lease_time, wait_for
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -54,6 +55,52 @@ def test_migrations_create_every_table(db_url: str) -> None:
     )
     assert db.upgrade(engine) == (after, after)  # idempotent
     engine.dispose()
+
+
+#: ``profiles.sex`` as keeper stored it before migration 0009 (text), and as WeChat's integer
+#: after it: 0 unknown, 1 male, 2 female; blank or NULL none; anything else WeChat's "unknown".
+SEX_MIGRATED = {"0": 0, "1": 1, "2": 2, " 2 ": 2, "1.0": 1, "x": 0, "3": 0, "-1": 0, "": None,
+                "  ": None, None: None}
+
+
+def test_migration_0009_makes_sex_wechats_integer(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    db.upgrade(engine, target="0007")
+    t = NOW.replace(tzinfo=None)
+    with engine.begin() as conn:
+        for gid, sex in enumerate(SEX_MIGRATED, 1):
+            conn.execute(text(
+                "INSERT INTO grants (id, appid, openid, scope, access_token, refresh_token, "
+                "access_expires_at, refresh_issued_at, state, failures, created_at, "
+                "updated_at) VALUES (:id, 'wx1', :o, 's', 'a', 'r', :t, :t, 'active', 0, :t, :t)"),
+                {"id": gid, "o": f"o{gid}", "t": t})
+            conn.execute(text("INSERT INTO profiles (grant_id, nickname, sex, fetched_at, "
+                              "avatar_due) VALUES (:id, 'n', :sex, :t, false)"),
+                         {"id": gid, "sex": sex, "t": t})
+    db.upgrade(engine)
+    [column] = [c for c in inspect(engine).get_columns("profiles") if c["name"] == "sex"]
+    assert column["type"].python_type is int
+    with engine.connect() as conn:
+        got = dict(conn.execute(text("SELECT grant_id, sex FROM profiles")).all())
+        nicknames = set(conn.execute(text("SELECT nickname FROM profiles")).scalars())
+    assert {sex: got[gid] for gid, sex in enumerate(SEX_MIGRATED, 1)} == SEX_MIGRATED
+    assert all(v is None or type(v) is int for v in got.values())
+    assert nicknames == {"n"}  # the rest of each row as it was
+    # Back to text (0007), then forward again: the integers come through.
+    cfg = db._alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0007")
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("SELECT grant_id, sex FROM profiles")).all()) == {
+            gid: None if v is None else str(v) for gid, v in got.items()}
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("SELECT grant_id, sex FROM profiles")).all()) == got
+    engine.dispose()
+    store = Store(db_url, cipher=TEST_CIPHER).open()
+    assert (store.profile(2) or {})["sex"] == 1  # grant 2 stored "1"
+    store.close()
 
 
 @pytest.mark.db
@@ -132,7 +179,7 @@ def test_results_are_written_and_the_lease_ends(store: Store) -> None:
     [g] = claim(store)
     new = replace(g, access_token="AT-new", access_expires_at=NOW + timedelta(hours=2),
                   profile_at=NOW)
-    profile = Profile(NOW, nickname="Nick", sex="1", headimgurl="http://x/0",
+    profile = Profile(NOW, nickname="Nick", sex=1, headimgurl="http://x/0",
                       privilege=("chinaunicom",), unionid="u1")
     assert store.apply([GrantWrite(new, schedule(new, CLOCK), profile)], "L1", NOW) == 1
     stored = store.get_grant("wx1", "o1")
