@@ -27,6 +27,7 @@ from keeper.api.context import Api
 from keeper.api.logins import CodeRejected, ExchangeFailed
 from keeper.api.tokens import MustReauthorize, NoGrant, Unavailable
 from keeper.core.grant_lines import ID_RE
+from keeper.core.timestamps import timestamp
 from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
 from keeper.metrics import process as metrics
 
@@ -188,7 +189,7 @@ def _answer(fn: Handler, api: Api, request: Request, body: Any) -> Response:
         r = e.record
         return Problem(409, "reauth_required", str(e),
                        reason=r.reason if r else "other", errcode=r.errcode if r else None,
-                       since=r.since.isoformat() if r else None).response()
+                       since=timestamp(r.since) if r else None).response()
     except Unavailable as e:
         return unavailable(e.code, str(e), e.retry_after_s).response()
     except CodeRejected as e:

@@ -24,6 +24,8 @@ TOKEN_PATTERN = f"^[\\x21-\\x7e]{{1,{MAX_TOKEN_BYTES}}}$"
 ISO_PATTERN = ("^[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
                "T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?"
                "(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+#: The times keeper answers (keeper.core.timestamps): RFC 3339, UTC, whole seconds, ``Z``.
+TIMESTAMP_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
 #: The image types keeper keeps avatars as (keeper.avatars.fetcher).
 IMAGES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 REASONS = ["refresh_token_invalid", "refresh_token_expired", "authorization_revoked",
@@ -105,7 +107,7 @@ def document(config: Config, now: datetime) -> str:
     bounds the times a grant may carry."""
     appids = sorted(a.appid for a in config.apps)
     string = {"type": "string"}
-    time = {"type": "string", "format": "date-time"}
+    time = {"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN}
     appid = _param("appid", "path", {"type": "string", "enum": appids} if appids else
                    {"type": "string", "pattern": ID_PATTERN}, "a configured WeChat appid")
     an_appid = {"type": "string", "enum": appids} if appids else string
@@ -119,7 +121,7 @@ def document(config: Config, now: datetime) -> str:
         "Error": _obj(["error", "detail"], {
             "error": string, "detail": string, "field": string,
             "errcode": _nullable("integer"), "reason": {"type": "string", "enum": REASONS},
-            "since": _nullable("string", format="date-time"),
+            "since": _nullable("string", format="date-time", pattern=TIMESTAMP_PATTERN),
         }),
         "Health": _obj(["status"], {"status": {"type": "string", "enum": ["ok", "unavailable"]},
                                     "error": string, "detail": string}),
@@ -171,11 +173,11 @@ def document(config: Config, now: datetime) -> str:
             "country": _nullable("string"), "headimgurl": _nullable("string"),
             "privilege": {"type": ["array", "null"], "items": string},
             "profile_errcode": _nullable("integer"),
-            "fetched_at": _nullable("string", format="date-time"),
+            "fetched_at": _nullable("string", format="date-time", pattern=TIMESTAMP_PATTERN),
             "avatar_url": _nullable("string"), "avatar_sha256": _nullable("string"),
             "avatar_path": _nullable("string"), "avatar_size": _nullable("integer"),
             "avatar_type": _nullable("string"),
-            "avatar_saved_at": _nullable("string", format="date-time"),
+            "avatar_saved_at": _nullable("string", format="date-time", pattern=TIMESTAMP_PATTERN),
             "avatar_error": _nullable("string"),
         }),
         "ReauthPage": _obj(["users", "next"], {
@@ -294,7 +296,8 @@ def document(config: Config, now: datetime) -> str:
         "info": {"title": "keeper", "version": __version__, "description":
                  "Hand keeper a WeChat login, take a valid access token, learn who must log "
                  f"in again. Key scopes: {', '.join(SCOPES)}. Errors are "
-                 "`{\"error\", \"detail\"}`."},
+                 "`{\"error\", \"detail\"}`. Times are RFC 3339 in UTC, to the whole "
+                 "second: `2026-11-30T08:00:00Z`."},
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer",

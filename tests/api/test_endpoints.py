@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from typing import Any
 
@@ -299,3 +300,51 @@ def test_sex_is_wechats_integer_in_the_api_the_command_and_events(
         [changed] = _event_bodies(db_url, "profile.changed")
         assert changed["data"]["changed"]["sex"] == 1, changed
         assert '"sex":1' in json.dumps(changed, separators=(",", ":"))
+
+
+#: The one time format of the API, events and JSON outputs: RFC 3339, UTC, whole seconds.
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def test_one_record_shows_one_since_in_the_api_the_event_and_the_command(
+    served: Served, sim: Simulator, db_url: str
+) -> None:
+    g = make_grant("o-when", access_in_s=-60, state="revoked")
+    sim.add_grants([g])
+    path = served.user(APPID, "o-when")
+    put = served.call("PUT", path, json={k: g[k] for k in (
+        "access_token", "refresh_token", "scope", "access_expires_at", "refresh_issued_at")})
+    assert put.status_code == 201, put.text
+    refused = served.call("GET", path + "/token")  # WeChat: 42007, the grant is dead
+    assert refused.status_code == 409, refused.text
+    since = refused.json()["since"]
+    assert TIMESTAMP.match(since), since
+    [feed] = served.call("GET", "/v1/reauth").json()["users"]
+    doc = served.call("GET", path).json()
+    [event] = _event_bodies(db_url, "reauth.recorded")
+    ran = served.keeper.run("reauth", "--json")
+    [line] = [json.loads(line) for line in ran.out.splitlines()]
+    assert {"409": since, "feed": feed["since"], "profile": doc["reauth"]["since"],
+            "event": event["data"]["since"], "command": line["since"]} == dict.fromkeys(
+        ("409", "feed", "profile", "event", "command"), since)
+
+    # Every other time the API, events and JSON outputs show has the same form.
+    times = [put.json()["access_expires_at"], put.json()["refresh_issued_at"],
+             doc["access_expires_at"], doc["refresh_issued_at"], event["created_at"]]
+    live = make_grant("o-live")
+    sim.add_grants([live])
+    live_path = served.user(APPID, "o-live")
+    assert served.call("PUT", live_path, json={k: live[k] for k in (
+        "access_token", "refresh_token", "scope", "access_expires_at",
+        "refresh_issued_at")}).status_code == 201
+    times.append(served.call("GET", live_path + "/token").json()["expires_at"])
+    assert served.keeper.run("sweep").code == 0
+    times += [served.call("GET", live_path).json()["fetched_at"]]
+    checked = served.keeper.run("check", "--app", APPID, "o-live", "--json")
+    times.append(json.loads(checked.out)["access_expires_at"])
+    status = json.loads(served.keeper.run("status", "--json").out)
+    times += [status["last_sweep"]["started_at"], status["last_sweep"]["finished_at"]]
+    listed = [json.loads(line) for line in served.keeper.run("events", "--json").out.splitlines()]
+    times += [e["created_at"] for e in listed]
+    bad = [t for t in times if not (isinstance(t, str) and TIMESTAMP.match(t))]
+    assert bad == [], bad
