@@ -167,8 +167,8 @@ def document(config: Config, now: datetime) -> str:
             "profile_stop": _nullable("integer"),
             "nickname": _nullable("string"),
             "sex": {"type": ["integer", "null"], "enum": [0, 1, 2, None],
-                    "description": "WeChat's code: 0 unknown, 1 male, 2 female; null before "
-                                   "a profile was read"},
+                    "description": "WeChat's code: 0 unknown, 1 male, 2 female; null when no "
+                                   "profile was read, or WeChat's had none"},
             "province": _nullable("string"), "city": _nullable("string"),
             "country": _nullable("string"), "headimgurl": _nullable("string"),
             "privilege": {"type": ["array", "null"], "items": string},
