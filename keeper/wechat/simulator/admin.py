@@ -144,7 +144,7 @@ def checked(data: Any, fields: Mapping[str, Field], where: str = "",
     for name in data:
         if name not in fields:
             expected = ", ".join(fields) or "no fields"
-            raise BadRequest(f"{where}{name}: unknown field (expected {expected})")
+            raise BadRequest(f"{where}{name[:64]}: unknown field (expected {expected})")
     out = {}
     for name, field in fields.items():
         value = data.get(name)
