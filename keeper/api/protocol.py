@@ -30,7 +30,8 @@ _ANSWER = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
            b"content-length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
 #: After a 431, how long what the client still sends is read and dropped before the
 #: connection is closed. Closing at once, with the rest of the head unread, makes the kernel
-#: reset the connection, and a reset can destroy the 431 before the client reads it.
+#: reset the connection: the client's next write fails, and a TCP stack that drops unread data
+#: on a reset (Windows does; Linux keeps it) loses the 431 before the client reads it.
 LINGER_S = 2.0
 
 

@@ -3,6 +3,7 @@ broken encodings and bodies cut short. Each is answered (or dropped) and the ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -114,10 +115,11 @@ def _send_head(served: Served, head: bytes, chunk: int | None) -> bytes:
                 for i in range(0, len(head), chunk):
                     s.sendall(head[i:i + chunk])
                     time.sleep(0.001)  # separate reads on the server's side
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # refused before the rest was sent: its answer may still be there to read
+        with contextlib.suppress(ConnectionResetError):
             while part := s.recv(65536):
                 answer.append(part)
-        except (ConnectionResetError, BrokenPipeError):
-            pass  # refused before the rest was sent: its answer was read or is lost
     return b"".join(answer)
 
 
