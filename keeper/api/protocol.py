@@ -10,8 +10,9 @@ closed; a head not complete within ``head_timeout_s`` (``[api] head_timeout``) c
 The bytes are counted as the parser is given them, not per read: the parser is never handed
 more of a head than the cap allows, so where the head ends inside a read (its body, or the
 next request, following in the same read) does not matter, nor whether the head came in one
-write or in many. A head that begins inside a read after another request's body (a pipelined
-request) is also measured by what the parser reports of it (its URL and headers).
+write or in many. A head that begins in the same read as the end of another request (a
+pipelined request) is not all counted that way: it is also measured by what the parser reports
+of it (its URL and headers), and refused past the cap too.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _parsed(self, size: int) -> None:
         """The guard for a head whose bytes were not all counted as they came (one that began
-        inside a read, behind another request's body): what the parser reports of it."""
+        in the same read as the end of another request): what the parser reports of it."""
         self._parsed_head += size
         if self._parsed_head > MAX_HEAD_BYTES:
             self._refuse()
