@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from keeper.core.models import Grant
+from keeper.core.timestamps import timestamp, timestamp_or_none
 from keeper.store.grants import Store
 
 PROFILE_FIELDS = (
@@ -15,10 +16,6 @@ PROFILE_FIELDS = (
 )
 
 
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
 def profile_document(store: Store, grant: Grant) -> dict[str, Any]:
     """The grant (no tokens), its re-authorization record and its stored profile."""
     profile = store.profile(grant.id) or {}
@@ -26,16 +23,17 @@ def profile_document(store: Store, grant: Grant) -> dict[str, Any]:
     data: dict[str, Any] = {
         "appid": grant.appid, "openid": grant.openid, "unionid": grant.unionid,
         "scope": grant.scope, "state": grant.state,
-        "access_expires_at": iso(grant.access_expires_at),
-        "refresh_issued_at": iso(grant.refresh_issued_at),
+        "access_expires_at": timestamp(grant.access_expires_at),
+        "refresh_issued_at": timestamp(grant.refresh_issued_at),
         "reauth": None if record is None else {
-            "reason": record.reason, "errcode": record.errcode, "since": iso(record.since)},
+            "reason": record.reason, "errcode": record.errcode,
+            "since": timestamp(record.since)},
         "profile_stop": grant.profile_stop,
     }
     for key in PROFILE_FIELDS:
         value = profile.get(key)
         data["profile_errcode" if key == "errcode" else key] = (
-            iso(value) if isinstance(value, datetime) else value
+            timestamp(value) if isinstance(value, datetime) else value
         )
     return data
 
@@ -43,4 +41,5 @@ def profile_document(store: Store, grant: Grant) -> dict[str, Any]:
 def reauth_row(row: dict[str, Any]) -> dict[str, Any]:
     """A re-authorization record as ``keeper reauth --json`` prints it."""
     return {"appid": row["appid"], "openid": row["openid"], "unionid": row["unionid"],
-            "reason": row["reason"], "errcode": row["errcode"], "since": iso(row["since"])}
+            "reason": row["reason"], "errcode": row["errcode"],
+            "since": timestamp_or_none(row["since"])}

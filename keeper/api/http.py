@@ -27,6 +27,7 @@ from keeper.api.context import Api
 from keeper.api.logins import AppSecretMissing, CodeRejected, ExchangeFailed
 from keeper.api.tokens import MustReauthorize, NoGrant, Unavailable
 from keeper.core.grant_lines import ID_RE
+from keeper.core.timestamps import timestamp
 from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
 from keeper.metrics import process as metrics
 
@@ -82,9 +83,14 @@ async def read_json(request: Request, cap: int) -> dict[str, Any]:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > cap):
         raise Problem(413, "payload_too_large", f"the body is limited to {cap} bytes")
-    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    if kind.lower() not in ("application/json", ""):
-        raise Problem(415, "unsupported_media_type", "send the body as application/json")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    # A body of no stated type is refused like one of another type: guessing JSON would
+    # accept from one client what the contract refuses from the next. No body at all (no
+    # Content-Length above 0, no Transfer-Encoding) is not JSON either: 400 below.
+    has_body = (length is not None and int(length) > 0) or "transfer-encoding" in request.headers
+    if kind != "application/json" and (kind or has_body):
+        raise Problem(415, "unsupported_media_type",
+                      "send the body with Content-Type: application/json")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -183,7 +189,7 @@ def _answer(fn: Handler, api: Api, request: Request, body: Any) -> Response:
         r = e.record
         return Problem(409, "reauth_required", str(e),
                        reason=r.reason if r else "other", errcode=r.errcode if r else None,
-                       since=r.since.isoformat() if r else None).response()
+                       since=timestamp(r.since) if r else None).response()
     except Unavailable as e:
         return unavailable(e.code, str(e), e.retry_after_s).response()
     except CodeRejected as e:

@@ -13,6 +13,7 @@ from typing import Any
 
 from keeper import __version__
 from keeper.api.keys import SCOPES
+from keeper.api.protocol import MAX_HEAD_BYTES
 from keeper.config import ACCESS_TOKEN_LIFE_S, Config
 from keeper.core.grant_lines import AHEAD, EARLIEST, ID_RE, MAX_SCOPE_CHARS, MAX_TOKEN_BYTES
 
@@ -23,6 +24,8 @@ TOKEN_PATTERN = f"^[\\x21-\\x7e]{{1,{MAX_TOKEN_BYTES}}}$"
 ISO_PATTERN = ("^[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
                "T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?"
                "(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+#: The times keeper answers (keeper.core.timestamps): RFC 3339, UTC, whole seconds, ``Z``.
+TIMESTAMP_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
 #: The image types keeper keeps avatars as (keeper.avatars.fetcher).
 IMAGES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 REASONS = ["refresh_token_invalid", "refresh_token_expired", "authorization_revoked",
@@ -65,7 +68,10 @@ ERRORS = {
     "403": _json("Error", "the key lacks the scope this operation needs"),
     "404": _json("Error", "`unknown_app`, `no_grant`, `no_avatar` or `not_found`"),
     "413": _json("Error", "the body is larger than the limit (64 KiB)"),
-    "415": _json("Error", "the body is not application/json"),
+    "415": _json("Error", "`unsupported_media_type`: a body sent without `Content-Type: "
+                 "application/json` (another type, or none)"),
+    "431": _json("Error", f"`headers_too_large`: the request line and headers came to more "
+                 f"than {MAX_HEAD_BYTES} bytes (32 KiB); the connection is closed"),
     "500": _json("Error", "`app_secret_missing`: keeper has no AppSecret for the app (the "
                  "server's configuration: `detail` says where it is read from); asking again "
                  "changes nothing until an operator sets it"),
@@ -104,7 +110,7 @@ def document(config: Config, now: datetime) -> str:
     bounds the times a grant may carry."""
     appids = sorted(a.appid for a in config.apps)
     string = {"type": "string"}
-    time = {"type": "string", "format": "date-time"}
+    time = {"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN}
     appid = _param("appid", "path", {"type": "string", "enum": appids} if appids else
                    {"type": "string", "pattern": ID_PATTERN}, "a configured WeChat appid")
     an_appid = {"type": "string", "enum": appids} if appids else string
@@ -118,7 +124,7 @@ def document(config: Config, now: datetime) -> str:
         "Error": _obj(["error", "detail"], {
             "error": string, "detail": string, "field": string,
             "errcode": _nullable("integer"), "reason": {"type": "string", "enum": REASONS},
-            "since": _nullable("string", format="date-time"),
+            "since": _nullable("string", format="date-time", pattern=TIMESTAMP_PATTERN),
         }),
         "Health": _obj(["status"], {"status": {"type": "string", "enum": ["ok", "unavailable"]},
                                     "error": string, "detail": string}),
@@ -162,16 +168,19 @@ def document(config: Config, now: datetime) -> str:
                 "reason": {"type": "string", "enum": REASONS},
                 "errcode": _nullable("integer"), "since": time})]},
             "profile_stop": _nullable("integer"),
-            "nickname": _nullable("string"), "sex": _nullable("string"),
+            "nickname": _nullable("string"),
+            "sex": {"type": ["integer", "null"], "enum": [0, 1, 2, None],
+                    "description": "WeChat's code: 0 unknown, 1 male, 2 female; null when no "
+                                   "profile was read, or WeChat's had none"},
             "province": _nullable("string"), "city": _nullable("string"),
             "country": _nullable("string"), "headimgurl": _nullable("string"),
             "privilege": {"type": ["array", "null"], "items": string},
             "profile_errcode": _nullable("integer"),
-            "fetched_at": _nullable("string", format="date-time"),
+            "fetched_at": _nullable("string", format="date-time", pattern=TIMESTAMP_PATTERN),
             "avatar_url": _nullable("string"), "avatar_sha256": _nullable("string"),
             "avatar_path": _nullable("string"), "avatar_size": _nullable("integer"),
             "avatar_type": _nullable("string"),
-            "avatar_saved_at": _nullable("string", format="date-time"),
+            "avatar_saved_at": _nullable("string", format="date-time", pattern=TIMESTAMP_PATTERN),
             "avatar_error": _nullable("string"),
         }),
         "ReauthPage": _obj(["users", "next"], {
@@ -187,7 +196,8 @@ def document(config: Config, now: datetime) -> str:
     def op(summary: str, scope: str | None, responses: dict[str, Any],
            params: list[dict[str, Any]] | None = None, body: str | None = None
            ) -> dict[str, Any]:
-        o: dict[str, Any] = {"summary": summary, "responses": responses}
+        # Any request's head may be too large, whatever its route.
+        o: dict[str, Any] = {"summary": summary, "responses": {**responses, **_errors("431")}}
         if params:
             o["parameters"] = params
         if body:
@@ -289,7 +299,8 @@ def document(config: Config, now: datetime) -> str:
         "info": {"title": "keeper", "version": __version__, "description":
                  "Hand keeper a WeChat login, take a valid access token, learn who must log "
                  f"in again. Key scopes: {', '.join(SCOPES)}. Errors are "
-                 "`{\"error\", \"detail\"}`."},
+                 "`{\"error\", \"detail\"}`. Times are RFC 3339 in UTC, to the whole "
+                 "second: `2026-11-30T08:00:00Z`."},
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer",

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from keeper.api.context import Api
-from keeper.api.documents import iso, profile_document, reauth_row
+from keeper.api.documents import profile_document, reauth_row
 from keeper.api.http import Problem, RouteTable, bad_request, path_id, query_int
 from keeper.api.logins import exchange
 from keeper.clock import utcnow
@@ -24,6 +24,7 @@ from keeper.config import ACCESS_TOKEN_LIFE_S
 from keeper.core.grant_lines import REQUIRED, BadLine, parse_line
 from keeper.core.models import REAUTH, Grant
 from keeper.core.policy import schedule
+from keeper.core.timestamps import timestamp
 from keeper.errors import StoreError
 from keeper.store.rows import GrantWrite
 from keeper.store.token_reader import Unreadable
@@ -112,8 +113,8 @@ def put_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
     log.info("grant.stored", appid=appid, openid=openid, source="api")
     return JSONResponse({"appid": appid, "openid": openid, "unionid": grant.unionid,
                          "scope": grant.scope, "state": grant.state,
-                         "access_expires_at": iso(grant.access_expires_at),
-                         "refresh_issued_at": iso(grant.refresh_issued_at)},
+                         "access_expires_at": timestamp(grant.access_expires_at),
+                         "refresh_issued_at": timestamp(grant.refresh_issued_at)},
                         200 if existed else 201)
 
 
@@ -147,7 +148,7 @@ def _token_args(api: Api, request: Request) -> tuple[str, str, int]:
 
 def _token_answer(openid: str, access_token: str, expires_at: datetime, scope: str) -> Response:
     return JSONResponse(
-        {"access_token": access_token, "expires_at": iso(expires_at), "openid": openid,
+        {"access_token": access_token, "expires_at": timestamp(expires_at), "openid": openid,
          "scope": scope},
         headers={"Cache-Control": "no-store"},
     )

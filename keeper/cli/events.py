@@ -13,6 +13,7 @@ from typing import Any
 from keeper.clock import utcnow
 from keeper.config import Config
 from keeper.config.webhooks import require_secrets
+from keeper.core.timestamps import json_default
 from keeper.errors import UsageError
 from keeper.events.deliverer import Deliverer
 from keeper.log import register_secret
@@ -25,7 +26,7 @@ def _out(text: str) -> None:
 
 
 def _json(obj: Any) -> None:
-    _out(json.dumps(obj, default=str, ensure_ascii=False))
+    _out(json.dumps(obj, default=json_default, ensure_ascii=False))  # times: one form
 
 
 def add_parser(command: Callable[..., argparse.ArgumentParser]) -> None:

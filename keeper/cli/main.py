@@ -24,6 +24,7 @@ from keeper.core.forecast import MAX_DAYS
 from keeper.core.grant_lines import MAX_LINE_BYTES, parse_lines
 from keeper.core.models import Grant
 from keeper.core.policy import schedule
+from keeper.core.timestamps import json_default, timestamp
 from keeper.errors import (
     ApiError,
     ConfigError,
@@ -57,11 +58,7 @@ def _out(text: str) -> None:
 
 
 def _json(obj: Any) -> None:
-    _out(json.dumps(obj, default=str, ensure_ascii=False))
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    _out(json.dumps(obj, default=json_default, ensure_ascii=False))
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -277,7 +274,7 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             valid, errcode, detail = False, e.errcode, str(e)
     if args.json:
         _json({"appid": app.appid, "openid": args.openid, "valid": valid, "errcode": errcode,
-               "access_expires_at": _iso(grant.access_expires_at)})
+               "access_expires_at": timestamp(grant.access_expires_at)})
     else:
         _out("valid" if valid else f"not valid: {detail}")
     return EXIT_OK if valid else EXIT_FAILED

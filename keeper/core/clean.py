@@ -69,6 +69,32 @@ def whole_number(value: object) -> int | None:
     return None
 
 
+#: WeChat's ``sex`` codes: 0 unknown, 1 male, 2 female.
+SEX_CODES = (0, 1, 2)
+#: Blanks trimmed around a ``sex`` sent as a string (the migration to integers trims the same).
+SEX_BLANKS = " \t\r\n"
+_SEX_TEXT = re.compile(r"[012](?:\.0+)?")
+
+
+def sex_code(value: object) -> int | None:
+    """WeChat's ``sex`` as the integer it documents (0 unknown, 1 male, 2 female), however it
+    came: ``1``, ``"1"``, ``" 2 "``, ``2.0``. None when the answer says nothing (absent, null,
+    blank). Any other value (out of range, not a number) is 0, WeChat's own "unknown": the
+    field is there, its meaning is not."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int | float):
+        return int(value) if value in SEX_CODES else 0
+    if isinstance(value, str):
+        text = value.strip(SEX_BLANKS)
+        if not text:
+            return None
+        return int(text[0]) if _SEX_TEXT.fullmatch(text) else 0
+    return 0
+
+
 def text_or_none(value: object, max_chars: int) -> str | None:
     """A field as text (numbers become text), cleaned and capped; None when absent."""
     if value is None or isinstance(value, dict | list):

@@ -13,10 +13,11 @@ import random
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from keeper.core.models import Profile, Reauth
+from keeper.core.timestamps import timestamp
 
 REAUTH_RECORDED = "reauth.recorded"
 REAUTH_CLEARED = "reauth.cleared"
@@ -54,19 +55,14 @@ def body(event_id: str, event: NewEvent, created_at: datetime) -> str:
     data = {"appid": event.appid, "openid": event.openid, "unionid": event.unionid,
             **event.extra}
     return json.dumps({"id": event_id, "type": event.type,
-                       "created_at": iso(created_at), "data": data},
+                       "created_at": timestamp(created_at), "data": data},
                       ensure_ascii=False, separators=(",", ":"))
-
-
-def iso(value: datetime) -> str:
-    """UTC with a ``Z``, to the second: ``2026-11-30T08:00:00Z``."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def reauth_recorded(appid: str, openid: str, unionid: str | None, record: Reauth) -> NewEvent:
     return NewEvent(REAUTH_RECORDED, appid, openid, unionid,
                     {"reason": record.reason, "errcode": record.errcode,
-                     "since": iso(record.since)})
+                     "since": timestamp(record.since)})
 
 
 def reauth_cleared(appid: str, openid: str, unionid: str | None, reason: str) -> NewEvent:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from keeper.core.clean import text_or_none
+from keeper.core.clean import sex_code, text_or_none
 
 # Grant states. A grant stays "active" or "expiring" while keeper can keep it alive; "reauth"
 # means WeChat said it is dead and only a new login brings it back.
@@ -90,7 +90,7 @@ class Profile:
 
     fetched_at: datetime
     nickname: str | None = None
-    sex: str | None = None
+    sex: int | None = None  # WeChat's code: 0 unknown, 1 male, 2 female (clean.sex_code)
     province: str | None = None
     city: str | None = None
     country: str | None = None
@@ -106,12 +106,11 @@ class Profile:
         privilege = data.get("privilege") or []
         if not isinstance(privilege, list):
             privilege = [privilege]
-        sex = data.get("sex")
         unionid = (text_or_none(data.get("unionid"), 129) or "").strip()
         return cls(
             fetched_at=fetched_at,
             nickname=text_or_none(data.get("nickname"), 256),
-            sex=None if sex in (None, "") else text_or_none(sex, 16),
+            sex=sex_code(data.get("sex")),
             province=text_or_none(data.get("province"), 128),
             city=text_or_none(data.get("city"), 128),
             country=text_or_none(data.get("country"), 128),

@@ -12,6 +12,7 @@ from sqlalchemy import Engine, func, insert, select, update
 
 from keeper.core.models import REAUTH, Reauth
 from keeper.core.policy import PROFILE_FAILING_AFTER
+from keeper.core.timestamps import timestamp
 from keeper.store.db import translate
 from keeper.store.schema import grants, profiles, reauth, sweeps
 
@@ -126,8 +127,8 @@ class Reports:
         if row is None:
             return None
         return {
-            "started_at": row.started_at.isoformat(),
-            "finished_at": row.finished_at.isoformat(),
+            "started_at": timestamp(row.started_at),
+            "finished_at": timestamp(row.finished_at),
             "host": row.host,
             "pid": row.pid,
             "summary": json.loads(row.summary or "{}"),

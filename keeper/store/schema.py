@@ -112,7 +112,7 @@ profiles = Table(
     metadata,
     Column("grant_id", Integer, ForeignKey("grants.id", ondelete="CASCADE"), primary_key=True),
     Column("nickname", Text),
-    Column("sex", String(16)),
+    Column("sex", Integer),  # WeChat's code: 0 unknown, 1 male, 2 female (migration 0009)
     Column("province", Text),
     Column("city", Text),
     Column("country", Text),

@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from keeper.core.clean import sex_code
 from keeper.core.models import Grant, Profile, Reauth
 from keeper.core.policy import Schedule
 from keeper.crypto import Cipher, WrongKey
@@ -65,6 +66,14 @@ def _build(cls: Any, data: dict[str, Any] | None) -> Any:
     return cls(**{k: _decode(v) for k, v in data.items() if k in names})
 
 
+def _profile(data: dict[str, Any] | None) -> Profile | None:
+    """A journaled profile. One journaled before ``sex`` became WeChat's integer (migration
+    0009) holds it as text: it is made the integer, as a profile read would."""
+    if data is not None and "sex" in data:
+        data = {**data, "sex": sex_code(data["sex"])}
+    return _build(Profile, data)  # type: ignore[no-any-return]
+
+
 def dumps(write: GrantWrite, lease_id: str) -> str:
     """One result as a JSON line (tokens in it: encrypt before it leaves memory)."""
     return json.dumps({
@@ -85,7 +94,7 @@ def loads(text: str) -> tuple[GrantWrite, str]:
     write = GrantWrite(
         grant=_build(Grant, data["grant"]),
         schedule=_build(Schedule, data["schedule"]),
-        profile=_build(Profile, data.get("profile")),
+        profile=_profile(data.get("profile")),
         reauth=_build(Reauth, data.get("reauth")),
         clear_reauth=bool(data.get("clear_reauth")),
         base=(str(base[0]), str(base[1])) if base else None,

@@ -3,6 +3,8 @@ broken encodings and bodies cut short. Each is answered (or dropped) and the ser
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import time
 from pathlib import Path
@@ -85,3 +87,65 @@ def test_a_request_head_that_comes_too_slowly_is_dropped(
         slow.close()
         # A client that is merely idle between requests is not cut mid-answer.
         assert served.call("GET", "/healthz", key=None).status_code == 200
+
+
+#: The cap on a request's head: its request line and headers, up to the blank line that ends
+#: them (README, "Setting it up").
+HEAD_CAP = 32 * 1024
+
+
+def _head_of(size: int) -> bytes:
+    """A ``GET /healthz`` whose request line and headers are exactly ``size`` bytes."""
+    start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: "
+    end = b"\r\n\r\n"
+    return start + b"a" * (size - len(start) - len(end)) + end
+
+
+def _send_head(served: Served, head: bytes, chunk: int | None) -> bytes:
+    """Send ``head`` in one write, or in writes of ``chunk`` bytes (each its own segment),
+    and read the answer to its end (the server closes: ``Connection: close``, or a refusal)."""
+    host, port = served.base.removeprefix("http://").split(":")
+    answer = []
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if chunk is None:
+                s.sendall(head)
+            else:
+                for i in range(0, len(head), chunk):
+                    s.sendall(head[i:i + chunk])
+                    time.sleep(0.001)  # separate reads on the server's side
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # refused before the rest was sent: its answer may still be there to read
+        with contextlib.suppress(ConnectionResetError):
+            while part := s.recv(65536):
+                answer.append(part)
+    return b"".join(answer)
+
+
+def test_the_head_is_capped_at_32_kib_in_one_write_or_many(
+    keeper: Keeper, sim: Simulator, tmp_path: Path
+) -> None:
+    assert len(_head_of(HEAD_CAP)) == HEAD_CAP
+    with serving(keeper, db_url=f"sqlite:///{tmp_path / 'keeper.db'}",
+                 api_base=sim.url) as served:
+        for chunk in (None, 1024):
+            for size in (HEAD_CAP - 1, HEAD_CAP):
+                answer = _send_head(served, _head_of(size), chunk)
+                assert answer.startswith(b"HTTP/1.1 200 "), (size, chunk, answer[:200])
+            for size in (HEAD_CAP + 1, 40 * 1024, 70_000, 100_000):
+                answer = _send_head(served, _head_of(size), chunk)
+                status, _, body = answer.partition(b"\r\n\r\n")
+                assert status.startswith(b"HTTP/1.1 431 "), (size, chunk, answer[:200])
+                assert b"content-type: application/json" in status.lower(), status
+                error = json.loads(body)
+                assert error["error"] == "headers_too_large", error
+                assert "32768" in error["detail"], error
+        # A request pipelined behind another in the same write: the first is answered, then
+        # the second's head is refused.
+        first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = _send_head(served, first + _head_of(40 * 1024), None)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert answer.count(b"HTTP/1.1 ") == 2 and b"}HTTP/1.1 431 " in answer, answer
+        assert served.call("GET", "/healthz", key=None).status_code == 200
+        assert served.proc.poll() is None

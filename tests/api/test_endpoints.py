@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy import text
+
+from keeper.store import db
 from keeper.wechat.simulator import Simulator
 from tests.api.server import Served, serving, stop
 from tests.conftest import APPID, Keeper, wait_for
@@ -285,3 +290,116 @@ def test_keys_and_scopes(served: Served, sim: Simulator) -> None:
     keys_file.write_text("this is not a keys line\n")
     time.sleep(1.2)  # the file is looked at again after a second; nothing else to wait on
     assert served.call("GET", user, key="all").status_code == 200
+
+
+def test_a_body_without_content_type_is_refused_and_never_reaches_wechat(
+    served: Served, sim: Simulator
+) -> None:
+    code = sim.issue_code(appid=APPID, openid="o-ctype")
+    login_body = json.dumps({"appid": APPID, "code": code}).encode()
+    r = served.call("POST", "/v1/grants", data=login_body)
+    assert "Content-Type" not in r.request.headers  # bytes: requests names no type
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == "unsupported_media_type"
+    assert endpoint(sim, "code")["calls"] == 0  # nothing reached WeChat
+
+    path = served.user(APPID, "o-ctype-put")
+    g = make_grant("o-ctype-put")
+    grant_body = json.dumps({k: g[k] for k in ("access_token", "refresh_token", "scope",
+                                                "access_expires_at", "refresh_issued_at")})
+    r = served.call("PUT", path, data=grant_body.encode())
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == "unsupported_media_type"
+    assert served.call("GET", path).status_code == 404  # nothing stored
+
+    # With the header, the same code (never spent) and the same grant are taken.
+    typed = {"Content-Type": "application/json; charset=utf-8"}
+    assert served.call("POST", "/v1/grants", data=login_body, headers=typed).status_code == 201
+    assert endpoint(sim, "code")["calls"] == 1
+    assert served.call("PUT", path, data=grant_body.encode(), headers=typed).status_code == 201
+    # No body at all is no JSON object: 400, whatever the headers.
+    r = served.call("POST", "/v1/grants")
+    assert (r.status_code, r.json()["error"]) == (400, "bad_request"), r.text
+
+
+def _event_bodies(db_url: str, kind: str) -> list[dict[str, Any]]:
+    """The bodies of the events of ``kind`` keeper recorded, as each delivery sends them."""
+    engine = db.make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT body FROM events WHERE type = :t ORDER BY seq"),
+                                {"t": kind}).scalars().all()
+    finally:
+        engine.dispose()
+    return [json.loads(body) for body in rows]
+
+
+def test_sex_is_wechats_integer_in_the_api_the_command_and_events(
+    keeper: Keeper, sim: Simulator, db_url: str
+) -> None:
+    with serving(keeper, db_url=db_url, api_base=sim.url,
+                 extra="profile_interval = 0") as served:  # every sweep reads the profile
+        login(served, sim, "o-sex")  # today's common profile: sex 0
+        assert served.keeper.run("sweep").code == 0
+        doc = served.call("GET", served.user(APPID, "o-sex")).json()
+        assert doc["sex"] == 0 and type(doc["sex"]) is int, doc  # 0, not "0"
+        shown = served.keeper.run("profile", "--app", APPID, "o-sex", "--json")
+        assert shown.code == 0 and json.loads(shown.out)["sex"] == 0, shown.out
+        assert '"sex": 0' in shown.out
+
+        # WeChat has sent sex as a string: keeper still keeps and tells WeChat's integer.
+        sim.script("o-sex", "userinfo", "profile_sex_as_string")
+        assert served.keeper.run("sweep").code == 0
+        doc = served.call("GET", served.user(APPID, "o-sex")).json()
+        assert doc["sex"] == 1 and type(doc["sex"]) is int, doc
+        [changed] = _event_bodies(db_url, "profile.changed")
+        assert changed["data"]["changed"]["sex"] == 1, changed
+        assert '"sex":1' in json.dumps(changed, separators=(",", ":"))
+
+
+#: The one time format of the API, events and JSON outputs: RFC 3339, UTC, whole seconds.
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def test_one_record_shows_one_since_in_the_api_the_event_and_the_command(
+    served: Served, sim: Simulator, db_url: str
+) -> None:
+    g = make_grant("o-when", access_in_s=-60, state="revoked")
+    sim.add_grants([g])
+    path = served.user(APPID, "o-when")
+    put = served.call("PUT", path, json={k: g[k] for k in (
+        "access_token", "refresh_token", "scope", "access_expires_at", "refresh_issued_at")})
+    assert put.status_code == 201, put.text
+    refused = served.call("GET", path + "/token")  # WeChat: 42007, the grant is dead
+    assert refused.status_code == 409, refused.text
+    since = refused.json()["since"]
+    assert TIMESTAMP.match(since), since
+    [feed] = served.call("GET", "/v1/reauth").json()["users"]
+    doc = served.call("GET", path).json()
+    [event] = _event_bodies(db_url, "reauth.recorded")
+    ran = served.keeper.run("reauth", "--json")
+    [line] = [json.loads(line) for line in ran.out.splitlines()]
+    assert {"409": since, "feed": feed["since"], "profile": doc["reauth"]["since"],
+            "event": event["data"]["since"], "command": line["since"]} == dict.fromkeys(
+        ("409", "feed", "profile", "event", "command"), since)
+
+    # Every other time the API, events and JSON outputs show has the same form.
+    times = [put.json()["access_expires_at"], put.json()["refresh_issued_at"],
+             doc["access_expires_at"], doc["refresh_issued_at"], event["created_at"]]
+    live = make_grant("o-live")
+    sim.add_grants([live])
+    live_path = served.user(APPID, "o-live")
+    assert served.call("PUT", live_path, json={k: live[k] for k in (
+        "access_token", "refresh_token", "scope", "access_expires_at",
+        "refresh_issued_at")}).status_code == 201
+    times.append(served.call("GET", live_path + "/token").json()["expires_at"])
+    assert served.keeper.run("sweep").code == 0
+    times += [served.call("GET", live_path).json()["fetched_at"]]
+    checked = served.keeper.run("check", "--app", APPID, "o-live", "--json")
+    times.append(json.loads(checked.out)["access_expires_at"])
+    status = json.loads(served.keeper.run("status", "--json").out)
+    times += [status["last_sweep"]["started_at"], status["last_sweep"]["finished_at"]]
+    listed = [json.loads(line) for line in served.keeper.run("events", "--json").out.splitlines()]
+    times += [e["created_at"] for e in listed]
+    bad = [t for t in times if not (isinstance(t, str) and TIMESTAMP.match(t))]
+    assert bad == [], bad

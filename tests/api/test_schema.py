@@ -13,6 +13,7 @@ same requests in the same order (~500 on each database, about 10 s).
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from collections import Counter
@@ -218,3 +219,22 @@ def test_every_answer_matches_the_document(served: Served, sim: Simulator) -> No
     assert not found, "\n\n".join(found)
     for label, statuses in MUST_ANSWER.items():
         assert statuses <= set(answered.get(label, ())), (label, answered.get(label))
+
+
+def test_the_document_states_the_head_cap_the_media_type_sex_and_the_time_form() -> None:
+    config = build_config({"apps": [{"appid": APPID, "secret_env": "S"}]}, env={"S": "s"},
+                          source="test.toml")
+    doc: dict[str, Any] = json.loads(document(config, utcnow()))
+    for path, ops in doc["paths"].items():
+        for method, operation in ops.items():
+            answers = operation["responses"]
+            assert "headers_too_large" in answers["431"]["description"], (path, method)
+            if "requestBody" in operation:
+                assert "no" in answers["415"]["description"], (path, method)
+    schemas = doc["components"]["schemas"]
+    assert schemas["Profile"]["properties"]["sex"] == {
+        "type": ["integer", "null"], "enum": [0, 1, 2, None],
+        "description": schemas["Profile"]["properties"]["sex"]["description"]}
+    pattern = re.compile(schemas["Token"]["properties"]["expires_at"]["pattern"])
+    assert pattern.match("2026-11-30T08:00:00Z")
+    assert not pattern.match("2026-11-30T08:00:00.105415+00:00")

@@ -31,10 +31,10 @@ def test_a_body_is_the_contracts_shape_in_utc() -> None:
 
 
 def test_only_a_later_profile_that_differs_is_a_change() -> None:
-    new = Profile(NOW, nickname="b", sex="1", privilege=("x",))
+    new = Profile(NOW, nickname="b", sex=1, privilege=("x",))
     assert profile_changes(None, new) == {}  # the first profile ever
     assert profile_changes({"nickname": None, "privilege": []}, new) == {}  # never had one
-    old = {"nickname": "a", "sex": "1", "privilege": ["x"], "province": None, "city": None,
+    old = {"nickname": "a", "sex": 1, "privilege": ["x"], "province": None, "city": None,
            "country": None, "headimgurl": None, "unionid": None}
     assert profile_changes(old, new) == {"nickname": "b"}
     assert profile_changes(old, Profile(NOW, errcode=50001)) == {}  # no profile: no news

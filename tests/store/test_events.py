@@ -95,7 +95,7 @@ def test_the_same_record_again_is_no_news_and_a_login_clears_it_with_its_reason(
 
 def test_profile_changed_names_what_changed_and_nothing_else(store: Store) -> None:
     put(store, grant("o1", scope="snsapi_login", unionid="u1"))
-    first = Profile(NOW, nickname="Li", sex="0", headimgurl="https://wx.qlogo.cn/a/132",
+    first = Profile(NOW, nickname="Li", sex=0, headimgurl="https://wx.qlogo.cn/a/132",
                     privilege=("x",))
     profile_write(store, "o1", first)  # the first profile read is no change
     profile_write(store, "o1", replace(first, fetched_at=NOW + timedelta(1)))  # the same
@@ -105,6 +105,9 @@ def test_profile_changed_names_what_changed_and_nothing_else(store: Store) -> No
     assert [b["type"] for b in got] == ["profile.changed"]
     assert got[0]["data"] == {"appid": "wx1", "openid": "o1", "unionid": "u1",
                               "changed": {"nickname": "李雷", "privilege": []}}
+    # sex as WeChat's integer, in the event as in the profile.
+    profile_write(store, "o1", replace(first, nickname="李雷", privilege=(), sex=2))
+    assert bodies(store)[1]["data"]["changed"] == {"sex": 2}  # type: ignore[index]
 
 
 def test_delete_and_a_changed_avatar_are_events_the_first_avatar_copy_is_not(

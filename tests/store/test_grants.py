@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from alembic import command
 from sqlalchemy import func, inspect, select, text
 
 from keeper.core.models import EXPIRING, REAUTH, Grant, Profile, Reauth
@@ -54,6 +55,52 @@ def test_migrations_create_every_table(db_url: str) -> None:
     )
     assert db.upgrade(engine) == (after, after)  # idempotent
     engine.dispose()
+
+
+#: ``profiles.sex`` as keeper stored it before migration 0009 (text), and as WeChat's integer
+#: after it: 0 unknown, 1 male, 2 female; blank or NULL none; anything else WeChat's "unknown".
+SEX_MIGRATED = {"0": 0, "1": 1, "2": 2, " 2 ": 2, "1.0": 1, "x": 0, "3": 0, "-1": 0, "": None,
+                "  ": None, None: None}
+
+
+def test_migration_0009_makes_sex_wechats_integer(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    db.upgrade(engine, target="0008")
+    t = NOW.replace(tzinfo=None)
+    with engine.begin() as conn:
+        for gid, sex in enumerate(SEX_MIGRATED, 1):
+            conn.execute(text(
+                "INSERT INTO grants (id, appid, openid, scope, access_token, refresh_token, "
+                "access_expires_at, refresh_issued_at, state, failures, created_at, "
+                "updated_at) VALUES (:id, 'wx1', :o, 's', 'a', 'r', :t, :t, 'active', 0, :t, :t)"),
+                {"id": gid, "o": f"o{gid}", "t": t})
+            conn.execute(text("INSERT INTO profiles (grant_id, nickname, sex, fetched_at, "
+                              "avatar_due) VALUES (:id, 'n', :sex, :t, false)"),
+                         {"id": gid, "sex": sex, "t": t})
+    db.upgrade(engine)
+    [column] = [c for c in inspect(engine).get_columns("profiles") if c["name"] == "sex"]
+    assert column["type"].python_type is int
+    with engine.connect() as conn:
+        got = dict(conn.execute(text("SELECT grant_id, sex FROM profiles")).all())
+        nicknames = set(conn.execute(text("SELECT nickname FROM profiles")).scalars())
+    assert {sex: got[gid] for gid, sex in enumerate(SEX_MIGRATED, 1)} == SEX_MIGRATED
+    assert all(v is None or type(v) is int for v in got.values())
+    assert nicknames == {"n"}  # the rest of each row as it was
+    # Back to text (0008), then forward again: the integers come through.
+    cfg = db._alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0008")
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("SELECT grant_id, sex FROM profiles")).all()) == {
+            gid: None if v is None else str(v) for gid, v in got.items()}
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("SELECT grant_id, sex FROM profiles")).all()) == got
+    engine.dispose()
+    store = Store(db_url, cipher=TEST_CIPHER).open()
+    assert (store.profile(2) or {})["sex"] == 1  # grant 2 stored "1"
+    store.close()
 
 
 @pytest.mark.db
@@ -132,7 +179,7 @@ def test_results_are_written_and_the_lease_ends(store: Store) -> None:
     [g] = claim(store)
     new = replace(g, access_token="AT-new", access_expires_at=NOW + timedelta(hours=2),
                   profile_at=NOW)
-    profile = Profile(NOW, nickname="Nick", sex="1", headimgurl="http://x/0",
+    profile = Profile(NOW, nickname="Nick", sex=1, headimgurl="http://x/0",
                       privilege=("chinaunicom",), unionid="u1")
     assert store.apply([GrantWrite(new, schedule(new, CLOCK), profile)], "L1", NOW) == 1
     stored = store.get_grant("wx1", "o1")
@@ -531,8 +578,9 @@ def test_migration_0008_adds_takeovers_and_held_answers_and_can_be_undone(db_url
             return (conn.execute(text("SELECT count(*) FROM reauth")).scalar_one(),
                     conn.execute(text("SELECT count(*) FROM profiles")).scalar_one())
 
-    assert db.upgrade(engine) == ("0007", "0008")
+    assert db.upgrade(engine, target="0008") == ("0007", "0008")
     assert kept() == (1, 1)
+    db.upgrade(engine)  # the migrations after it, so that the store opens
     store = Store(db_url, cipher=TEST_CIPHER).open()
     try:
         before = store.get_grant("wx1", "o7")
@@ -548,5 +596,5 @@ def test_migration_0008_adds_takeovers_and_held_answers_and_can_be_undone(db_url
     columns = {c["name"] for c in inspect(engine).get_columns("grants")}
     assert not columns & {"taken_over", "held_errcode", "held_since", "held_until"}
     assert kept() == (1, 1)
-    assert db.upgrade(engine) == ("0007", "0008")
+    assert db.upgrade(engine, target="0008") == ("0007", "0008")
     engine.dispose()

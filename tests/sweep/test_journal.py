@@ -41,6 +41,14 @@ def test_a_result_round_trips_exactly(store: Store) -> None:
     assert loads(dumps(taken, lease)) == (taken, lease)
 
 
+def test_a_profile_journaled_before_sex_was_an_integer_loads_as_one(store: Store) -> None:
+    write, lease = result(store)
+    write = replace(write, profile=replace(write.profile, sex=1))  # type: ignore[type-var]
+    line = dumps(write, lease)
+    assert '"sex": 1' in line
+    assert loads(line.replace('"sex": 1', '"sex": "1"')) == (write, lease)
+
+
 def test_files_are_sealed_private_and_hold_no_token(store: Store, tmp_path: Path) -> None:
     write, lease = result(store, "openid-journal-marker")
     path = Journal(tmp_path / "j", TEST_CIPHER).write([(write, lease)])

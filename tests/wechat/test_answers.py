@@ -47,13 +47,30 @@ def profile(body: bytes, content_type: str = "text/plain") -> Profile:
     # A private-use character (an old emoji) is kept.
     (b'{"openid":"o1","nickname":"\xee\x90\x92"}', "nickname", "\ue412"),
     # Numbers as strings, and the empty region of most profile reads since late 2021.
-    (b'{"openid":"o1","sex":"1"}', "sex", "1"),
-    (b'{"openid":"o1","sex":0,"province":"","city":"","country":""}', "sex", "0"),
+    (b'{"openid":"o1","sex":"1"}', "sex", 1),
+    (b'{"openid":"o1","sex":0,"province":"","city":"","country":""}', "sex", 0),
     (b'{"openid":"o1","sex":0,"province":"","city":"","country":""}', "province", ""),
     (b'\xef\xbb\xbf{"openid":"o1","nickname":"bom"}', "nickname", "bom"),
 ])
-def test_odd_profile_bodies_are_parsed_and_cleaned(body: bytes, field: str, expected: str) -> None:
+def test_odd_profile_bodies_are_parsed_and_cleaned(body: bytes, field: str, expected: object,
+                                                   ) -> None:
     assert getattr(profile(body), field) == expected
+
+
+@pytest.mark.parametrize(("sent", "kept"), [
+    # WeChat's integer (0 unknown, 1 male, 2 female), as sent or as a string of it.
+    (b"0", 0), (b"1", 1), (b"2", 2), (b'"0"', 0), (b'"1"', 1), (b'" 2 "', 2), (b"2.0", 2),
+    (b'"1.0"', 1),
+    # Out of range or not a number: WeChat's own "unknown".
+    (b"3", 0), (b"-1", 0), (b'"x"', 0), (b'"12"', 0), (b"1.5", 0), (b"true", 0), (b"[1]", 0),
+    (b'{"a":1}', 0),
+    # Not said: null.
+    (b"null", None), (b'""', None), (b'"  "', None),
+])
+def test_sex_is_wechats_integer_whatever_form_it_came_in(sent: bytes, kept: int | None) -> None:
+    got = profile(b'{"openid":"o1","sex":' + sent + b"}").sex
+    assert got == kept and type(got) is type(kept)
+    assert profile(b'{"openid":"o1"}').sex is None
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", JSON, "application/json",
@@ -173,7 +190,8 @@ def _outcome(body: bytes, content_type: str) -> None:
                 token_answer(endpoint, data)
         if endpoint == "userinfo":
             p = Profile.from_answer(data, NOW)
-            for value in (p.nickname, p.sex, p.province, p.city, p.country, p.headimgurl,
+            assert p.sex in (None, 0, 1, 2)
+            for value in (p.nickname, p.province, p.city, p.country, p.headimgurl,
                           p.unionid, *p.privilege):
                 if value is not None:
                     assert value == clean_text(value)

@@ -824,6 +824,63 @@ def test_the_admin_api_drives_a_simulator(make_sim: Callable[..., Simulator],
     assert http.post(f"{admin}/grants", data=b"{not json", timeout=5).status_code == 400
 
 
+#: For each admin POST: the field ``{}`` lacks (None: ``{}`` is a whole request), and a body
+#: with a field of the wrong type, which the answer must name.
+ADMIN_BAD_BODIES: dict[str, tuple[str | None, dict[str, Any], str]] = {
+    "apps": ("appid", {"appid": 5, "secret": "s"}, "appid"),
+    "grants": ("grants", {"grants": "all of them"}, "grants"),
+    "codes": ("appid", {"appid": APPID, "openid": 7}, "openid"),
+    "force": ("endpoint", {"endpoint": "refresh", "answer": 40030, "count": "2"}, "count"),
+    "script": ("openid", {"openid": "o-1", "endpoint": "auth", "answer": [1]}, "answer"),
+    "avatar": ("openid", {"openid": "o-1", "url": 5}, "url"),
+    "config": (None, {"latency_s": "slow"}, "latency_s"),
+    "reset-stats": (None, {"everything": True}, "everything"),
+}
+
+
+def test_the_admin_api_answers_a_bad_body_400_naming_what_is_wrong(
+        sim: Simulator, http: requests.Session) -> None:
+    admin = f"{sim.url}/_sim"
+    for route, (missing, wrong, field) in ADMIN_BAD_BODIES.items():
+        for body, named in ((b"{}", missing), (b"[1, 2]", ""), (b'"grants"', ""),
+                            (b"{not json", ""), (b"\xff\xfe", ""),
+                            (json.dumps(wrong).encode(), field)):
+            r = http.post(f"{admin}/{route}", data=body, timeout=5,
+                          headers={"Content-Type": "application/json"})
+            if body == b"{}" and named is None:
+                assert r.status_code == 200, (route, r.text)
+                continue
+            assert r.status_code == 400, (route, body, r.text)
+            error = r.json()
+            assert error["error"] == "bad_request" and error["detail"], (route, body, error)
+            if named:
+                assert error["detail"].startswith(f"{named}: "), (route, body, error)
+            # Words for a person, not a Python exception.
+            assert not re.search(r"[A-Z][a-z]+Error|Traceback|Exception", r.text), r.text
+    # Inside a list of grants, the answer names the grant and its field; none is stored.
+    good = {"appid": APPID, "openid": "o-ok", "access_token": "AT-ok", "refresh_token": "RT-ok",
+            "access_expires_at": T0 + 3600, "refresh_issued_at": T0 - DAY_S}
+    for bad, detail in (({k: v for k, v in good.items() if k != "openid"},
+                         "grants[1].openid: required, a string"),
+                        (good | {"access_expires_at": "soon"},
+                         "grants[1].access_expires_at: expected a number (Unix seconds)"),
+                        (good | {"state": "asleep"}, "grants[1].state: "),
+                        (good | {"scope_": "x"}, "grants[1].scope_: unknown field"),
+                        (7, "grants[1]: expected a grant object")):
+        r = http.post(f"{admin}/grants", json={"grants": [good, bad]}, timeout=5)
+        assert r.status_code == 400 and r.json()["detail"].startswith(detail), r.text
+    assert sim.current_tokens() == {}
+    # Values each route checks itself are 400s too, in the same form.
+    for route, body in (("force", {"endpoint": "nope", "answer": 1}),
+                        ("force", {"endpoint": "auth", "answer": 1, "count": 0}),
+                        ("config", {"quotas": {"refresh": "lots"}}),
+                        ("config", {"failure_rates": {"-1": 2}}),
+                        ("avatar", {"openid": "o-1", "image_key": "no/slash"})):
+        r = http.post(f"{admin}/{route}", json=body, timeout=5)
+        assert r.status_code == 400 and r.json()["error"] == "bad_request", (route, r.text)
+    assert http.post(f"{admin}/nothing", json={}, timeout=5).json()["error"] == "not_found"
+
+
 @pytest.mark.e2e
 def test_the_simulate_command_prints_its_url_and_stops_on_sigterm() -> None:
     process = subprocess.Popen(
@@ -1110,7 +1167,7 @@ def test_the_admin_api_lists_and_scripts_odd_answers(
     assert auth(http, sim, access, "o-remote") == {}
     bad = http.post(f"{admin}/script", json={"openid": "o-remote", "endpoint": "auth",
                                              "answer": "nope"}, timeout=5)
-    assert bad.status_code == 400 and "ODD_ANSWERS" in bad.json()["error"]
+    assert bad.status_code == 400 and "ODD_ANSWERS" in bad.json()["detail"]
     code = http.post(f"{admin}/codes", json={"appid": APPID, "openid": "o-old",
                                              "legacy_profile": True}, timeout=5).json()["code"]
     grant = exchange(http, sim, code)
