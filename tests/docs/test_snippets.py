@@ -467,3 +467,21 @@ def test_getting_started_first_login_runs_as_written(tmp_path: Path) -> None:
     profile = json.loads(out[-1])
     assert profile["nickname"] == "李雷"
     assert profile["avatar_path"].endswith(".png") and profile["avatar_type"] == "image/png"
+
+
+def test_the_simulators_admin_api_example_sets_it_up_and_says_what_a_bad_body_lacks(
+        sim: Simulator, tmp_path: Path) -> None:
+    block = snippet("simulator-admin")
+    ran = run(block, tmp_path, reader_env(SIM=sim.url))
+    assert ran.returncode == 0, ran.stderr
+    app, code, scripted, bad, stats = answers(ran.stdout)
+    assert app == {"ok": True} and scripted == {"ok": True}
+    assert set(code) == {"code"}
+    assert bad["error"] == "bad_request" and bad["detail"].startswith("grants: required")
+    assert stats["codes_issued"] >= 1
+    # The code is the user's own, as the app's callback would get it.
+    exchanged = requests.get(f"{sim.url}/sns/oauth2/access_token", timeout=5, params={
+        "appid": "wx1234567890abcdef", "secret": "s3cret", "code": code["code"],
+        "grant_type": "authorization_code"}).json()
+    assert exchanged["openid"] == "o-demo"
+
