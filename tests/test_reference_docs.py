@@ -1,0 +1,254 @@
+"""The reference pages (docs/reference/) against the code they describe, so that they cannot
+drift: a key, command, option, log event, metric, errcode, route or error the code has and a
+page lacks fails here, and so does one a page lists that the code does not have. Each failure
+names the page and what is missing or extra.
+
+- configuration.md and config/keeper.toml: the keys and defaults of keeper.config.keys;
+- commands.md: the argparse parser ``keeper`` builds (and development/simulator.md: the
+  options of ``keeper simulate``);
+- log-events.md: every ``log.<level>("event", ...)`` call in keeper/, found by walking the
+  syntax trees (no catalogue to keep beside ~90 calls), and the library lines keeper.log
+  renames;
+- metrics.md: the registry a scrape reads;
+- errcodes.md (and the codes of wechat.md's table): keeper.core.errcodes.TABLE;
+- http-api.md: the OpenAPI document ``/openapi.json`` serves.
+
+The pages are parsed simply: Markdown tables whose first column holds backticked names.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keeper.config import build_config
+from keeper.config.keys import KEYS, Key, is_table
+from keeper.config.values import parse_duration
+from keeper.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "docs" / "reference"
+NOTHING = object()
+
+
+# -- reading the pages ------------------------------------------------------------------------
+
+
+def tables(path: Path) -> Iterator[tuple[list[str], list[list[str]]]]:
+    """Every Markdown table of ``path``: (its header's cells, its rows' cells). ``\\|`` in a
+    cell is a ``|`` of the cell's text."""
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    for line in [*path.read_text(encoding="utf-8").splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|")
+                     for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+            if header is None:
+                header = cells
+            elif not set(line) <= set("|-: "):
+                rows.append(cells)
+        elif header is not None:
+            yield header, rows
+            header, rows = None, []
+
+
+def ticked(cell: str) -> list[str]:
+    """The backticked parts of a cell, in order."""
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def differ(page: str, what: str, source: str, in_code: Iterable[Any],
+           on_page: Iterable[Any]) -> str:
+    """A failure message naming what the code has and the page lacks, and the reverse (empty
+    when they agree)."""
+    code, doc = set(in_code), set(on_page)
+    lines = []
+    if code - doc:
+        lines.append(f"  {what} in {source} that {page} lacks: "
+                     + ", ".join(sorted(map(str, code - doc))))
+    if doc - code:
+        lines.append(f"  {what} {page} lists that {source} does not have: "
+                     + ", ".join(sorted(map(str, doc - code))))
+    return "\n".join([f"{page} has drifted from {source}:", *lines]) if lines else ""
+
+
+def check(message: str) -> None:
+    if message:
+        pytest.fail(message, pytrace=False)
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+CONFIG_PAGE = REFERENCE / "configuration.md"
+KEEPER_TOML = ROOT / "config" / "keeper.toml"
+CATALOGUE = {k.name: k for k in KEYS}
+
+
+def toml_value(text: str) -> Any:
+    """``text`` read as one TOML value, or NOTHING."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return NOTHING
+
+
+def same_default(key: Key, shown: Any) -> bool:
+    if key.duration:
+        try:
+            return parse_duration(shown, key.name) == parse_duration(key.default, key.name)
+        except ConfigError:
+            return False
+    return bool(shown == key.default and type(shown) is type(key.default))
+
+
+def wrong_defaults(where: str, shown: dict[str, Any]) -> list[str]:
+    """Lines naming each key whose default ``shown`` (NOTHING: none shown) is not the code's."""
+    wrong = []
+    for name, value in sorted(shown.items()):
+        key = CATALOGUE.get(name)
+        if key is None:
+            continue
+        if key.default is None and value is not NOTHING:
+            wrong.append(f"  {name}: {where} shows the default {value!r}; the key has none")
+        elif key.default is not None and value is NOTHING:
+            wrong.append(f"  {name}: {where} shows no default; it is {key.default!r}")
+        elif key.default is not None and not same_default(key, value):
+            wrong.append(f"  {name}: {where} shows the default {value!r}; it is "
+                         f"{key.default!r}")
+    return wrong
+
+
+def config_page_rows() -> dict[str, str]:
+    """Each key the page's key tables list → its default cell. A row is ``name`` or
+    ``[table]`` ``name`` (``[apps.quotas]`` alone is the key ``apps.quotas``); one row may name
+    several keys of one table."""
+    rows: dict[str, str] = {}
+    for header, body in tables(CONFIG_PAGE):
+        if header[0] != "key":
+            continue
+        for cells in body:
+            names = ticked(cells[0])
+            table = ""
+            if names and names[0].startswith("["):
+                table = names[0].strip("[]")
+                names = names[1:] or [""]
+            for name in names:
+                full = f"{table}.{name}".strip(".") if table else name
+                assert full not in rows, f"{CONFIG_PAGE.name} lists {full} twice"
+                rows[full] = cells[1]
+    return rows
+
+
+def test_the_configuration_page_lists_every_key_with_its_default() -> None:
+    rows = config_page_rows()
+    page = "docs/reference/configuration.md"
+    message = differ(page, "keys", "keeper.config.keys.KEYS", CATALOGUE, rows)
+    shown = {}
+    for name, cell in rows.items():
+        shown[name] = next((v for t in ticked(cell) if (v := toml_value(t)) is not NOTHING),
+                           NOTHING)
+    wrong = wrong_defaults(page, shown)
+    wrong += [f"  {name}: {page} does not say it is required" for name, cell in rows.items()
+              if name in CATALOGUE and CATALOGUE[name].required
+              and "required" not in cell.lower()]
+    check("\n".join(filter(None, [message, *wrong])))
+
+
+def keeper_toml_keys() -> dict[str, list[Any]]:
+    """Each key config/keeper.toml sets or shows in a commented example → its values there.
+
+    The set keys come from the parsed file; the examples (``# key = value``, the value
+    continued over the commented lines after it until it is TOML; ``# # key = value``, an
+    alternative to the line before) belong to the table of the last header before them, set
+    or commented (``# [[apps]]``)."""
+    text = KEEPER_TOML.read_text(encoding="utf-8")
+    found: dict[str, list[Any]] = {}
+
+    def flat(data: dict[str, Any], table: str) -> None:
+        for name, value in data.items():
+            full = f"{table}.{name}" if table else name
+            if isinstance(value, dict) and is_table(full):
+                flat(value, full)
+            else:
+                found.setdefault(full, []).append(value)
+
+    flat(tomllib.loads(text), "")
+    lines = text.splitlines()
+    table = ""
+    for i, line in enumerate(lines):
+        if header := re.match(r"^(?:#\s*)?\[\[?([A-Za-z_.]+)\]\]?\s*(?:#.*)?$", line):
+            table = header[1]
+            if table in CATALOGUE:  # a table that is a key ([apps.quotas])
+                found.setdefault(table, [])
+            continue
+        example = re.match(r"^#\s*(?:#\s*)?([A-Za-z_]+)\s*=\s*(.*)$", line)
+        if not example:
+            continue
+        value, more = toml_value(example[2]), example[2]
+        for follow in lines[i + 1:i + 6]:
+            if value is not NOTHING or not follow.startswith("#"):
+                break
+            more += "\n" + follow[1:]
+            value = toml_value(more)
+        if table == "apps.quotas":  # an example override: one of the [quotas] keys
+            name = f"quotas.{example[1]}"
+            found.setdefault(name if name not in CATALOGUE else "apps.quotas", [])
+            continue
+        found.setdefault(f"{table}.{example[1]}" if table else example[1], []).append(value)
+    return found
+
+
+def test_keeper_toml_shows_every_key_with_its_default() -> None:
+    found = keeper_toml_keys()
+    where = "config/keeper.toml"
+    message = differ(where, "keys", "keeper.config.keys.KEYS", CATALOGUE, found)
+    wrong = []
+    for name, values in sorted(found.items()):
+        key = CATALOGUE.get(name)
+        if key is None or key.default is None:
+            continue  # an example's value (an appid, a secret's source) is no default
+        for value in values or [NOTHING]:  # set once, or shown in an example
+            wrong += wrong_defaults(where, {name: value})
+    check("\n".join(filter(None, [message, *wrong])))
+
+
+#: Values for the keys without a default, to give the loader every key at once.
+SAMPLES = {
+    "encryption_key_file": "keeper.key",
+    "apps.appid": "wx1",
+    "apps.secret_env": "APP_SECRET",
+    "apps.secret_file": "app-secret",
+    "apps.quotas": {"refresh": "none"},
+    "webhooks.url": "https://shop.example.com/hook",
+    "webhooks.secret_env": "HOOK_SECRET",
+    "webhooks.secret_file": "hook-secret",
+}
+
+
+@pytest.mark.parametrize("secret", ["secret_env", "secret_file"])
+def test_the_loader_takes_every_catalogued_key(secret: str, tmp_path: Path) -> None:
+    """A key listed in the catalogue that the loader does not read is refused as unknown (a
+    key the loader reads that is not listed cannot be: ``Table`` takes defaults only from the
+    catalogue). Secrets come from one source at a time, so each is given in one run."""
+    other = {"secret_env": "secret_file", "secret_file": "secret_env"}[secret]
+    document: dict[str, Any] = {}
+    for key in KEYS:
+        if key.name.endswith("." + other):
+            continue
+        if key.default is None and key.name not in SAMPLES:
+            pytest.fail(f"give {key.name} a value in SAMPLES", pytrace=False)
+        value = SAMPLES[key.name] if key.default is None else key.default
+        table, _, name = key.name.rpartition(".")
+        if table in ("apps", "webhooks"):
+            document.setdefault(table, [{}])[0][name] = value
+        elif table:
+            document.setdefault(table, {})[name] = value
+        else:
+            document[name] = value
+    build_config(document, env={"APP_SECRET": "s", "HOOK_SECRET": "s"},
+                 source=str(tmp_path / "keeper.toml"))
