@@ -18,6 +18,7 @@ The pages are parsed simply: Markdown tables whose first column holds backticked
 
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 from collections.abc import Iterable, Iterator
@@ -252,3 +253,124 @@ def test_the_loader_takes_every_catalogued_key(secret: str, tmp_path: Path) -> N
             document[name] = value
     build_config(document, env={"APP_SECRET": "s", "HOOK_SECRET": "s"},
                  source=str(tmp_path / "keeper.toml"))
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+COMMANDS_PAGE = REFERENCE / "commands.md"
+SIMULATOR_PAGE = ROOT / "docs" / "development" / "simulator.md"
+#: Commands that parse the rest of the line themselves (keeper.cli.main hands it to them): the
+#: page writes ``[options]`` for them, and the simulator's are on its own page.
+OWN_ARGUMENTS = ("simulate", "demo")
+
+
+def words(usage: str) -> list[str]:
+    """A usage line's words, brackets dropped; ``ID|--failed`` is two words (alternatives), a
+    metavar such as ``FILE|-`` one."""
+    out: list[str] = []
+    for token in usage.split():
+        token = token.lstrip("[")
+        while token.endswith("]") and token.count("]") > token.count("["):
+            token = token[:-1]  # the end of an optional part, not of a metavar's [:COUNT]
+        parts = token.split("|")
+        out += parts if any(p.startswith("--") for p in parts) else [token]
+    return out
+
+
+def options_of(parser: argparse.ArgumentParser) -> dict[str, str | None]:
+    """Each option → the metavar its value is written with (``None``: a flag)."""
+    return {o: None if a.nargs == 0 else (a.metavar or a.dest.upper())
+            for a in parser._actions for o in a.option_strings if o not in ("-h", "--help")}
+
+
+def positionals_of(parser: argparse.ArgumentParser) -> set[str]:
+    """The words the parser's positional arguments are written with: each choice, else the
+    metavar."""
+    out: set[str] = set()
+    for a in parser._actions:
+        if not a.option_strings and not isinstance(a, argparse._SubParsersAction):
+            out |= set(a.choices) if a.choices else {str(a.metavar or a.dest)}
+    return out
+
+
+def read_usage(usage: list[str], options: dict[str, str | None]
+               ) -> tuple[dict[str, list[str | None]], set[str]]:
+    """(each option a usage line writes → the metavars written after it, the other words). An
+    option takes the word after it when the parser says it takes a value."""
+    written: dict[str, list[str | None]] = {}
+    others: set[str] = set()
+    i = 0
+    while i < len(usage):
+        word, after = usage[i], usage[i + 1] if i + 1 < len(usage) else None
+        i += 1
+        if not word.startswith("--"):
+            others.add(word)
+            continue
+        value = None
+        if options.get(word) is not None and after is not None and not after.startswith("--"):
+            value, i = after, i + 1
+        written.setdefault(word, []).append(value)
+    return written, others
+
+
+def wrong_metavars(page: str, command: str, written: dict[str, list[str | None]],
+                   options: dict[str, str | None]) -> list[str]:
+    return [f"  {command} {option}: {page} writes its value {value}; the parser's metavar is "
+            f"{options[option]}"
+            for option, values in sorted(written.items()) if options.get(option) is not None
+            for value in values if value is not None and value != options[option]]
+
+
+def test_the_commands_page_lists_every_command_and_option() -> None:
+    from keeper.cli.main import _parser
+
+    page = "docs/reference/commands.md"
+    parser = _parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    rows: dict[str, list[str]] = {}
+    for _header, body in tables(COMMANDS_PAGE):
+        for cells in body:
+            usage = words(ticked(cells[0])[0]) if ticked(cells[0]) else []
+            if usage[:1] == ["keeper"] and len(usage) > 1:
+                rows.setdefault(usage[1], []).extend(usage[2:])
+    problems = [differ(page, "commands", "the parser (keeper.cli.main)", sub.choices, rows)]
+    for name, command in sorted(sub.choices.items()):
+        if name not in rows:
+            continue
+        if name in OWN_ARGUMENTS:
+            if set(rows[name]) - {"options"}:
+                problems.append(f"  {name}: {page} should write [options] (its own page lists "
+                                f"them), not {' '.join(rows[name])}")
+            continue
+        options = options_of(command)
+        written, others = read_usage(rows[name], options)
+        where = f"the parser of keeper {name}"
+        problems.append(differ(f"{page} (keeper {name})", "options", where, options, written))
+        problems.append(differ(f"{page} (keeper {name})", "arguments", where,
+                               positionals_of(command), others))
+        problems += wrong_metavars(page, f"keeper {name}", written, options)
+    globals_line = next(p for p in COMMANDS_PAGE.read_text().split("\n\n")
+                        if p.startswith("Global options"))
+    options = options_of(parser)
+    written, _ = read_usage([w for t in ticked(globals_line) for w in words(t)], options)
+    problems.append(differ(f"{page} (global options)", "options", "the parser (keeper.cli.main)",
+                           options, written))
+    problems += wrong_metavars(page, "keeper", written, options)
+    check("\n".join(filter(None, problems)))
+
+
+def test_the_simulator_page_lists_every_option_of_keeper_simulate() -> None:
+    from keeper.wechat.simulator.cli import build_parser
+
+    page = "docs/development/simulator.md"
+    paragraph = next(p for p in SIMULATOR_PAGE.read_text().split("\n\n")
+                     if p.startswith("`keeper simulate` takes"))
+    options = options_of(build_parser())
+    written: dict[str, list[str | None]] = {}
+    for token in ticked(paragraph):  # each option on its own, its metavar optional
+        if token.startswith("--"):
+            for option, values in read_usage(words(token), options)[0].items():
+                written.setdefault(option, []).extend(values)
+    check("\n".join(filter(None, [
+        differ(page, "options", "the parser of keeper simulate", options, written),
+        *wrong_metavars(page, "keeper simulate", written, options)])))
