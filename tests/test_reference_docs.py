@@ -19,6 +19,7 @@ The pages are parsed simply: Markdown tables whose first column holds backticked
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import tomllib
 from collections.abc import Iterable, Iterator
@@ -374,3 +375,111 @@ def test_the_simulator_page_lists_every_option_of_keeper_simulate() -> None:
     check("\n".join(filter(None, [
         differ(page, "options", "the parser of keeper simulate", options, written),
         *wrong_metavars(page, "keeper simulate", written, options)])))
+
+
+# -- log events -------------------------------------------------------------------------------
+
+LOG_PAGE = REFERENCE / "log-events.md"
+#: A logger's methods → the level of the line (structlog's ``exception`` logs at error).
+LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "warn": "warning",
+              "error": "error", "exception": "error", "critical": "critical",
+              "fatal": "critical", "msg": "info"}
+
+
+def names_of(node: ast.expr | None) -> set[str] | None:
+    """The strings an expression can be, when it is built of literals (``"a"``,
+    ``"a" if x else "b"``); ``None`` otherwise."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, ast.IfExp):
+        body, orelse = names_of(node.body), names_of(node.orelse)
+        return body | orelse if body is not None and orelse is not None else None
+    return None
+
+
+def log_calls() -> tuple[dict[str, dict[str, set[str]]], list[str]]:
+    """Every ``log.<level>(event, ...)`` call in keeper/: event → level → where (file:line);
+    and the calls whose event the scan cannot tell (where, and why).
+
+    Every module logs through a module-level ``log = structlog.get_logger(...)``. Two forms
+    are not plain: the level chosen at the call (``(log.error if first else log.debug)(...)``:
+    once per outage at error, then debug), whose every branch counts; and an event name held
+    in a variable (``log.error(event, ...)`` in keeper/api/server.py and
+    keeper/service/scheduler.py: schema outdated or database unavailable), found from that
+    variable's assignments in the function when they are literals. Anything else fails the
+    test, naming the call."""
+    events: dict[str, dict[str, set[str]]] = {}
+    unread: list[str] = []
+    for path in sorted((ROOT / "keeper").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        scopes: list[ast.AST] = [tree, *(n for n in ast.walk(tree)
+                                         if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))]
+        owner: dict[ast.AST, ast.AST] = {}
+        for scope in scopes:  # innermost last: a nested function's calls are its own
+            for node in ast.walk(scope):
+                owner[node] = scope
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "log"):
+                continue
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            call = next((c for c in ast.walk(owner[node]) if isinstance(c, ast.Call) and (
+                c.func is node or (isinstance(c.func, ast.IfExp)
+                and node in (c.func.body, c.func.orelse)))), None)
+            if node.attr not in LOG_LEVELS or call is None:
+                unread.append(f"{where}: log.{node.attr} (not a call of a level's method)")
+                continue
+            first = call.args[0] if call.args else None
+            names = names_of(first)
+            if names is None and isinstance(first, ast.Name):
+                values = [names_of(a.value) for a in ast.walk(owner[node])
+                          if isinstance(a, ast.Assign)
+                          and any(isinstance(t, ast.Name) and t.id == first.id
+                                  for t in a.targets)]
+                if values and all(v is not None for v in values):
+                    names = set().union(*values)  # type: ignore[arg-type]
+            if not names:
+                unread.append(f"{where}: the event name is not a literal the scan can read")
+                continue
+            for name in names:
+                events.setdefault(name, {}).setdefault(LOG_LEVELS[node.attr], set()).add(where)
+    from keeper.log import _QUIETED  # library lines keeper renames, at debug level
+
+    for _logger, _text, name in _QUIETED:
+        events.setdefault(name, {}).setdefault("debug", set()).add("keeper/log.py (_QUIETED)")
+    return events, unread
+
+
+def test_the_log_events_page_lists_every_event_at_its_level() -> None:
+    events, unread = log_calls()
+    assert len(events) > 50, "the scan found too few events: has the logger's name changed?"
+    page = "docs/reference/log-events.md"
+    documented: dict[str, set[str]] = {}
+    for header, body in tables(LOG_PAGE):
+        if header[0] == "event":
+            for cells in body:
+                levels = set(re.findall(r"\b(debug|info|warning|error|critical)\b", cells[1]))
+                for name in ticked(cells[0]):
+                    assert name not in documented, f"{page} lists {name} twice"
+                    documented[name] = levels
+    problems = ["log calls in keeper/ the scan cannot read (give them a literal event name):"
+                "\n  " + "\n  ".join(unread)] if unread else []
+    missing = sorted(set(events) - set(documented))
+    if missing:
+        problems.append(f"log events in keeper/ that {page} lacks:\n  " + "\n  ".join(
+            f"{n} ({', '.join(sorted(events[n]))}; "
+            f"{', '.join(sorted(w for ws in events[n].values() for w in ws))})"
+            for n in missing))
+    extra = sorted(set(documented) - set(events))
+    if extra:
+        problems.append(f"log events {page} lists that no code in keeper/ logs: "
+                        + ", ".join(extra))
+    levels = [name for name in sorted(set(events) & set(documented))
+              if set(events[name]) != documented[name]]
+    if levels:
+        problems.append(f"log events whose levels in {page} are not the code's:")
+    for name in levels:
+        problems.append(f"  {name}: {page} gives the level "
+                        f"{', '.join(sorted(documented[name])) or '(none)'}; keeper/ logs it "
+                        f"at {', '.join(sorted(events[name]))}")
+    check("\n".join(problems))
