@@ -483,3 +483,64 @@ def test_the_log_events_page_lists_every_event_at_its_level() -> None:
                         f"{', '.join(sorted(documented[name])) or '(none)'}; keeper/ logs it "
                         f"at {', '.join(sorted(events[name]))}")
     check("\n".join(problems))
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+METRICS_PAGE = REFERENCE / "metrics.md"
+
+
+def scraped_metrics(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[str, set[str]]]:
+    """Every ``keeper_*`` metric a scrape of ``keeper run`` reads → (type, label names): the
+    registry ``registry_for`` builds, its database collector answering from a read that has
+    a row of each kind (so that every gauge family is there, with its labels)."""
+    from datetime import UTC, datetime
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from keeper.metrics import process
+    from keeper.observe.collector import DatabaseCollector, Snapshot
+    from keeper.observe.exposition import MULTIPROC_ENV, registry_for
+
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    config = build_config({"apps": [{"appid": "wx1"}]}, env={}, source="test.toml")
+    read = Snapshot(grants={("wx1", "active"): 1}, reauth={("wx1", "other"): 1},
+                    due={("wx1", "refresh"): (1, 0)}, last_sweep=datetime.now(UTC),
+                    quota=[("wx1", "refresh", 1, 2)],
+                    events={"events_pending": 0, "events_failed": 0})
+    collector = DatabaseCollector(store=lambda: None, config=lambda: config, ttl_s=0)
+    monkeypatch.setattr(collector, "snapshot", lambda: read)
+    # A process metric has no series before it first counts something; its label names are
+    # the ones it was declared with.
+    declared = {m._name: set(m._labelnames) for m in vars(process).values()
+                if isinstance(m, MetricWrapperBase)}
+    found = {}
+    for family in registry_for(collector).collect():
+        if not family.name.startswith("keeper_"):
+            continue  # the runtime's process_* and python_*
+        labels = {k for s in family.samples for k in s.labels if k != "le"}
+        name = family.name + ("_total" if family.type == "counter" else "")
+        found[name] = (family.type, labels or declared.get(family.name, set()))
+    return found
+
+
+def test_the_metrics_page_lists_every_metric_with_its_type_and_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scraped = scraped_metrics(monkeypatch)
+    page = "docs/reference/metrics.md"
+    documented: dict[str, tuple[str, set[str]]] = {}
+    for header, body in tables(METRICS_PAGE):
+        if header[0] == "metric":
+            for cells in body:
+                documented[ticked(cells[0])[0]] = (cells[1].split()[0], set(ticked(cells[2])))
+    problems = [differ(page, "metrics", "the registry a scrape reads", scraped, documented)]
+    for name in sorted(set(scraped) & set(documented)):
+        (kind, labels), (page_kind, page_labels) = scraped[name], documented[name]
+        if kind != page_kind:
+            problems.append(f"  {name}: {page} says {page_kind}; it is a {kind}")
+        if labels != page_labels:
+            problems.append(f"  {name}: {page} gives the labels "
+                            f"{', '.join(sorted(page_labels)) or '(none)'}; it has "
+                            f"{', '.join(sorted(labels)) or '(none)'}")
+    check("\n".join(filter(None, problems)))
