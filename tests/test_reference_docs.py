@@ -544,3 +544,70 @@ def test_the_metrics_page_lists_every_metric_with_its_type_and_labels(
                             f"{', '.join(sorted(page_labels)) or '(none)'}; it has "
                             f"{', '.join(sorted(labels)) or '(none)'}")
     check("\n".join(filter(None, problems)))
+
+
+# -- errcodes ---------------------------------------------------------------------------------
+
+ERRCODES_PAGE = REFERENCE / "errcodes.md"
+WECHAT_PAGE = REFERENCE / "wechat.md"
+#: The words of the page's kind column → keeper.core.errcodes' kinds.
+KIND_WORDS = {"re-authorization": "reauth", "bad code": "bad_code",
+              "stale access token": "stale_token", "profile only": "profile_only",
+              "app": "app", "quota": "quota", "transient": "transient", "keeper bug": "bug"}
+ANY_OTHER = "any other"
+
+
+def errcodes_in(cell: str) -> list[int | str]:
+    """``40002, 40035, 41001-41009`` (the page's range has an en dash) or ``40013 / 40125``
+    → the codes; ``any other`` stays."""
+    if cell.strip().lower() == ANY_OTHER:
+        return [ANY_OTHER]
+    codes: list[int | str] = []
+    for first, last in re.findall(r"(-?\d+)(?:\s*[\u2013-]\s*(\d+))?", cell):
+        codes += range(int(first), int(last or first) + 1)
+    return codes
+
+
+def test_the_errcodes_page_gives_each_errcode_its_kind_on_each_endpoint() -> None:
+    from keeper.core.errcodes import ENDPOINTS, TABLE, UNKNOWN, meaning
+
+    page = "docs/reference/errcodes.md"
+    # A code on an endpoint none of its rows names is "any other" there.
+    code = {f"{c} on {e}: {meaning(e, c).kind}"
+            for row in TABLE for c in row.codes for e in ENDPOINTS
+            if meaning(e, c) is not UNKNOWN}
+    code |= {f"{ANY_OTHER} on {e}: {UNKNOWN.kind}" for e in UNKNOWN.endpoints}
+    documented: set[str] = set()
+    problems = []
+    for header, body in tables(ERRCODES_PAGE):
+        if header[:3] != ["errcode", "endpoints", "kind"]:
+            continue
+        for cells in body:
+            kind = KIND_WORDS.get(cells[2])
+            if kind is None:
+                problems.append(f"  {page}: the kind {cells[2]!r} is none of "
+                                f"{', '.join(KIND_WORDS)}")
+            endpoints = ENDPOINTS if cells[1] == "all" else [
+                e.strip() for e in cells[1].split(",")]
+            for c in errcodes_in(cells[0]):
+                for e in endpoints:
+                    said = [d for d in documented if d.startswith(f"{c} on {e}:")]
+                    if said:
+                        problems.append(f"  {page} gives {c} on {e} twice")
+                    documented.add(f"{c} on {e}: {kind}")
+    check("\n".join(filter(None, [
+        differ(page, "errcodes (on an endpoint: the kind)", "keeper/core/errcodes.py", code,
+               documented), *problems])))
+
+
+def test_the_wechat_page_lists_the_errcodes_keeper_knows() -> None:
+    from keeper.core.errcodes import TABLE
+
+    page = "docs/reference/wechat.md"
+    listed: set[int | str] = set()
+    for header, body in tables(WECHAT_PAGE):
+        if header[0] == "errcode":
+            for cells in body:
+                listed |= set(errcodes_in(cells[0]))
+    check(differ(page, "errcodes", "keeper/core/errcodes.py",
+                 {c for row in TABLE for c in row.codes} | {ANY_OTHER}, listed))
