@@ -80,8 +80,16 @@ def differ(page: str, what: str, source: str, in_code: Iterable[Any],
 
 
 def check(message: str) -> None:
-    if message:
-        pytest.fail(message, pytrace=False)
+    """Fail with ``message``: headed lists of what is missing or extra, and indented lines of
+    details that differ (given a heading here when they have none)."""
+    out: list[str] = []
+    for line in message.splitlines():
+        if line.startswith("  ") and not (out and (out[-1].startswith("  ")
+                                                   or out[-1].endswith(":"))):
+            out.append("the page and the code differ:")
+        out.append(line)
+    if out:
+        pytest.fail("\n".join(out), pytrace=False)
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -611,3 +619,122 @@ def test_the_wechat_page_lists_the_errcodes_keeper_knows() -> None:
                 listed |= set(errcodes_in(cells[0]))
     check(differ(page, "errcodes", "keeper/core/errcodes.py",
                  {c for row in TABLE for c in row.codes} | {ANY_OTHER}, listed))
+
+
+# -- HTTP API ---------------------------------------------------------------------------------
+
+HTTP_PAGE = REFERENCE / "http-api.md"
+#: Statuses keeper serve answers that the OpenAPI document does not describe, and why.
+OUTSIDE_THE_DOCUMENT = {
+    405: "Starlette's answer to a method a path does not have (the schema test sends such "
+         "requests and expects it)",
+    431: "answered by keeper.api.protocol before a request reaches the application",
+}
+
+
+def openapi() -> dict[str, Any]:
+    import json
+
+    from keeper.api.openapi import document
+    from keeper.clock import utcnow
+
+    config = build_config({"apps": [{"appid": "wx1"}]}, env={}, source="test.toml")
+    doc: dict[str, Any] = json.loads(document(config, utcnow()))
+    return doc
+
+
+def answered_errors(doc: dict[str, Any]) -> dict[int, set[str]]:
+    """Each error status keeper serve answers → the ``error`` codes known to come with it: those
+    the document's answers name (backticked, less the Error object's field names) and those
+    keeper/api/ writes as literals: ``Problem(STATUS, "code", ...)``,
+    ``unavailable("code", ...)`` (503) and ``{STATUS: "code"}`` tables."""
+    fields = set(doc["components"]["schemas"]["Error"]["properties"])
+    errors: dict[int, set[str]] = {}
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            for status, answer in op["responses"].items():
+                if int(status) >= 400:
+                    named = set(re.findall(r"`([a-z_]+)`", answer["description"])) - fields
+                    errors.setdefault(int(status), set()).update(named)
+    for path in sorted((ROOT / "keeper" / "api").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            pairs: list[tuple[Any, Any]] = []
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                args = [a.value if isinstance(a, ast.Constant) else None for a in node.args]
+                if node.func.id == "Problem" and len(args) >= 2:
+                    pairs.append((args[0], args[1]))
+                elif node.func.id == "unavailable" and args:
+                    pairs.append((503, args[0]))
+            elif isinstance(node, ast.Dict):
+                pairs += [(k.value, v.value) for k, v in zip(node.keys, node.values, strict=True)
+                          if isinstance(k, ast.Constant) and isinstance(v, ast.Constant)]
+            for status, code in pairs:
+                if isinstance(status, int) and 400 <= status < 600 and isinstance(code, str):
+                    errors.setdefault(status, set()).add(code)
+    return errors
+
+
+def api_strings() -> set[str]:
+    """Every string literal in keeper/api/."""
+    return {n.value for path in (ROOT / "keeper" / "api").glob("*.py")
+            for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def test_the_http_api_page_lists_every_operation_with_its_scope() -> None:
+    doc = openapi()
+    page = "docs/reference/http-api.md"
+    served: dict[str, tuple[str, set[str]]] = {}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            scope = re.search(r"scope `(\w+)`", op.get("description", ""))
+            served[f"{method.upper()} {path}"] = (
+                scope[1] if scope and op["security"] else "none",
+                {p["name"] for p in op.get("parameters", ()) if p["in"] == "query"})
+    documented: dict[str, tuple[str, set[str]]] = {}
+    for header, body in tables(HTTP_PAGE):
+        if header[0] == "method and path":
+            for cells in body:
+                written = ticked(cells[0])[0]
+                operation = re.split(r"[\[?]", written)[0]
+                documented[operation] = (cells[1], set(re.findall(r"[?&](\w+)=", written)))
+    problems = [differ(page, "operations", "/openapi.json", served, documented)]
+    for operation in sorted(set(served) & set(documented)):
+        (scope, query), (page_scope, page_query) = served[operation], documented[operation]
+        if scope != page_scope:
+            problems.append(f"  {operation}: {page} says the scope {page_scope}; it needs "
+                            f"{scope}")
+        if query != page_query:
+            problems.append(f"  {operation}: {page} writes the query parameters "
+                            f"{', '.join(sorted(page_query)) or '(none)'}; it takes "
+                            f"{', '.join(sorted(query)) or '(none)'}")
+    check("\n".join(filter(None, problems)))
+
+
+def test_the_http_api_page_lists_every_error() -> None:
+    doc = openapi()
+    page = "docs/reference/http-api.md"
+    fields = set(doc["components"]["schemas"]["Error"]["properties"])
+    documented: dict[int, set[str]] = {}
+    for header, body in tables(HTTP_PAGE):
+        if header[0] == "status":
+            for cells in body:
+                documented[int(cells[0])] = {c for c in ticked(cells[1])
+                                             if re.fullmatch(r"[a-z_]+", c)} - fields
+    answered = answered_errors(doc)
+    problems = [differ(page, "error statuses",
+                       "/openapi.json (and OUTSIDE_THE_DOCUMENT)",
+                       {int(s) for ops in doc["paths"].values() for op in ops.values()
+                        for s in op["responses"] if int(s) >= 400} | set(OUTSIDE_THE_DOCUMENT),
+                       documented)]
+    for status, codes in sorted(answered.items()):
+        if codes - documented.get(status, set()):
+            problems.append(f"  {status}: {page} lacks the error "
+                            f"{', '.join(sorted(codes - documented.get(status, set())))}")
+    strings = api_strings()
+    for status, codes in sorted(documented.items()):
+        if codes - strings:
+            problems.append(f"  {status}: {page} lists the error "
+                            f"{', '.join(sorted(codes - strings))}, which keeper/api/ never "
+                            "writes")
+    check("\n".join(filter(None, problems)))
