@@ -260,8 +260,15 @@ def test_the_loader_takes_every_catalogued_key(secret: str, tmp_path: Path) -> N
             document.setdefault(table, {})[name] = value
         else:
             document[name] = value
-    build_config(document, env={"APP_SECRET": "s", "HOOK_SECRET": "s"},
-                 source=str(tmp_path / "keeper.toml"))
+    refused = ""
+    try:
+        build_config(document, env={"APP_SECRET": "s", "HOOK_SECRET": "s"},
+                     source=str(tmp_path / "keeper.toml"))
+    except ConfigError as e:
+        refused = str(e)
+    if refused:
+        check("keeper.config.keys.KEYS lists a key the loader does not take, or a value there "
+              f"(or in SAMPLES) is refused:\n  {refused}")
 
 
 # -- commands ---------------------------------------------------------------------------------
