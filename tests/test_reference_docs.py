@@ -86,7 +86,7 @@ def check(message: str) -> None:
     for line in message.splitlines():
         if line.startswith("  ") and not (out and (out[-1].startswith("  ")
                                                    or out[-1].endswith(":"))):
-            out.append("the page and the code differ:")
+            out.append("the documentation and the code differ:")
         out.append(line)
     if out:
         pytest.fail("\n".join(out), pytrace=False)
@@ -205,9 +205,9 @@ def keeper_toml_keys() -> dict[str, list[Any]]:
                 break
             more += "\n" + follow[1:]
             value = toml_value(more)
-        if table == "apps.quotas":  # an example override: one of the [quotas] keys
-            name = f"quotas.{example[1]}"
-            found.setdefault(name if name not in CATALOGUE else "apps.quotas", [])
+        if table == "apps.quotas":  # an example override of one of the [quotas] keys
+            known = f"quotas.{example[1]}" in CATALOGUE
+            found.setdefault("apps.quotas" if known else f"apps.quotas.{example[1]}", [])
             continue
         found.setdefault(f"{table}.{example[1]}" if table else example[1], []).append(value)
     return found
