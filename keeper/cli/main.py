@@ -517,8 +517,8 @@ def cmd_db(config: Config, args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keeper", description="Keeps WeChat OAuth2 grants alive.")
-    p.add_argument("--config", help="configuration file (default: $KEEPER_CONFIG, then "
-                   "config/keeper.toml)")
+    p.add_argument("--config", metavar="PATH", help="configuration file (default: "
+                   "$KEEPER_CONFIG, then config/keeper.toml)")
     p.add_argument("--version", action="version", version=f"keeper {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -557,7 +557,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = command("rotate-key", cmd_rotate_key,
                  "re-encrypt every token under the first key of encryption_key_file",
                  json_flag=True)
-    sp.add_argument("--batch", type=int, default=500, help="grants per transaction")
+    sp.add_argument("--batch", type=int, default=500, metavar="N", help="grants per transaction")
     sp.add_argument("--new", action="store_true",
                     help="make a new key and exit (needs no configuration)")
     sp.add_argument("--output", metavar="FILE",

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from keeper.config.api import parse_api, parse_metrics_listen
+from keeper.config.keys import default
 from keeper.config.model import (
     ACCESS_REFRESH,
     ACCESS_TOKEN_LIFE_S,
@@ -34,7 +35,7 @@ from keeper.config.values import (
     refuse_secrets,
     show,
 )
-from keeper.config.webhooks import DEFAULT_RETENTION_S, parse_webhooks
+from keeper.config.webhooks import parse_webhooks
 from keeper.core.quota import Quota, parse_quota
 from keeper.errors import ConfigError
 
@@ -91,8 +92,8 @@ def _quotas(
 def _read_secret(app: Table, env: Mapping[str, str],
                  base: Path) -> tuple[str | None, str, str | None]:
     """(the AppSecret, its source, why it could not be read: ``None`` when it was)."""
-    secret_env = app.string("secret_env", None)
-    secret_file = app.string("secret_file", None)
+    secret_env = app.string("secret_env")
+    secret_file = app.string("secret_file")
     if secret_env and secret_file:
         raise ConfigError(f"{app.key('secret_env')}: give secret_env or secret_file, not both")
     if secret_env:
@@ -123,22 +124,23 @@ def _app(raw: object, index: int, env: Mapping[str, str], base: Path,
          quotas: Mapping[str, Quota | None]) -> AppConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"apps[{index}]: expected a table")
-    t = Table(raw, f"apps[{index}].")
-    appid = t.string("appid", None)
+    t = Table(raw, f"apps[{index}].", "apps.")
+    appid = t.string("appid")
     if appid is None:
         raise ConfigError(f"apps[{index}].appid: required")
     if not _APPID_RE.match(appid):
         raise ConfigError(f"apps[{index}].appid: {show(appid)} is not an appid")
     t.prefix = f"apps[{appid}]."
     secret, source, problem = _read_secret(t, env, base)
-    days = t.number("refresh_token_days", 30, most=3650)
-    at_day = t.number("refresh_at_day", 29, most=3650)
+    days = t.number("refresh_token_days", most=3650)
+    at_day = t.number("refresh_at_day", most=3650)
     if at_day >= days:
         raise ConfigError(
             f"{t.key('refresh_at_day')}: must be less than refresh_token_days ({days:g}),"
             f" got {at_day:g}"
         )
-    app_quotas = _quotas(t.pop("quotas", {}), t.key("quotas"), quotas)
+    own = t.value("quotas")
+    app_quotas = _quotas({} if own is None else own, t.key("quotas"), quotas)
     t.finish()
     return AppConfig(appid, secret, source, days, at_day, app_quotas, problem)
 
@@ -190,66 +192,67 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         raise ConfigError("database_url: holds a password; set KEEPER_DATABASE_URL in the "
                           "environment (an EnvironmentFile) instead")
     t = Table(data, "")
-    database_url = env.get("KEEPER_DATABASE_URL") or t.string(
-        "database_url", "sqlite:///var/keeper.db"
-    )
-    t.pop("database_url", None)
-    api_base = env.get("KEEPER_API_BASE") or t.string("api_base", "https://api.weixin.qq.com")
-    t.pop("api_base", None)
+    # Set in the environment, the file's value is not read at all (the pops below drop it).
+    database_url = env.get("KEEPER_DATABASE_URL") or t.string("database_url")
+    t.data.pop("database_url", None)
+    api_base = env.get("KEEPER_API_BASE") or t.string("api_base")
+    t.data.pop("api_base", None)
     assert database_url is not None and api_base is not None
     _check_database_url(database_url)
     if not re.match(r"^https?://[^/\s]+", api_base) or _CONTROL.search(api_base):
         raise ConfigError(f"api_base: expected an http(s) URL, got {show(api_base)}")
-    avatar_dir = path_value(t.pop("avatar_dir", "var/avatars"), "avatar_dir")
-    journal_dir = path_value(t.pop("journal_dir", "var/journal"), "journal_dir")
-    hosts = t.pop("avatar_hosts", ["wx.qlogo.cn", "thirdwx.qlogo.cn"])
+    avatar_dir = path_value(t.value("avatar_dir"), "avatar_dir")
+    journal_dir = path_value(t.value("journal_dir"), "journal_dir")
+    hosts = t.value("avatar_hosts")
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
         raise ConfigError(f"avatar_hosts: expected a list of host names, got {hosts!r}")
-    workers = t.pop("workers", 32)
+    workers = t.value("workers")
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024:
         raise ConfigError(f"workers: expected a whole number from 1 to 1024, got {workers!r}")
-    lang = t.string("userinfo_lang", "zh_CN")
+    lang = t.string("userinfo_lang")
     if lang not in LANGS:
         raise ConfigError(f"userinfo_lang: expected one of {', '.join(LANGS)}, got {lang!r}")
-    level = (t.string("log_level", "info") or "info").lower()
+    level = (t.string("log_level") or default("log_level")).lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    sweep_interval = t.duration("sweep_interval", 60)
+    sweep_interval = t.duration("sweep_interval")
     if sweep_interval < 1:
         raise ConfigError(f"sweep_interval: must be at least 1 second, got {sweep_interval:g}")
-    lease = t.duration("lease", "5m")
-    read_timeout = t.duration("read_timeout", 5)
+    lease = t.duration("lease")
+    read_timeout = t.duration("read_timeout")
     if lease < 2 * read_timeout + 30:
         raise ConfigError(f"lease: must exceed two read timeouts plus 30 s, got {lease:g}")
-    database_timeout = t.duration("database_timeout", 30)
+    database_timeout = t.duration("database_timeout")
     if not 1 <= database_timeout <= 3600:
         raise ConfigError(f"database_timeout: expected 1 s to 1 h, got {database_timeout:g}")
-    if (pooler := t.string("database_pooler", "none")) not in ("none", "pgbouncer"):
+    if (pooler := t.string("database_pooler")) not in ("none", "pgbouncer"):
         raise ConfigError(f'database_pooler: expected "none" or "pgbouncer", got {show(pooler)}')
     quotas = _quotas(
-        t.pop("quotas", {}), "quotas",
+        t.table("quotas", {}), "quotas",
         {k: parse_quota(v) if v else None for k, v in DEFAULT_QUOTAS.items()},
     )
-    raw_apps = t.pop("apps", [])
+    raw_apps = t.table("apps", [])
     if not isinstance(raw_apps, list):
         raise ConfigError("apps: expected [[apps]] tables")
     base = Path(source).resolve().parent
-    avatar_workers = t.pop("avatar_workers", 4)
+    avatar_workers = t.value("avatar_workers")
     if isinstance(avatar_workers, bool) or not isinstance(avatar_workers, int) or not (
         1 <= avatar_workers <= 64
     ):
         raise ConfigError(f"avatar_workers: expected a whole number from 1 to 64, got "
                           f"{avatar_workers!r}")
-    avatar_max = t.pop("avatar_max_bytes", 5 * 1024 * 1024)
+    avatar_max = t.value("avatar_max_bytes")
     if isinstance(avatar_max, bool) or not isinstance(avatar_max, int) or avatar_max < 1024:
         raise ConfigError(f"avatar_max_bytes: expected a whole number of bytes >= 1024, got "
                           f"{avatar_max!r}")
-    keep_removed = t.pop("avatar_keep_when_removed", True)
+    keep_removed = t.value("avatar_keep_when_removed")
     if not isinstance(keep_removed, bool):
         raise ConfigError(f"avatar_keep_when_removed: expected true or false, got "
                           f"{keep_removed!r}")
-    key_files = t.pop("encryption_key_file", [])
-    if isinstance(key_files, str):
+    key_files = t.value("encryption_key_file")
+    if key_files is None:
+        key_files = []
+    elif isinstance(key_files, str):
         key_files = [key_files]
     if not isinstance(key_files, list):
         raise ConfigError("encryption_key_file: expected a path or a list of paths")
@@ -260,18 +263,19 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         if app.appid in seen:
             raise ConfigError(f"apps[{app.appid}]: configured twice")
         seen.add(app.appid)
-    access_margin = t.duration("access_margin", "5m")
+    access_margin = t.duration("access_margin")
     if access_margin >= ACCESS_TOKEN_LIFE_S:
         raise ConfigError(f"access_margin: must be shorter than an access token's life "
                           f"({ACCESS_TOKEN_LIFE_S} s), got {access_margin:g}")
-    access_refresh = t.string("access_refresh", "ahead")
+    access_refresh = t.string("access_refresh")
     if access_refresh not in ACCESS_REFRESH:
         raise ConfigError(f"access_refresh: expected \"ahead\" or \"on_demand\", got "
                           f"{show(access_refresh)}")
-    api = parse_api(t.pop("api", None), lambda name: _resolve(name, env, base))
-    m_listen, m_host, m_port = parse_metrics_listen(t.pop("metrics_listen", None))
-    webhooks = parse_webhooks(t.pop("webhooks", None), env, lambda n: _resolve(n, env, base))
-    retention = t.duration("events_retention", DEFAULT_RETENTION_S)
+    api = parse_api(t.table("api", None), lambda name: _resolve(name, env, base))
+    m_listen, m_host, m_port = parse_metrics_listen(t.value("metrics_listen"))
+    webhooks = parse_webhooks(t.table("webhooks", None), env,
+                              lambda n: _resolve(n, env, base))
+    retention = t.duration("events_retention")
     if retention < 3600:
         raise ConfigError(f"events_retention: must be at least 1 hour, got {retention:g}")
     config = Config(
@@ -280,18 +284,18 @@ def build_config(data: Mapping[str, Any], *, env: Mapping[str, str], source: str
         avatar_dir=Path(avatar_dir),
         avatar_hosts=tuple(hosts),
         sweep_interval_s=sweep_interval,
-        profile_interval_s=t.duration("profile_interval", 86400),
+        profile_interval_s=t.duration("profile_interval"),
         workers=workers,
-        userinfo_lang=lang or "zh_CN",
+        userinfo_lang=lang or default("userinfo_lang"),
         access_margin_s=access_margin,
         lease_s=lease,
-        connect_timeout_s=max(0.001, t.duration("connect_timeout", 3)),
+        connect_timeout_s=max(0.001, t.duration("connect_timeout")),
         read_timeout_s=max(0.001, read_timeout),
         log_level=level,
         apps=apps,
         source=source,
         avatar_workers=avatar_workers,
-        avatar_timeout_s=max(0.001, t.duration("avatar_timeout", 10)),
+        avatar_timeout_s=max(0.001, t.duration("avatar_timeout")),
         avatar_max_bytes=avatar_max,
         avatar_keep_when_removed=keep_removed,
         database_timeout_s=database_timeout, database_pooler=str(pooler),

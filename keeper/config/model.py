@@ -1,5 +1,6 @@
-"""The configuration tree: frozen dataclasses (``Config``, one ``AppConfig`` per app) and the
-constants their defaults come from. Built only by :mod:`keeper.config.load`."""
+"""The configuration tree: frozen dataclasses (``Config``, one ``AppConfig`` per app). Their
+defaults, like the loader's, come from :mod:`keeper.config.keys`. Built only by
+:mod:`keeper.config.load`."""
 
 from __future__ import annotations
 
@@ -9,20 +10,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keeper.config.api import DEFAULT_METRICS_LISTEN, ApiConfig
+from keeper.config.api import (
+    DEFAULT_METRICS_HOST,
+    DEFAULT_METRICS_LISTEN,
+    DEFAULT_METRICS_PORT,
+    ApiConfig,
+)
+from keeper.config.keys import KEYS, default
+from keeper.config.values import default_seconds
 from keeper.config.webhooks import DEFAULT_RETENTION_S, WebhookConfig
 from keeper.core.policy import Lifetime
 from keeper.core.quota import Quota
 from keeper.errors import ConfigError
 
 DEFAULT_PATH = "config/keeper.toml"
-ENDPOINTS = ("code", "refresh", "userinfo", "auth")
+#: Each endpoint's default quota (``None``: no limit), from the ``[quotas]`` keys.
 DEFAULT_QUOTAS: Mapping[str, str | None] = {
-    "code": "10000/minute",
-    "refresh": "50000/minute",
-    "userinfo": "50000/minute",
-    "auth": None,
+    k.name.removeprefix("quotas."): None if k.default == "none" else k.default
+    for k in KEYS if k.name.startswith("quotas.")
 }
+ENDPOINTS = tuple(DEFAULT_QUOTAS)
 LANGS = ("zh_CN", "zh_TW", "en")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: An access token lives 7200 s (WeChat's ``expires_in``); refreshing it earlier than that
@@ -75,26 +82,26 @@ class Config:
     source: str
     #: Token encryption keys, in order (the first encrypts). Empty: the default key file.
     encryption_key_files: tuple[Path, ...] = ()
-    avatar_workers: int = 4
-    avatar_timeout_s: float = 10.0
-    avatar_max_bytes: int = 5 * 1024 * 1024
-    avatar_keep_when_removed: bool = True
+    avatar_workers: int = default("avatar_workers")
+    avatar_timeout_s: float = default_seconds("avatar_timeout")
+    avatar_max_bytes: int = default("avatar_max_bytes")
+    avatar_keep_when_removed: bool = default("avatar_keep_when_removed")
     #: Longest a database statement (PostgreSQL ``statement_timeout``) or a wait for SQLite's
     #: write lock (``busy_timeout``) may take before it fails as "database unavailable".
-    database_timeout_s: float = 30.0
+    database_timeout_s: float = default_seconds("database_timeout")
     #: ``"pgbouncer"``: PostgreSQL is reached through PgBouncer in transaction pooling mode
     #: (no prepared statements, timeouts set per transaction); ``"none"``: directly.
-    database_pooler: str = "none"
+    database_pooler: str = default("database_pooler")
     #: Where results that could not be written before an exit are kept until the next start.
-    journal_dir: Path = Path("var/journal")
+    journal_dir: Path = Path(default("journal_dir"))
     #: ``"ahead"``: sweeps refresh every access token before it expires; ``"on_demand"``: only
     #: refresh tokens are kept alive, access tokens are refreshed when asked for.
-    access_refresh: str = "ahead"
+    access_refresh: str = default("access_refresh")
     api: ApiConfig = field(default_factory=ApiConfig)
     #: Where ``keeper run`` serves ``/metrics`` (``HOST:PORT``); ``""``: not served.
     metrics_listen: str = DEFAULT_METRICS_LISTEN
-    metrics_host: str | None = "127.0.0.1"
-    metrics_port: int | None = 9790
+    metrics_host: str | None = DEFAULT_METRICS_HOST
+    metrics_port: int | None = DEFAULT_METRICS_PORT
     #: Where events are sent (``[[webhooks]]``), and how long sent ones are kept.
     webhooks: tuple[WebhookConfig, ...] = ()
     events_retention_s: float = DEFAULT_RETENTION_S

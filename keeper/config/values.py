@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from keeper.config.keys import default, is_table
 from keeper.errors import ConfigError
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -55,8 +56,6 @@ def path_value(value: object, key: str) -> str:
     return value
 
 
-
-
 def parse_duration(value: object, key: str) -> float:
     """Whole seconds or ``"90s"``, ``"15m"``, ``"24h"``, ``"29d"`` → seconds (>= 0)."""
     if isinstance(value, bool):
@@ -77,29 +76,41 @@ def parse_duration(value: object, key: str) -> float:
 
 
 class Table:
-    """A TOML table being read: typed getters that name the key, and a check for leftovers."""
+    """A TOML table being read: typed getters that name the key, and a check for leftovers.
 
-    def __init__(self, data: Mapping[str, Any], prefix: str) -> None:
+    ``prefix`` names the table in messages (``apps[wx1].``); ``section`` is its name in
+    :mod:`keeper.config.keys` (``apps.``), where every getter takes the key's default from:
+    there is no other way to give one, so a key read here is a key listed there."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str, section: str = "") -> None:
         self.data = dict(data)
         self.prefix = prefix
+        self.section = section
 
     def key(self, name: str) -> str:
         return f"{self.prefix}{name}"
 
-    def pop(self, name: str, default: Any) -> Any:
-        return self.data.pop(name, default)
+    def value(self, name: str) -> Any:
+        """The key's value as the file has it, else its default."""
+        return self.data.pop(name, default(self.section + name))
 
-    def string(self, name: str, default: str | None) -> str | None:
-        value = self.data.pop(name, default)
+    def table(self, name: str, empty: Any) -> Any:
+        """A table of keys within this one (``[api]``, ``[[apps]]``...), ``empty`` if absent."""
+        if not is_table(self.section + name):
+            raise KeyError(f"{self.section + name!r} is not a table of keeper.config.keys.KEYS")
+        return self.data.pop(name, empty)
+
+    def string(self, name: str) -> str | None:
+        value = self.value(name)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{self.key(name)}: expected a string, got {show(value)}")
         if isinstance(value, str) and not value.strip():
             raise ConfigError(f"{self.key(name)}: must not be empty")
         return value
 
-    def number(self, name: str, default: float, *, most: float) -> float:
+    def number(self, name: str, *, most: float) -> float:
         """A positive number no larger than ``most``."""
-        value = self.data.pop(name, default)
+        value = self.value(name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{self.key(name)}: expected a number, got {show(value)}")
         if not 0 < value <= most:  # also refuses nan
@@ -107,10 +118,15 @@ class Table:
                               f"got {show(value)}")
         return float(value)
 
-    def duration(self, name: str, default: object) -> float:
-        return parse_duration(self.data.pop(name, default), self.key(name))
+    def duration(self, name: str) -> float:
+        return parse_duration(self.value(name), self.key(name))
 
     def finish(self) -> None:
         if self.data:
             names = ", ".join(self.key(key_name(k)) for k in sorted(self.data))
             raise ConfigError(f"unknown configuration key: {names}")
+
+
+def default_seconds(name: str) -> float:
+    """The default of the duration key ``name``, in seconds (for the model's defaults)."""
+    return parse_duration(default(name), name)

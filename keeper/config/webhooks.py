@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from keeper.config.values import Table, key_name, path_value, show
+from keeper.config.values import Table, default_seconds, key_name, path_value, show
 from keeper.core.events import TYPES
 from keeper.errors import ConfigError
 
-DEFAULT_TIMEOUT_S = 10.0
-DEFAULT_RETENTION_S = 7 * 86400.0
+DEFAULT_TIMEOUT_S = default_seconds("webhooks.timeout")
+DEFAULT_RETENTION_S = default_seconds("events_retention")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
@@ -89,8 +89,8 @@ def _secret(t: Table, env: Mapping[str, str],
             resolve: Callable[[str], Path]) -> tuple[str | None, str, str | None]:
     """(the secret, where it is read from, why it could not be: ``None`` when it was). Which
     source is given is checked here; whether it can be read matters only to the senders."""
-    secret_env = t.string("secret_env", None)
-    secret_file = t.string("secret_file", None)
+    secret_env = t.string("secret_env")
+    secret_file = t.string("secret_file")
     if bool(secret_env) == bool(secret_file):
         raise ConfigError(f"{t.key('secret_env')}: give secret_env or secret_file (one of them)")
     if secret_env:
@@ -116,8 +116,8 @@ def _webhook(raw: object, index: int, env: Mapping[str, str],
              resolve: Callable[[str], Path]) -> WebhookConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"webhooks[{index}]: expected a table ([[webhooks]])")
-    t = Table(raw, f"webhooks[{index}].")
-    url = t.string("url", None)
+    t = Table(raw, f"webhooks[{index}].", "webhooks.")
+    url = t.string("url")
     if url is None:
         raise ConfigError(f"webhooks[{index}].url: required")
     parts = urlsplit(url) if not _CONTROL.search(url) else None
@@ -125,14 +125,14 @@ def _webhook(raw: object, index: int, env: Mapping[str, str],
         # Not the url itself: it may carry a secret in its query string.
         raise ConfigError(f"webhooks[{index}].url: expected an http:// or https:// URL")
     secret, source, problem = _secret(t, env, resolve)
-    kinds = t.pop("events", list(TYPES))
+    kinds = t.value("events")
     if not isinstance(kinds, list) or not kinds or not all(isinstance(k, str) for k in kinds):
         raise ConfigError(f"webhooks[{index}].events: expected a list of event types")
     unknown = [k for k in kinds if k not in TYPES]
     if unknown:
         raise ConfigError(f"webhooks[{index}].events: unknown event type {key_name(unknown[0])}"
                           f" (known: {', '.join(TYPES)})")
-    timeout = t.duration("timeout", DEFAULT_TIMEOUT_S)
+    timeout = t.duration("timeout")
     if not 0.1 <= timeout <= 60:
         raise ConfigError(f"webhooks[{index}].timeout: expected 0.1 s to 60 s, got "
                           f"{show(timeout)}")

@@ -22,8 +22,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``keeper simulate``: print ``{"url": ...}`` on one line, serve until SIGTERM/SIGINT."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``keeper simulate`` (apart, so the documentation's list can be checked
+    against them)."""
     parser = argparse.ArgumentParser(prog="keeper simulate",
                                      description="Run the WeChat OAuth2 simulator (a test tool).")
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                              "errcode or a failure kind on ENDPOINT, COUNT times (default 1)")
     parser.add_argument("--list-answers", action="store_true",
                         help="print the corpus of odd answers as JSON lines and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``keeper simulate``: print ``{"url": ...}`` on one line, serve until SIGTERM/SIGINT."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_answers:
         for entry in ODD_ANSWERS:
