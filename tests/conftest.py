@@ -78,7 +78,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # Under pytest-xdist (--dist loadgroup): the test hosts run one after another, each
         # host already taking a process of its own; a browser module's tests share the one
         # stack its module-scoped fixtures start.
-        if "hosts" in marks:
+        if item.get_closest_marker("hosts"):
             item.add_marker(pytest.mark.xdist_group("hosts"))
         elif item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
