@@ -1,4 +1,4 @@
-"""``python -m bench [api|events|hosts|metrics] [options]``: keeper's benchmarks, from the
+"""``python -m bench [api|events|hosts|metrics|quotas] [options]``: keeper's benchmarks, from the
 repository with its venv (``make bench ARGS="..."``). With no subcommand: a sweep against the
 simulator (:mod:`bench.sweep`)."""
 
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.hosts import main as bench_hosts
 
         return bench_hosts(argv[1:])
+    if argv[:1] == ["quotas"]:  # the share of a quota's rate used, by size and processes
+        from bench.quotas import main as bench_quotas
+
+        return bench_quotas(argv[1:])
     if argv[:1] == ["events"]:  # delivery to webhooks
         from bench.events import main as bench_events
 

@@ -67,8 +67,16 @@ class Child:
         return 0.0
 
     def stop(self, timeout_s: float = 15) -> None:
+        self.terminate()
+        self.reap(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM to its session; once only (a second SIGTERM makes keeper exit at once)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def reap(self, timeout_s: float) -> None:
+        """Wait for it to exit, SIGKILL after ``timeout_s``; close its log."""
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -1,9 +1,11 @@
 """One run of ``python -m bench hosts`` (:class:`Bench`): the hosts' configs and database, the
-grants made due once every host is idle, and the figures counted at the simulator."""
+grants made due once every host is idle, and the figures counted at the simulator. ``python -m
+bench quotas`` runs its cells through it too, on loopback and on SQLite as well."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -42,14 +44,22 @@ class Run:
 
 
 class Bench:
-    """The database, the simulator, the hosts' configs; :meth:`run` measures one run."""
+    """The database, the simulator, the hosts' configs; :meth:`run` measures one run.
+
+    ``args`` holds ``hosts`` (configs written), ``workers``, ``latency_ms`` and
+    ``grants_per_host``; ``grants`` (default ``hosts * grants_per_host``) are made and seeded
+    once, and each run makes the first of them due. Without a ``forwarder`` the hosts reach
+    the database at ``db_url`` itself (loopback, or a SQLite file they share)."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path, db_url: str, where: Place,
-                 sim: BridgeSim, forwarder: ChildProcess) -> None:
+                 sim: BridgeSim, forwarder: ChildProcess | None, *,
+                 grants: int | None = None) -> None:
         self.args, self.workdir, self.where, self.sim = args, workdir, where, sim
-        self.host_url = make_url(db_url).set(host=where.address, port=forwarder.value)
+        self.host_url = (make_url(db_url) if forwarder is None else
+                         make_url(db_url).set(host=where.address, port=forwarder.value))
         #: The bench's other processes, whose CPU is reported beside the hosts'.
-        self.helpers = {"simulator": sim.child, "forwarder": forwarder}
+        self.helpers = {"simulator": sim.child,
+                        **({"forwarder": forwarder} if forwarder is not None else {})}
         self.host_url_text = self.host_url.render_as_string(hide_password=False)
         create_key_file(workdir / "bench.key")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("KEEPER_")}
@@ -58,7 +68,7 @@ class Bench:
         config = load_config(str(workdir / "host-1" / "keeper.toml"), env=self.env)
         self.store = Store(db_url, cipher=cipher_for(config), auto_upgrade=True).open()
         self.clock = config.lifetime(config.apps[0])
-        self.rows = grant_rows(args.hosts * args.grants_per_host, time.time())
+        self.rows = grant_rows(grants or args.hosts * args.grants_per_host, time.time())
         sim.seed(self.rows)
         store_grants(self.store, self.rows, self.clock,
                      access_expires_at=datetime.now(UTC) + timedelta(hours=2))
@@ -90,10 +100,24 @@ class Bench:
         found = {int(pid): int(newest) for pid, newest in rows}
         return {p: found.get(p, 0) for p in pids}
 
+    def _refreshed_by_host(self, pids: Sequence[int], since: dict[int, int]) -> list[int]:
+        """Per process, the access tokens refreshed by its sweeps finished after the sweep
+        ``since`` names: which processes took part (one that claimed nothing refreshed none)."""
+        with self.db.connect() as conn:
+            rows = conn.execute(select(sweeps.c.pid, sweeps.c.id, sweeps.c.summary).where(
+                sweeps.c.pid.in_(list(pids)), sweeps.c.summary.is_not(None))).all()
+        done = dict.fromkeys(pids, 0)
+        for pid, sweep_id, summary in rows:
+            if sweep_id > since[pid]:
+                done[pid] += int(json.loads(summary).get("access_tokens_refreshed", 0))
+        return [done[p] for p in pids]
+
     def _due(self) -> int:
+        # The bench's clock, not the database's: SQLite's CURRENT_TIMESTAMP has no fraction
+        # and keeper stores SQLite times as naive strings (same machine, same clock).
         with self.db.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(grants).where(
-                grants.c.access_expires_at <= func.now())).scalar_one())
+                grants.c.access_expires_at <= datetime.now(UTC))).scalar_one())
 
     def _wait(self, what: str, predicate: Callable[[], bool], timeout_s: float,
               procs: Sequence[Child]) -> None:
@@ -117,8 +141,19 @@ class Bench:
 
     # -- one run
 
-    def run(self, name: str, hosts: int, quota: str | None) -> Run:
-        n = hosts * self.args.grants_per_host
+    def run(self, name: str, hosts: int, quota: str | None, *, grants: int | None = None,
+            calls: int | None = None, timeout_s: float | None = None) -> Run:
+        """``grants`` due (default ``grants_per_host`` per host), all refreshed within
+        ``timeout_s`` (default: five times what the hosts' workers would take unbound).
+
+        With ``calls``, the run ends once the simulator has counted that many refresh calls:
+        the hosts are stopped with grants still due, so the backlog lasts the whole run and
+        every host is still working when it ends (a run that works every grant ends with a
+        tail in which hosts that ran out of grants sit idle). The grants are then made not
+        due again, for the next run."""
+        n = grants or hosts * self.args.grants_per_host
+        if timeout_s is None:
+            timeout_s = max(120.0, 5 * n / (hosts * self.args.workers / self._latency_s))
         self.write_configs(quota)
         self.sim.post("config", {"quotas": {"refresh": quota or "100000000/minute"}})
         dirs = [self.workdir / f"host-{i + 1}" for i in range(hosts)]
@@ -134,27 +169,45 @@ class Bench:
             cpu0 = [p.cpu_s() for p in procs]
             helpers0 = {k: c.cpu_s() for k, c in self.helpers.items()}
             machine0 = psutil.cpu_times()
+            begun = self._finished_sweeps(pids)
             started = time.monotonic()
             store_grants(self.store, self.rows[:n], self.clock,
                          access_expires_at=datetime.now(UTC) - timedelta(seconds=60))
-            self._wait("every grant to be refreshed", lambda: self._due() == 0,
-                       max(120.0, 5 * n / (hosts * self.args.workers / self._latency_s)), procs)
-            mark = self._finished_sweeps(pids)
-            # Every host has finished a sweep since: nothing is still in its hands.
-            self._wait("the hosts to settle", lambda: all(
-                v > mark[p] for p, v in self._finished_sweeps(pids).items()), 60, procs)
+            if calls is None:
+                self._wait("every grant to be refreshed", lambda: self._due() == 0, timeout_s,
+                           procs)
+                mark = self._finished_sweeps(pids)
+                # Every host has finished a sweep since: nothing is still in its hands.
+                self._wait("the hosts to settle", lambda: all(
+                    v > mark[p] for p, v in self._finished_sweeps(pids).items()), 60, procs)
+            else:
+                self._wait(f"{calls} refresh calls", lambda: self._calls() >= calls, timeout_s,
+                           procs)
             elapsed = time.monotonic() - started
             cpu = [p.cpu_s() - c for p, c in zip(procs, cpu0, strict=True)]
             helpers = {k: c.cpu_s() - helpers0[k] for k, c in self.helpers.items()}
             machine = psutil.cpu_times()
         finally:
-            for p in procs:  # SIGTERM, as systemd would; SIGKILL after 30 s
-                p.stop(timeout_s=30)
+            # SIGTERM to all at once, as systemd would (none working on while another stops);
+            # SIGKILL after 30 s.
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.reap(timeout_s=30)
         codes = [p.proc.returncode for p in procs]
         if any(codes):
             raise SystemExit(f"a host's keeper exited with {codes}" + self._log_tails())
-        return Run(name, hosts, n, quota,
-                   self._figures(n, hosts, quota, elapsed, cpu, machine0, machine, helpers))
+        figures = self._figures(n, hosts, quota, elapsed, cpu, machine0, machine, helpers,
+                                every_grant=calls is None)
+        # Read once the hosts are gone: a sweep the stop ended wrote its summary on the way.
+        figures["refreshed_by_host"] = self._refreshed_by_host(pids, begun)
+        if calls is not None:
+            store_grants(self.store, self.rows[:n], self.clock,
+                         access_expires_at=datetime.now(UTC) + timedelta(hours=2))
+        return Run(name, hosts, n, quota, figures)
+
+    def _calls(self) -> int:
+        return int(self.sim.stats()["endpoints"]["refresh"]["calls"])
 
     @property
     def _latency_s(self) -> float:
@@ -162,7 +215,7 @@ class Bench:
 
     def _figures(self, n: int, hosts: int, quota: str | None, elapsed: float,
                  cpu: list[float], machine0: Any, machine: Any,
-                 helpers: dict[str, float]) -> dict[str, Any]:
+                 helpers: dict[str, float], *, every_grant: bool = True) -> dict[str, Any]:
         stats = self.sim.detail()
         ep = stats["endpoints"]["refresh"]
         arrivals: list[float] = stats["arrivals"]["refresh"]
@@ -172,8 +225,6 @@ class Bench:
         bound = self.args.workers / self._latency_s
         f: dict[str, Any] = {
             "calls": ep["calls"], "ok": ep["ok"], "quota_rejected": ep["quota_rejected"],
-            "refreshed_other_than_once": sum(1 for r in self.rows[:n]
-                                             if by_openid.get(r["openid"]) != 1),
             "refreshes_per_s": round(steady, 1), "whole_run_per_s": round(whole, 1),
             "seconds_of_calls": round(span, 2), "seconds_in_all": round(elapsed, 2),
             "latency_bound_per_host": round(bound, 1),
@@ -188,11 +239,24 @@ class Bench:
             "max_sliding_window": ep["max_sliding_window"],
             "max_fixed_window": ep["max_fixed_window"],
         }
+        counts = [by_openid.get(r["openid"], 0) for r in self.rows[:n]]
+        if every_grant:
+            f["refreshed_other_than_once"] = sum(1 for c in counts if c != 1)
+        else:  # the run ended with grants due: those were refreshed not at all, the rest once
+            f["refreshed_more_than_once"] = sum(1 for c in counts if c > 1)
+            f["left_due"] = counts.count(0)
         if quota:
             q = parse_quota(quota)
             f["quota"], f["quota_count"] = quota, q.count
             f["quota_rate_per_s"] = round(q.count / q.period_s, 1)
             f["quota_used_pct"] = round(100 * steady / (q.count / q.period_s), 1)
+            # How close the run came to a window over the quota: the shortest span of count + 1
+            # calls in a row (below the period, a window held one call too many), and where.
+            spans = [(b - a, i) for i, (a, b) in enumerate(
+                zip(arrivals, arrivals[q.count:], strict=False))]
+            if spans:
+                span, at = min(spans)
+                f["closest_span_s"], f["closest_span_from_call"] = round(span, 4), at
         return f
 
 
