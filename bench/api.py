@@ -243,7 +243,9 @@ def _vs_floor(fresh: dict[str, Any], floor: dict[str, Any],
     return {"fresh_rps_ratio": rps, "fresh_p99_ratio": p99, "meets": {
         "fresh_rps": rps is not None and rps >= t["fresh_rps_ratio_min"],
         "fresh_p99": p99 is not None and p99 <= t["fresh_p99_ratio_max"],
-        "stale_rps": stale["requests_per_s"] >= t["stale_rps"] and stale["single_refresh_each"],
+        # Once the stale users ran out (wrapped), the rest of the phase asked for fresh tokens.
+        "stale_rps": stale["requests_per_s"] >= t["stale_rps"] and stale["single_refresh_each"]
+        and not stale["wrapped"],
     }}
 
 
