@@ -2,7 +2,10 @@
 
 Two runs: one where the quota does not bind (throughput: bounded by WeChat's latency and the
 keeper), one where it binds (the simulator's busiest window must stay within the quota, and
-the quota should be nearly used up). Prints the figures, as text and one JSON line.
+the quota should be nearly used up). The unbound run is followed, in the same process and
+against the same simulator, by the floor: the same grants refreshed by ``--floor-threads``
+threads of ``requests.Session``, storing nothing. Keeper's figures are printed beside the
+floor's, with the ratios and the targets. Prints the figures, as text and one JSON line.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import resource
 import tempfile
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import requests
 import structlog
 
 from bench.env import Sim
@@ -35,6 +40,72 @@ from keeper.store.grants import Store
 
 # Named as before the re-layout: the name is in every log line ("logger"), which stays.
 log = structlog.get_logger("keeper.bench")
+
+# Keeper against the floor in the same run: at least as many refreshes/s, at most half the
+# CPU per refresh (the floor's are the least a Python client with requests costs).
+TARGETS = {"refreshes_ratio_min": 1.0, "cpu_ratio_max": 0.5}
+
+
+def floor_run(sim_url: str, rows: list[dict[str, Any]], threads: int) -> dict[str, Any]:
+    """The floor: ``threads`` threads, each with a ``requests.Session`` of its own, calling the
+    simulator's refresh endpoint once for each of ``rows`` and parsing the answer; nothing is
+    stored. CPU is this process's, as for keeper's sweep (both run in the bench process)."""
+    url = f"{sim_url}/sns/oauth2/refresh_token"
+    # Handed out by a shared counter rather than in fixed slices: a thread slowed by the
+    # shared machine does not leave a tail of its own grants for the end.
+    take = itertools.count()
+    done = [0] * threads
+    failed = [0] * threads
+
+    def worker(t: int) -> None:
+        with requests.Session() as http:
+            while (i := next(take)) < len(rows):  # itertools.count is atomic under the GIL
+                r = rows[i]
+                try:
+                    answer = http.get(url, params={
+                        "appid": APPID, "grant_type": "refresh_token",
+                        "refresh_token": r["refresh_token"]}, timeout=(5, 30)).json()
+                except (requests.RequestException, ValueError):
+                    failed[t] += 1
+                    continue
+                if "access_token" in answer:
+                    done[t] += 1
+                else:
+                    failed[t] += 1
+
+    pool = [threading.Thread(target=worker, args=(t,), name=f"floor-{t}", daemon=True)
+            for t in range(threads)]
+    cpu0 = time.process_time()
+    t0 = time.monotonic()
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    seconds = time.monotonic() - t0
+    cpu = time.process_time() - cpu0
+    refreshes = sum(done)
+    return {
+        "threads": threads, "seconds": round(seconds, 2), "refreshes": refreshes,
+        "failed": sum(failed),
+        "refreshes_per_s": round(refreshes / seconds, 1) if seconds else None,
+        "cpu_s_per_1000_refreshes": round(cpu / refreshes * 1000, 3) if refreshes else None,
+    }
+
+
+def compare(keeper: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
+    """Keeper's figures over the floor's, and whether they meet the targets."""
+    rps = (keeper["refreshes_per_s"] / floor["refreshes_per_s"]
+           if keeper["refreshes_per_s"] and floor["refreshes_per_s"] else None)
+    cpu = (keeper["cpu_s_per_1000_refreshes"] / floor["cpu_s_per_1000_refreshes"]
+           if keeper["cpu_s_per_1000_refreshes"] and floor["cpu_s_per_1000_refreshes"]
+           else None)
+    return {
+        "refreshes_ratio": round(rps, 2) if rps is not None else None,
+        "cpu_ratio": round(cpu, 2) if cpu is not None else None,
+        "targets": TARGETS,
+        "meets_targets": rps is not None and cpu is not None
+        and rps >= TARGETS["refreshes_ratio_min"] and cpu <= TARGETS["cpu_ratio_max"],
+    }
 
 
 class _RssSampler:
@@ -64,10 +135,11 @@ class _RssSampler:
 def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
              database_url: str | None, not_due: int = 0,
              around: Callable[[Runtime], AbstractContextManager[Any]] | None = None,
-             ) -> dict[str, Any]:
+             floor_threads: int = 0) -> dict[str, Any]:
     """Seed ``grants`` access-expired grants (and ``not_due`` fresh ones beside them), sweep
     once, return the figures. ``around``: what runs beside the sweep (``python -m bench
-    metrics``: a scraped metrics listener)."""
+    metrics``: a scraped metrics listener). ``floor_threads``: then the floor
+    (:func:`floor_run`) over the same grants and simulator, under ``"floor"``."""
     sim = Sim(latency_ms, quota)
     tmp = tempfile.TemporaryDirectory(prefix="keeper-bench-")
     try:
@@ -96,6 +168,7 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
                     enumerate(grant_rows(min(50000, not_due - start), now))]
             store_grants(store, idle, clock, access_expires_at=at + timedelta(hours=2))
         store.close()
+        floor_rows = rows if floor_threads else []  # else let the sweep run without them
         del rows
         gc.collect()
         rt = Runtime.build(config)
@@ -109,7 +182,9 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         cpu = time.process_time() - cpu0
         sweeper.close()
         rt.close()
-        stats = sim.stats()
+        stats = sim.stats()  # keeper's calls only: the floor's come after
+        # The simulator does not rotate refresh tokens, so the same grants refresh again.
+        floor = floor_run(sim.url, floor_rows, floor_threads) if floor_threads else None
     finally:
         sim.close()
         tmp.cleanup()
@@ -136,6 +211,9 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         q = parse_quota(quota)
         result["quota_rate_per_s"] = round(q.count / q.period_s, 1)
         result["quota_used_pct"] = round(100 * refreshes / seconds / (q.count / q.period_s), 1)
+    if floor is not None:
+        result["floor"] = floor
+        result.update(compare(result, floor))
     return result
 
 
@@ -144,6 +222,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--grants", type=int, default=20000, help="grants due (unbound run)")
     p.add_argument("--latency-ms", type=float, default=50.0)
     p.add_argument("--workers", type=int, default=64)
+    p.add_argument("--floor-threads", type=int, default=None,
+                   help="threads of the floor run after the unbound one (default: --workers; "
+                   "0: no floor)")
     p.add_argument("--quota", default="2000/5 seconds", help="refresh quota of the bound run")
     p.add_argument("--bound-grants", type=int, default=8000, help="grants due (bound run)")
     p.add_argument("--not-due", type=int, default=0,
@@ -160,9 +241,11 @@ def main(argv: list[str]) -> int:
         idle = f" (+{args.not_due} not due)" if args.not_due and quota is None else ""
         print(f"{name}: {grants} grants due{idle}, {args.latency_ms:g} ms latency, "
               f"{args.workers} workers, quota {quota or 'none'} ...", flush=True)
+        floor_threads = args.workers if args.floor_threads is None else args.floor_threads
         r = run_once(grants=grants, latency_ms=args.latency_ms, workers=args.workers,
                      quota=quota, database_url=args.database_url,
-                     not_due=args.not_due if quota is None else 0)
+                     not_due=args.not_due if quota is None else 0,
+                     floor_threads=floor_threads if quota is None else 0)
         runs[name] = r
         print(f"  {r['refreshes']} refreshes in {r['seconds']} s = {r['refreshes_per_s']}/s; "
               f"calls {r['calls']}; busiest window {r['max_window']}"
@@ -172,6 +255,17 @@ def main(argv: list[str]) -> int:
               f"{r['rss_before_sweep_mib']} MiB before the sweep, at most "
               f"{r['peak_rss_during_sweep_mib']} MiB during it "
               f"(process peak {r['peak_rss_mib']} MiB)", flush=True)
+        if "floor" in r:
+            f, t = r["floor"], TARGETS
+            print(f"  floor ({f['threads']} threads of requests.Session, same grants and "
+                  f"simulator, nothing stored): {f['refreshes']} refreshes in {f['seconds']} s "
+                  f"= {f['refreshes_per_s']}/s ({f['failed']} failed); CPU "
+                  f"{f['cpu_s_per_1000_refreshes']} s per 1000 refreshes\n"
+                  f"  keeper / floor: refreshes/s {r['refreshes_per_s']} vs "
+                  f"{f['refreshes_per_s']} = {r['refreshes_ratio']}x (target >= "
+                  f"{t['refreshes_ratio_min']}x); CPU per 1000 refreshes "
+                  f"{r['cpu_s_per_1000_refreshes']} vs {f['cpu_s_per_1000_refreshes']} s = "
+                  f"{r['cpu_ratio']}x (target <= {t['cpu_ratio_max']}x)", flush=True)
     print(json.dumps(runs))
     ok = all(r["quota_rejected"] == 0 for r in runs.values())
     if "bound" in runs:

@@ -1,5 +1,6 @@
 """``python -m bench api`` keeps working: a tiny run (about a second per phase) on SQLite, and the
-one line it prints when wrk is missing. Numbers are not checked, only that they are there."""
+one line it prints when wrk is missing. Numbers are not checked, only that they are there (the
+floor's among them)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def test_a_tiny_run_measures_every_phase_and_leaves_nothing_running() -> None:
     assert [s["concurrency"] for s in result["subprocess"]] == [1, 4]
     assert all(s["errors"] == 0 for s in result["subprocess"])
     assert set(run["fresh_vs_subprocess"]) == {"c1", "c4"}
+    # The same-stack floor ran in the same run, as keeper's fresh phase did, and the ratios
+    # against it are there (their values are the benchmark's, not the test's).
+    floor = run["floor"]
+    assert floor["processes"] == 1
+    assert floor["fresh"]["requests"] > 0 and floor["fresh"]["errors"] == 0
+    assert floor["fresh"]["concurrency"] == fresh["concurrency"] == 4
+    assert floor["fresh"]["p99_ms"] > 0 and "sweep_refreshes_per_s" in floor["fresh"]
+    vs = run["vs_floor"]
+    assert vs["fresh_rps_ratio"] > 0 and vs["fresh_p99_ratio"] > 0
+    assert set(vs["meets"]) == {"fresh_rps", "fresh_p99", "stale_rps"}
+    assert set(result["targets"]) == {"fresh_rps_ratio_min", "fresh_p99_ratio_max", "stale_rps"}
     # Its servers and sweeper ran with a config in the run's temporary directory.
     leftovers = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"])
                  if any("keeper-bench-api-" in a for a in p.info["cmdline"] or ())]
