@@ -64,6 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {meaning}; not in `make test-fast`")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         parts = item.path.relative_to(ROOT / "tests").parts
@@ -75,13 +76,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             marks.add("e2e")
         for mark in sorted(marks):
             item.add_marker(mark)
-        # Under pytest-xdist (--dist loadgroup): the test hosts run one after another, each
-        # host already taking a process of its own; a browser module's tests share the one
-        # stack its module-scoped fixtures start.
-        if item.get_closest_marker("hosts"):
-            item.add_marker(pytest.mark.xdist_group("hosts"))
+        # Under pytest-xdist (--dist loadgroup): the test hosts and the benchmarks run one
+        # after another (each host or bench already takes processes of its own, and the
+        # benchmarks' tests look for what their runs leave behind, which another run beside
+        # them would make); a browser module's tests share the stack its module-scoped
+        # fixtures start.
+        if item.get_closest_marker("hosts") or parts[0] == "bench":
+            _group(config, item, "hosts")
         elif item.get_closest_marker("browser"):
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+            _group(config, item, item.path.stem)
+
+
+def _group(config: pytest.Config, item: pytest.Item, name: str) -> None:
+    """Send ``item`` to the worker of group ``name``. pytest-xdist (3.8) groups by the suffix
+    ``@name`` on a node id, which it sets on ``Node._nodeid``; pytest 9.2 keeps node ids in
+    ``Node._id``, so that suffix never reached the scheduler and groups ran side by side. The
+    id is set here, once; xdist's own attempt after it changes nothing."""
+    item.add_marker(pytest.mark.xdist_group(name))
+    if getattr(config.option, "loadgroup", False) and "@" not in item.nodeid:
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(f"{item.nodeid}@{name}")  # type: ignore[attr-defined]
 
 
 class TierViolation(AssertionError):
