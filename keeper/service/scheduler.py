@@ -1,8 +1,9 @@
 """``keeper run``: an in-memory APScheduler that sweeps every ``sweep_interval``, as a systemd
 service, and delivers events to webhooks on threads of its own. Each process has its own
 scheduler (APScheduler's job stores cannot be shared between processes); processes coordinate
-only through the database. Signal handlers only set flags and wake the main thread, which
-waits on an Event, pings systemd's watchdog, applies reloads and shuts down in a fixed, logged
+only through the database. Signal handlers only set flags and wake the main thread through a
+pipe (:class:`Wakeup`); the main thread sets the stop flag the other threads read, pings
+systemd's watchdog, applies reloads and shuts down in a fixed, logged
 order: scheduler, in-flight sweep, events, leases, metrics, engine.
 
 Signals: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP reloads the
@@ -11,7 +12,9 @@ configuration file, then sweeps; SIGUSR1 sweeps now.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -46,6 +49,34 @@ DB_BACKOFF_CAP_S = 300.0
 STOP_DEADLINE_S = 8.0
 
 
+class Wakeup:
+    """Wakes the main thread from a signal handler: one byte down a pipe, read by ``select``.
+
+    A handler runs in the main thread between two of its bytecodes, possibly while that thread
+    holds an Event's lock (inside ``Event.wait`` or ``clear``). Setting an Event there waits
+    for that lock for ever: the process hangs, deaf to every later signal, SIGTERM included.
+    A write to a non-blocking pipe takes no lock."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+            os.write(self._write, b"!")
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a poke; True (and the pokes consumed) if one came."""
+        ready, _, _ = select.select([self._read], [], [], max(0.0, timeout_s))
+        if not ready:
+            return False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 512):
+                pass
+        return True
+
+
 class Service:
     """The long-running service. ``load`` re-reads the configuration file (for SIGHUP)."""
 
@@ -56,7 +87,7 @@ class Service:
         self.load = load
         self.notifier = notifier or Notifier()
         self.stop = threading.Event()
-        self.wake = threading.Event()
+        self.wakeup = Wakeup()
         self._signals = 0
         self._stop_at: float | None = None
         self._reload = False
@@ -81,16 +112,22 @@ class Service:
         if self._signals > 1:
             os._exit(1)  # a second signal: the operator wants out now
         self._stop_at = time.monotonic()
-        self.stop.set()
-        self.wake.set()
+        self.wakeup.poke()
 
     def _on_reload(self, signum: int, _frame: FrameType | None) -> None:
         self._reload = True
-        self.wake.set()
+        self.wakeup.poke()
 
     def _on_sweep(self, signum: int, _frame: FrameType | None) -> None:
         self._sweep_now = True
-        self.wake.set()
+        self.wakeup.poke()
+
+    def _stopping(self) -> bool:
+        """Whether shutdown has begun; the first time after SIGTERM/SIGINT, sets the stop flag
+        the sweep and delivery threads read (here, in the main thread, never in a handler)."""
+        if self._stop_at is not None and not self.stop.is_set():
+            self.stop.set()
+        return self.stop.is_set()
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -170,7 +207,7 @@ class Service:
         """Block until the schema is usable or shutdown begins; True if usable."""
         delay = 1.0
         attempts = 0
-        while not self.stop.is_set():
+        while not self._stopping():
             try:
                 self.runtime.store.open()
                 return True
@@ -190,13 +227,13 @@ class Service:
     def _tick(self, seconds: float) -> None:
         """Wait up to ``seconds``, pinging the watchdog meanwhile; returns early on a signal."""
         deadline = time.monotonic() + seconds
-        while not self.stop.is_set():
+        while not self._stopping():
             self.watchdog()
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             interval = self.notifier.watchdog_s / 2 if self.notifier.watchdog_s else left
-            if self.wake.wait(min(left, interval)):
+            if self.wakeup.wait(min(left, interval)):
                 return
 
     def healthy(self) -> bool:
@@ -254,8 +291,7 @@ class Service:
         log.info("scheduler.started", interval_s=self.config.sweep_interval_s,
                  watchdog_s=self.notifier.watchdog_s)
         self.notifier.ready("running")
-        while not self.stop.is_set():
-            self.wake.clear()
+        while not self._stopping():
             if self._reload:
                 self._reload = False
                 self._do_reload()
