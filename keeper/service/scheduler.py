@@ -55,12 +55,21 @@ class Wakeup:
     A handler runs in the main thread between two of its bytecodes, possibly while that thread
     holds an Event's lock (inside ``Event.wait`` or ``clear``). Setting an Event there waits
     for that lock for ever: the process hangs, deaf to every later signal, SIGTERM included.
-    A write to a non-blocking pipe takes no lock."""
+    A write to a non-blocking pipe takes no lock.
+
+    The pipe is also the process's ``signal.set_wakeup_fd``: the kernel may deliver a signal
+    to any thread (another whenever the main thread already has one pending), and Python runs
+    the handler only when the main thread next runs; the byte CPython's C-level handler writes
+    from whichever thread got the signal is what wakes the main thread's ``select``."""
 
     def __init__(self) -> None:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+
+    def arm_for_signals(self) -> None:
+        """Have every signal wake :meth:`wait` (main thread only)."""
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
 
     def poke(self) -> None:
         with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
@@ -130,6 +139,7 @@ class Service:
         return self.stop.is_set()
 
     def install_signals(self) -> None:
+        self.wakeup.arm_for_signals()
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
