@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from cryptography.fernet import Fernet
@@ -166,6 +166,14 @@ def _drop_run_database(name: str) -> None:
     engine.dispose()
 
 
+def unavailable(message: str) -> NoReturn:
+    """A component a test needs is not reachable: skipped with ``message`` as the visible
+    reason on a plain machine, a failure when CI is set (where every component must be)."""
+    if IN_CI:
+        pytest.fail(message + " (required when CI is set)")
+    pytest.skip(message)
+
+
 def require_postgres() -> str:
     """This run's PostgreSQL URL. Skips with a visible reason when the server is unreachable;
     fails when CI is set."""
@@ -180,9 +188,7 @@ def require_postgres() -> str:
     url, error = _PG_STATE["url"], _PG_STATE["error"]
     if url is None:
         message = f"PostgreSQL at {make_url(PG_SERVER).render_as_string()} is not usable: {error}"
-        if IN_CI:
-            pytest.fail(message + " (required when CI is set)")
-        pytest.skip(message)
+        unavailable(message)
     return url
 
 
@@ -360,8 +366,6 @@ def clock_offset_env(offset_s: float) -> dict[str, str]:
     failure when CI is set."""
     if FAKETIME_MT is None:
         message = "libfaketime is not installed (Debian's `faketime` package)"
-        if IN_CI:
-            pytest.fail(message + " (required when CI is set)")
-        pytest.skip(message)
+        unavailable(message)
     return {"LD_PRELOAD": FAKETIME_MT, "FAKETIME": f"{offset_s:+g}s",
             "FAKETIME_DONT_FAKE_MONOTONIC": "1"}

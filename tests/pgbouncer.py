@@ -17,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 from sqlalchemy import make_url
 
-from tests.conftest import IN_CI, PG_SERVER
+from tests.conftest import PG_SERVER, unavailable
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
@@ -51,9 +50,7 @@ class PgBouncer:
         when CI is set)."""
         if not os.path.exists(PGBOUNCER):
             message = "PgBouncer is not installed (Debian's `pgbouncer` package)"
-            if IN_CI:
-                pytest.fail(message + " (required when CI is set)")
-            pytest.skip(message)
+            unavailable(message)
         self.port = _free_port(self.host)
         (self.dir / "users.txt").write_text(f'"{self.user}" ""\n')
         (self.dir / "pgbouncer.ini").write_text(f"""\

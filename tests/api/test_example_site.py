@@ -43,7 +43,7 @@ from werkzeug.serving import make_server
 
 from keeper.wechat.simulator import SIM_USERS, Simulator, openid_for
 from tests.api.server import free_port, stop, wait_healthy
-from tests.conftest import APPID, IN_CI, ROOT, SECRET, Keeper, config_text
+from tests.conftest import APPID, ROOT, SECRET, Keeper, config_text, unavailable
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -58,9 +58,7 @@ def require_chromium() -> None:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
         message = f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver"
-        if IN_CI:
-            pytest.fail(message + " (required when CI is set)")
-        pytest.skip(message)
+        unavailable(message)
 
 
 @dataclass
