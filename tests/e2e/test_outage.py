@@ -77,9 +77,9 @@ def rotating_sim() -> Iterator[Simulator]:
     s.stop()
 
 
-def runtime(url: str, sim: Simulator, tmp_path: Path) -> Runtime:
+def runtime(url: str, sim: Simulator, tmp_path: Path, *, workers: int = 8) -> Runtime:
     config = build_config(
-        {"database_url": url, "api_base": sim.url, "workers": 8, "database_timeout": 1,
+        {"database_url": url, "api_base": sim.url, "workers": workers, "database_timeout": 1,
          "encryption_key_file": str(key_file(tmp_path)), "read_timeout": 2,
          "connect_timeout": 1, "lease": "1m", "journal_dir": str(tmp_path / "journal"),
          "apps": [{"appid": APPID, "secret_env": "S"}]},

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -15,6 +16,7 @@ from keeper.config import build_config
 from keeper.core.models import ACTIVE, REAUTH, Grant
 from keeper.core.policy import schedule
 from keeper.crypto import create_key_file
+from keeper.limiter import QuotaGate
 from keeper.service.runtime import Runtime
 from keeper.store.rows import GrantWrite
 from keeper.wechat.simulator import Simulator
@@ -124,19 +126,32 @@ def test_wechat_refusing_the_app_is_one_error_per_sweep_and_touches_no_user(
 
 
 def test_a_daily_quota_answer_defers_the_app_until_midnight_in_china(
-    rt: Runtime, sim: Simulator
+    rt: Runtime, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     put(rt, sim, *(make_grant(f"o{i}", access_in_s=-60, scope="snsapi_base")
                    for i in range(20)))
     sim.force("refresh", 45009)
+    paused: list[float] = []
+    pause = QuotaGate.pause
+
+    def pause_and_note(gate: QuotaGate, *args: Any, **kwargs: Any) -> datetime:
+        until = pause(gate, *args, **kwargs)
+        paused.append(time.time())  # the simulator's arrivals are time.time() too
+        return until
+
+    monkeypatch.setattr(QuotaGate, "pause", pause_and_note)
     with capture_logs() as logs:
         summary = sweep(rt)
     assert summary["reauth_recorded"] == 0 and summary["transient_failures"] == 1
     assert any(e["event"] == "quota.paused" and e["errcode"] == 45009 for e in logs)
-    # Only calls already under way when the answer came were made; the rest wait for
-    # midnight, in this process and (through the database) in every other.
+    # Once the gate is paused, only the calls whose permits were taken before could still
+    # reach WeChat: one per other worker at most. The rest wait for midnight, in this process
+    # and (through the database) in every other. (How many calls were made before the pause
+    # depends on how soon the answer's thread ran: not asserted.)
+    assert len(paused) == 1
+    arrivals = sim.stats(detail=True)["arrivals"]["refresh"]  # type: ignore[index]
+    assert len([t for t in arrivals if t > paused[0]]) <= rt.config.workers - 1
     calls = sim.stats()["endpoints"]["refresh"]["calls"]  # type: ignore[index]
-    assert calls <= 2 * rt.config.workers
     again = sweep(rt)
     assert again["access_tokens_refreshed"] == 0
     assert sim.stats()["endpoints"]["refresh"]["calls"] == calls  # type: ignore[index]

@@ -5,6 +5,10 @@ it, and the sweep must do what the table's kind says, to that user only: a re-au
 only for ``reauth``; tokens kept for every other kind; the app skipped (and said once) for
 ``app``; an error event for ``bug``; the endpoint paused for ``quota``; the profile's errcode
 recorded for ``profile_only``. A bystander user is always refreshed and never touched.
+
+One worker, and the bystander due first: its calls are made before the odd user's answer,
+whatever the machine's load. (With calls in parallel, a quota answer that came first would
+rightly defer the bystander with the rest of the app: that is tests/sweep/test_engine.py's.)
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def sim() -> Iterator[Simulator]:
 
 @pytest.fixture
 def rt(tmp_path: Path, sim: Simulator) -> Iterator[Runtime]:
-    r = runtime(f"sqlite:///{tmp_path / 'k.db'}", sim, tmp_path)
+    r = runtime(f"sqlite:///{tmp_path / 'k.db'}", sim, tmp_path, workers=1)
     yield r
     r.close()
 
@@ -48,9 +52,10 @@ def rt(tmp_path: Path, sim: Simulator) -> Iterator[Runtime]:
 def test_each_row_does_what_the_table_says_to_that_user_only(
     rt: Runtime, sim: Simulator, endpoint: str, errcode: int, kind: str
 ) -> None:
-    # "odd" needs a refresh (its refresh day) and a profile read; the bystander the same.
+    # "odd" needs a refresh (its refresh day) and a profile read; the bystander the same, an
+    # hour sooner, so that it is claimed and worked first.
     put(rt, sim, make_grant("odd", issued_days_ago=29.5, scope="snsapi_login"),
-        make_grant("bystander", issued_days_ago=29.5, scope="snsapi_login"))
+        make_grant("bystander", issued_days_ago=29.5 + 1 / 24, scope="snsapi_login"))
     sim.force(endpoint, errcode, openid="odd")
     sweeper = rt.sweeper()
     try:
