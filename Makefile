@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 # Everything, in parallel: most tests wait on sockets and child processes, so two cores carry
 # more workers than cores. The test hosts run one after another on one worker (loadgroup).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 FAST := not (db or e2e or hosts or browser or slow)
 test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
