@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -27,12 +26,10 @@ def bench_api(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 @pytest.mark.skipif(shutil.which("wrk") is None,
                     reason="wrk is not installed (Debian: apt-get install wrk)")
 def test_a_tiny_run_measures_every_phase_and_leaves_nothing_running() -> None:
-    started = time.monotonic()
     ran = bench_api("--db", "sqlite", "--processes", "1", "--seconds", "1", "--users", "300",
                     "--sweep-grants", "50", "--concurrency", "4", "--stale-concurrency", "4",
                     "--lookups", "1", "--json")
     assert ran.returncode == 0, ran.stderr[-2000:]
-    assert time.monotonic() - started < 20
     result = json.loads(ran.stdout.strip().splitlines()[-1])
     [run] = result["api"]
     assert run["processes"] == 1
