@@ -16,11 +16,9 @@ requests waiting), 64 threads of ``requests`` 1.5-1.7 ms.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from typing import Any
-
-import aiohttp
-from yarl import URL
+from typing import TYPE_CHECKING, Any
 
 from keeper import __version__
 from keeper.core.models import TokenAnswer
@@ -37,6 +35,9 @@ from keeper.wechat.client import (
     token_answer,
     userinfo_params,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
 
 _CHUNK = 16 * 1024
 
@@ -62,6 +63,35 @@ async def read_capped(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes | N
     return b"".join(chunks)
 
 
+@functools.cache
+def _patient() -> type:
+    """aiohttp's connection protocol, with a read timeout that gives up only after the loop
+    has polled the sockets twice more.
+
+    A process stopped past a read timeout (SIGSTOP, a paused VM) wakes with answers waiting in
+    its sockets and the timeouts due; its first poll may see no socket at all (Linux
+    interrupts epoll_wait on SIGCONT, and Python does not poll again once the poll's own
+    deadline passed), so the timers run first. A call WeChat answered then must still be read:
+    the answer may hold a rotated refresh token, the only one that works from then on. Any
+    byte read meanwhile (or the answer's end) replaces or drops the timer that fired, and the
+    timeout is void. aiohttp has no public hook for this: its private ``_on_read_timeout``
+    and ``_read_timeout_handle`` are used, and tests/wechat/test_aio.py checks them (the
+    version is pinned).
+    """
+    from aiohttp.client_proto import ResponseHandler
+
+    class PatientHandler(ResponseHandler):
+        def _on_read_timeout(self) -> None:
+            fired = self._read_timeout_handle
+            self._loop.call_soon(self._loop.call_soon, self._confirm_read_timeout, fired)
+
+        def _confirm_read_timeout(self, fired: asyncio.TimerHandle | None) -> None:
+            if fired is not None and self._read_timeout_handle is fired:
+                super()._on_read_timeout()
+
+    return PatientHandler
+
+
 class AsyncWeChatClient:
     """WeChat's four endpoints as coroutines, for one event loop.
 
@@ -80,8 +110,8 @@ class AsyncWeChatClient:
         self.api_base = api_base.rstrip("/")
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
         self._headers = {"User-Agent": f"keeper/{__version__}", "Accept": "application/json",
                          "Accept-Encoding": "identity"}
         self._session: aiohttp.ClientSession | None = None
@@ -93,10 +123,20 @@ class AsyncWeChatClient:
             if asyncio.get_running_loop() is not self._loop:
                 raise RuntimeError("an AsyncWeChatClient is used from one event loop only")
             return session
+        # Imported on first use: a command that never calls WeChat does not pay the import
+        # (a quarter of a second on the development machine).
+        import aiohttp
+
         self._loop = asyncio.get_running_loop()
+        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+        # Its protocol, with a read timeout that lets the sockets speak first (see _patient).
+        connector._factory = functools.partial(_patient(), loop=self._loop)
         self._session = session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0),
-            timeout=self._timeout, headers=self._headers, cookie_jar=aiohttp.DummyCookieJar(),
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, connect=None,
+                                          sock_connect=self.connect_timeout_s,
+                                          sock_read=self.read_timeout_s),
+            headers=self._headers, cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False, trust_env=False, raise_for_status=False,
         )
         return session
@@ -129,11 +169,15 @@ class AsyncWeChatClient:
         status = 0
         body = b""
         content_type = ""
+        http = self._http()
+        import aiohttp  # loaded by _http: a look-up in sys.modules
+        from yarl import URL
+
         try:
             # encoded=True: the query is urlencode()d already; yarl neither re-parses nor
             # re-quotes it (a tenth of a call's CPU otherwise).
             url = URL(f"{self.api_base}{request_path(endpoint, params)}", encoded=True)
-            async with self._http().get(url, allow_redirects=False) as resp:
+            async with http.get(url, allow_redirects=False) as resp:
                 status = resp.status
                 content_type = resp.headers.get("Content-Type", "")
                 capped = await read_capped(resp, self.max_body_bytes)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from http.server import BaseHTTPRequestHandler
@@ -13,6 +15,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from bench.env import Sim
+from bench.seed import APPID as SIM_APPID
+from bench.seed import grant_rows
 from keeper.errors import (
     AppConfigRejected,
     BadCode,
@@ -249,3 +254,28 @@ def test_a_client_serves_one_event_loop() -> None:
         loop.run_until_complete(client.close())
     finally:
         loop.close()
+
+
+@pytest.mark.e2e
+def test_answers_that_came_while_the_process_was_stopped_are_read() -> None:
+    """Given calls in flight when the process is stopped (SIGSTOP) for longer than the read
+    timeout, and WeChat answering meanwhile, when the process is continued, then the answers
+    waiting in its sockets are read, not timed out: they may hold rotated refresh tokens."""
+    sim = Sim(500.0, None)  # WeChat in a process of its own: it answers while this one stops
+    try:
+        rows = grant_rows(4, time.time())
+        sim.seed(rows)
+
+        async def calls(c: AsyncWeChatClient) -> list[Any]:
+            await c.refresh(SIM_APPID, rows[0]["refresh_token"])  # a connection is open
+            pending = [asyncio.ensure_future(c.refresh(SIM_APPID, r["refresh_token"]))
+                       for r in rows]
+            await asyncio.sleep(0.05)  # the requests are sent
+            subprocess.Popen(["/bin/sh", "-c", f"kill -STOP {os.getpid()}; sleep 2; "
+                              f"kill -CONT {os.getpid()}"])
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+        answers = run(sim.url, calls, read_timeout_s=1)
+    finally:
+        sim.close()
+    assert [type(a).__name__ for a in answers] == ["TokenAnswer"] * 4, answers
