@@ -8,10 +8,11 @@ the URL, and the URL holds tokens): failures are raised after the ``except`` blo
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -47,6 +48,9 @@ MAX_BODY_BYTES = 256 * 1024
 _CHUNK = 16 * 1024
 _NO_PROXIES: dict[str, str] = {}
 _SECRET_PARAMS = ("secret", "code", "refresh_token", "access_token")
+#: A value urlencode would leave as it is (its quote_plus keeps these; parameter names are
+#: keeper's own and all of them).
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
 def read_capped(resp: requests.Response, max_bytes: int, chunk: int = _CHUNK) -> bytes | None:
@@ -175,9 +179,10 @@ def parse_answer(
 
 
 def request_path(endpoint: str, params: dict[str, str]) -> str:
-    """The path and query of a call: built by hand (``urlencode``), never by an HTTP
-    library whose exceptions would then hold a URL it parsed."""
-    return f"{PATHS[endpoint]}?{urlencode(params)}"
+    """The path and query of a call: built by hand (``urlencode``'s quoting), never by an
+    HTTP library whose exceptions would then hold a URL it parsed."""
+    return PATHS[endpoint] + "?" + "&".join(
+        f"{k}={v if _URL_SAFE(v) else quote_plus(v)}" for k, v in params.items())
 
 
 def code_params(appid: str, secret: str, code: str) -> dict[str, str]:

@@ -8,8 +8,11 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from keeper.core import errcodes
 from keeper.errors import (
@@ -22,7 +25,7 @@ from keeper.errors import (
     StaleAccessToken,
     TransientApiError,
 )
-from keeper.wechat.client import WeChatClient, classify
+from keeper.wechat.client import PATHS, WeChatClient, classify, request_path
 from keeper.wechat.simulator import Simulator
 from tests.conftest import APPID, SECRET
 
@@ -204,3 +207,9 @@ def test_an_errmsg_echoing_a_token_is_scrubbed() -> None:
         with pytest.raises(ReauthRequired) as e:
             c.refresh(APPID, RT)
         assert RT not in str(e.value) and "invalid refresh_token" in str(e.value)
+
+
+@given(st.dictionaries(st.sampled_from(["appid", "secret", "code", "grant_type", "refresh_token",
+                                         "access_token", "openid", "lang"]), st.text()))
+def test_a_query_is_what_urlencode_makes_of_it(params: dict[str, str]) -> None:
+    assert request_path("refresh", params) == f"{PATHS['refresh']}?{urlencode(params)}"
