@@ -117,6 +117,12 @@ class AsyncWeChatClient:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def ready(self) -> None:
+        """Make the connection pool (and import aiohttp) now, on the running loop, if it is not
+        made yet: a caller that takes a quota permit first must not spend the permit's slack
+        on that (a quarter of a second at the first call)."""
+        self._http()
+
     def _http(self) -> aiohttp.ClientSession:
         session = self._session
         if session is not None and not session.closed:

@@ -279,3 +279,13 @@ def test_answers_that_came_while_the_process_was_stopped_are_read() -> None:
     finally:
         sim.close()
     assert [type(a).__name__ for a in answers] == ["TokenAnswer"] * 4, answers
+
+
+def test_ready_makes_the_pool_before_any_call() -> None:
+    """A caller that takes a quota permit first calls ready() before it: the first call must
+    not spend the permit's slack importing aiohttp and making the pool."""
+    async def check(c: AsyncWeChatClient) -> bool:
+        c.ready()
+        return c._session is not None and not c._session.closed
+
+    assert run("http://127.0.0.1:9", check)
