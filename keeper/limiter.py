@@ -48,6 +48,10 @@ class Stopped(KeeperError):
 #: A caller waiting for a permit looks at the stop flag at least this often.
 STOP_CHECK_S = 0.5
 
+#: A take's answer: the decision, the database's time of it (microseconds) and the moment it
+#: came back (monotonic seconds).
+_Taken = tuple[Decision, int, float]
+
 #: What one look at a pool tells a caller (:meth:`QuotaGate._look`).
 _GRANTED = None  # a permit was taken
 _ASK = 0.0  # ask the database (the pool says this caller is asking)
@@ -230,16 +234,19 @@ class QuotaGate:
         pool.asking = True
         return _ASK
 
-    def _take(self, pool: _Pool, appid: str, endpoint: str) -> tuple[Decision, int] | None:
+    def _take(self, pool: _Pool, appid: str, endpoint: str) -> _Taken | None:
         """Ask the database for up to ``batch`` permits (never holding ``pool.lock``)."""
         params = pool.params
         assert params is not None
-        return self.store.quota_take(
+        taken = self.store.quota_take(
             appid, endpoint, lambda tat, now_us: take(params, tat, now_us, self.batch),
             period_us=params.period_us)
+        # The moment the answer came, taken here: a task learns it only when the loop runs it
+        # again, and that wait must count against the permits' half slack too.
+        return None if taken is None else (*taken, time.monotonic())
 
     def _settle(self, pool: _Pool, appid: str, endpoint: str, generation: int,
-                taken: tuple[Decision, int] | None, max_wait_s: float) -> bool:
+                taken: _Taken | None, max_wait_s: float) -> bool:
         """Pool what the database answered the asking caller (holding ``pool.lock``) and wake
         the waiting ones; True when the asking caller has its permit, False when it looks
         again (the next look tells it how long to wait)."""
@@ -249,18 +256,22 @@ class QuotaGate:
         assert params is not None
         if taken is None:
             return False  # the database failed (raised) or another process took first
-        decision, now_us = taken
+        decision, now_us, answered = taken
         if decision.granted:
             metrics.quota_taken(appid, endpoint, decision.granted)
-            if generation != pool.generation:
-                return False  # a pause came meanwhile: these permits are not used
+            expires = answered + params.slack_s / 2
+            if generation != pool.generation or time.monotonic() >= expires:
+                # A pause came meanwhile, or the answer reached the caller too late (a busy
+                # loop, a stopped process): these permits are not used, the quota's promise
+                # holds only for calls made within the slack of their grant.
+                return False
             pool.permits = decision.granted - 1
-            pool.expires = time.monotonic() + params.slack_s / 2
+            pool.expires = expires
             pool.next_at = 0.0
             return True
         until = datetime.fromtimestamp(now_us / 1_000_000 + decision.wait_s, UTC)
         if generation == pool.generation:
-            pool.next_at, pool.next_until = time.monotonic() + decision.wait_s, until
+            pool.next_at, pool.next_until = answered + decision.wait_s, until
         if decision.wait_s > max_wait_s:
             raise self._exhausted(appid, endpoint, until)
         return False

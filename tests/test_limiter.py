@@ -217,3 +217,28 @@ def test_permits_of_a_take_begun_before_a_pause_are_not_handed_out(
     with pytest.raises(QuotaWait):
         gate.acquire("wx1", "refresh", max_wait_s=5)
     assert paused.is_set() and gate._pools[("wx1", "refresh")].permits == 0
+
+
+def test_a_permit_whose_answer_reached_the_task_too_late_is_not_used(
+    store: Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a quota of 10 a second (half its slack: 25 ms) and a loop that runs the asking
+    task only 100 ms after the database answered, when the task acquires, then that permit is
+    not used (its call could reach WeChat later than the quota's arithmetic allows): the task
+    asks again and uses the next one."""
+    gate = _gate(store, "10/second", threading.Event())
+    takes = _count_takes(store, monkeypatch)
+    real = asyncio.to_thread
+    late = [True]
+
+    async def slow_hop(fn: Any, *args: Any) -> Any:
+        answer = await real(fn, *args)
+        if late and answer is not None and answer[0].granted:  # the first grant only
+            late.clear()
+            await asyncio.sleep(0.1)
+        return answer
+
+    monkeypatch.setattr(asyncio, "to_thread", slow_hop)
+    asyncio.run(gate.acquire_async("wx1", "refresh"))
+    granted = [t for t in takes if t is not None and t[0].granted]
+    assert len(granted) == 2

@@ -215,6 +215,7 @@ class Worker:
         clock = self.clocks.get(grant.appid)
         if clock is None or self.stop.is_set() or self.halt.is_set():
             return result
+        self.client.ready()  # before any quota permit is taken
         if grant.held_errcode is not None:
             return self._confirm(result, clock)
         now = self.clock()
