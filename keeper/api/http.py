@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
-import structlog
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -29,9 +28,11 @@ from keeper.api.tokens import MustReauthorize, NoGrant, Unavailable
 from keeper.core.grant_lines import ID_RE
 from keeper.core.timestamps import timestamp
 from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
+from keeper.log import DirectLogger
 from keeper.metrics import process as metrics
 
-log = structlog.get_logger("keeper.api")
+#: The access log is written for every request: its line takes the direct path (keeper.log).
+log = DirectLogger("keeper.api")
 
 
 class Problem(Exception):
