@@ -74,6 +74,8 @@ def path_id(request: Request, name: str) -> str:
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    if not request.scope["query_string"]:  # most requests: no query string to parse
+        return default
     raw = request.query_params.get(name)
     if raw is None:
         return default
