@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -138,6 +140,39 @@ def _pre_chain() -> list[Any]:
     ]
 
 
+#: JSON's own escaping of a string (the C function ``json.dumps`` uses, ``ensure_ascii``).
+_json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
+#: Fields structlog gives a meaning of their own (exceptions, stack, %-arguments), or that
+#: stand for its record: a line with one takes structlog's processors.
+_SPECIAL = frozenset({"exc_info", "stack_info", "positional_args", "_record",
+                      "_from_structlog"})
+
+
+def _flat_json(event_dict: dict[str, Any]) -> str | None:
+    """What :func:`redact` then the JSON renderer make of ``event_dict``, for a dict of plain
+    values (strings, whole numbers, finite floats, booleans, ``None``); ``None`` for any other
+    value. The same text: JSON's own escaping and number forms, ``", "`` and ``": "``."""
+    parts = []
+    for key, value in event_dict.items():
+        kind = value.__class__
+        if key in SECRET_FIELDS:
+            text = '"[redacted]"'
+        elif kind is str:
+            text = _json_str(scrub(value))
+        elif kind is int:
+            text = int.__repr__(value)
+        elif value is None:
+            text = "null"
+        elif kind is bool:
+            text = "true" if value else "false"
+        elif kind is float and math.isfinite(value):
+            text = float.__repr__(value)
+        else:
+            return None
+        parts.append(f"{_json_str(key)}: {text}")
+    return "{" + ", ".join(parts) + "}"
+
+
 @dataclass(frozen=True)
 class _Direct:
     """What :func:`configure` set up for JSON lines, for :class:`DirectLogger`: the handler,
@@ -159,18 +194,26 @@ class _Direct:
 
     def write(self, logger: logging.Logger, method: str, event: str,
               fields: dict[str, Any]) -> None:
-        # The steps structlog and the handler take, in their order, with their processors.
+        # The event dict structlog would make, in its order: the fields, the event, what
+        # merge_contextvars adds, the logger's name, the level, the time.
         event_dict: Any = {**fields, "event": event}
         event_dict = structlog.contextvars.merge_contextvars(logger, method, event_dict)
         event_dict["logger"] = logger.name
         event_dict["level"] = method
-        event_dict = self.stamp(logger, method, event_dict)
-        for processor in self.final:
-            event_dict = processor(logger, method, event_dict)
+        line = None
+        if _SPECIAL.isdisjoint(fields):
+            # TimeStamper(fmt="iso", utc=True)'s text, and its processors' output made at once
+            event_dict["timestamp"] = datetime.now(tz=UTC).isoformat().replace("+00:00", "Z")
+            line = _flat_json(event_dict)
+        if line is None:  # structlog's processors, in their order
+            event_dict = self.stamp(logger, method, event_dict)
+            for processor in self.final:
+                event_dict = processor(logger, method, event_dict)
+            line = event_dict
         handler = self.handler
         handler.acquire()
         try:
-            handler.stream.write(event_dict + handler.terminator)
+            handler.stream.write(line + handler.terminator)
             handler.stream.flush()
         except Exception:  # as the handler does: a failed write never fails the caller
             handler.handleError(logging.makeLogRecord(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,6 +57,36 @@ def test_a_direct_line_is_the_line_structlog_writes(json_lines: Lines) -> None:
     assert direct.pop("timestamp").endswith("Z") and via_structlog.pop("timestamp")
     assert list(direct.items()) == list(via_structlog.items())  # the same keys in one order
     assert direct["logger"] == "keeper.api" and direct["level"] == "info"
+
+
+@pytest.mark.parametrize("value", [
+    "plain", "ünïcödé \u2028 \x00\x1f \"quoted\" back\\slash", "", 0, -7, 10**30, 1.5, -0.0,
+    1e300, 2.5e-8, float("nan"), float("inf"), True, False, None, {"a": ["b", 1]}, ("t", 2),
+    b"bytes", object(),
+])
+def test_a_direct_line_is_the_line_structlog_writes_whatever_the_value(
+    json_lines: Lines, capsys: pytest.CaptureFixture[str], value: object,
+) -> None:
+    """Checked on the text, not the parsed line: the same bytes, the time aside."""
+    assert json_lines() == []
+    structlog.get_logger("keeper.api").info("api.test", value=value, n=1)
+    DirectLogger("keeper.api").info("api.test", value=value, n=1)
+    via_structlog, direct = capsys.readouterr().err.splitlines()
+    stamp = re.compile(r'"timestamp": "[^"]+"')
+    assert stamp.sub("", direct) == stamp.sub("", via_structlog)
+    assert stamp.search(direct)
+
+
+def test_an_exception_in_a_direct_line_is_rendered_as_structlog_renders_it(
+    json_lines: Lines,
+) -> None:
+    assert json_lines() == []
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        DirectLogger("keeper.api").info("api.test", exc_info=True)
+    [line] = json_lines()
+    assert "ValueError: boom" in line["exception"] and "exc_info" not in line
 
 
 def test_a_direct_line_is_redacted_as_every_line_is(json_lines: Lines) -> None:
