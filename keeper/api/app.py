@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -59,10 +60,12 @@ def create_app(config: Config, keys: KeyRing | None = None) -> Edge:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = config.api.threads
         await anyio.to_thread.run_sync(api.start)
+        api.client.attach(asyncio.get_running_loop())
         log.info("api.started", pid=os.getpid(), keys=len(keys))
         try:
             yield
         finally:
+            await api.client.detach()
             await api.reader.close()
             await anyio.to_thread.run_sync(api.close)
             log.info("api.stopped", pid=os.getpid())

@@ -87,7 +87,7 @@ def create_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
                                   "characters")
     app = api.config.app(_app(api, appid))
     login = exchange(config=api.config, app=app, code=code, store=api.store,
-                     client=api.rt.client, gate=api.rt.gate, max_wait_s=5)
+                     client=api.client, gate=api.rt.gate, max_wait_s=5)
     return JSONResponse({"appid": login.appid, "openid": login.openid,
                          "unionid": login.unionid, "scope": login.scope,
                          "is_snapshotuser": login.is_snapshotuser}, 201)
