@@ -25,9 +25,11 @@ from bench.seed import APPID, SECRET
 class Sim:
     """The simulator as a child process, driven through its admin API."""
 
-    def __init__(self, latency_ms: float, quota: str | None) -> None:
-        argv = [sys.executable, "-m", "keeper.wechat.simulator", "--latency-ms", str(latency_ms),
-                "--app", f"{APPID}={SECRET}"]
+    def __init__(self, latency_ms: float, quota: str | None,
+                 apps: list[str] | None = None) -> None:
+        argv = [sys.executable, "-m", "keeper.wechat.simulator", "--latency-ms", str(latency_ms)]
+        for appid in apps or [APPID]:
+            argv += ["--app", f"{appid}={SECRET}"]
         if quota:
             argv += ["--quota", f"refresh={quota}"]
         else:

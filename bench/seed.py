@@ -15,11 +15,17 @@ APPID = "wxbench0000000001"
 SECRET = "bench-secret-not-used"  # noqa: S105 - a simulator app's made-up secret
 
 
-def grant_rows(n: int, now: float) -> list[dict[str, Any]]:
-    """``n`` grants of :data:`APPID` as the simulator takes them, access tokens expired a
-    minute before ``now``."""
+def app_ids(n: int) -> list[str]:
+    """``n`` apps' ids: :data:`APPID` first, then ones like it."""
+    return [APPID] + [f"wxbench{i:010d}" for i in range(2, n + 1)]
+
+
+def grant_rows(n: int, now: float, apps: list[str] | None = None) -> list[dict[str, Any]]:
+    """``n`` grants as the simulator takes them, of :data:`APPID` or, in turn, of ``apps``;
+    access tokens expired a minute before ``now``."""
+    apps = apps or [APPID]
     return [
-        {"appid": APPID, "openid": f"bench-{i:07d}", "access_token": f"bench-at-{i}",
+        {"appid": apps[i % len(apps)], "openid": f"bench-{i:07d}", "access_token": f"bench-at-{i}",
          "refresh_token": f"bench-rt-{i}", "access_expires_at": now - 60,
          "refresh_issued_at": now - 3 * 86400, "scope": "snsapi_base"}
         for i in range(n)
@@ -34,7 +40,7 @@ def store_grants(store: Store, rows: list[dict[str, Any]], clock: Lifetime, *,
     for i in range(0, len(rows), 5000):
         writes = []
         for r in rows[i:i + 5000]:
-            g = Grant(0, APPID, r["openid"], None, r["scope"], r["access_token"],
+            g = Grant(0, r["appid"], r["openid"], None, r["scope"], r["access_token"],
                       r["refresh_token"], access_expires_at, at - timedelta(days=3))
             writes.append(GrantWrite(g, schedule(g, clock)))
         store.upsert_grants(writes, at)

@@ -30,7 +30,7 @@ import requests
 import structlog
 
 from bench.env import Sim
-from bench.seed import APPID, grant_rows, store_grants
+from bench.seed import app_ids, grant_rows, store_grants
 from keeper.config import build_config
 from keeper.core.quota import parse_quota
 from keeper.crypto import create_key_file
@@ -44,6 +44,11 @@ log = structlog.get_logger("keeper.bench")
 # Keeper against the floor in the same run: at least as many refreshes/s, at most half the
 # CPU per refresh (the floor's are the least a Python client with requests costs).
 TARGETS = {"refreshes_ratio_min": 1.0, "cpu_ratio_max": 0.5}
+#: ``--apps N``: N apps, each with its own quota, cost at most this much CPU per refresh
+#: more than one app with its quota, on one process.
+APPS_CPU_RATIO_MAX = 1.10
+#: The quota each app has in the ``--apps`` runs: its own rows and pool, never binding.
+APP_QUOTA = "1000000/minute"
 
 
 def floor_run(sim_url: str, rows: list[dict[str, Any]], threads: int) -> dict[str, Any]:
@@ -63,7 +68,7 @@ def floor_run(sim_url: str, rows: list[dict[str, Any]], threads: int) -> dict[st
                 r = rows[i]
                 try:
                     answer = http.get(url, params={
-                        "appid": APPID, "grant_type": "refresh_token",
+                        "appid": r["appid"], "grant_type": "refresh_token",
                         "refresh_token": r["refresh_token"]}, timeout=(5, 30)).json()
                 except (requests.RequestException, ValueError):
                     failed[t] += 1
@@ -135,12 +140,16 @@ class _RssSampler:
 def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
              database_url: str | None, not_due: int = 0,
              around: Callable[[Runtime], AbstractContextManager[Any]] | None = None,
-             floor_threads: int = 0) -> dict[str, Any]:
+             floor_threads: int = 0, apps: int = 1,
+             app_quota: str | None = None) -> dict[str, Any]:
     """Seed ``grants`` access-expired grants (and ``not_due`` fresh ones beside them), sweep
     once, return the figures. ``around``: what runs beside the sweep (``python -m bench
     metrics``: a scraped metrics listener). ``floor_threads``: then the floor
-    (:func:`floor_run`) over the same grants and simulator, under ``"floor"``."""
-    sim = Sim(latency_ms, quota)
+    (:func:`floor_run`) over the same grants and simulator, under ``"floor"``. ``apps``: the
+    grants are spread over that many apps; ``app_quota``: each app's refresh quota when
+    ``quota`` is not given (none by default)."""
+    appids = app_ids(apps)
+    sim = Sim(latency_ms, quota, appids)
     tmp = tempfile.TemporaryDirectory(prefix="keeper-bench-")
     try:
         url = database_url or f"sqlite:///{tmp.name}/bench.db"
@@ -149,15 +158,12 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         data: dict[str, Any] = {
             "database_url": url, "api_base": sim.url, "workers": workers,
             "encryption_key_file": str(key_file),
-            "log_level": "warning", "apps": [{"appid": APPID}],
+            "log_level": "warning", "apps": [{"appid": a} for a in appids],
         }
-        if quota:
-            data["quotas"] = {"refresh": quota}
-        else:
-            data["quotas"] = {"refresh": "none"}
+        data["quotas"] = {"refresh": quota or app_quota or "none"}
         config = build_config(data, env={}, source="bench")
         now = time.time()
-        rows = grant_rows(grants, now)
+        rows = grant_rows(grants, now, appids)
         sim.seed(rows)
         store = Store(url, cipher=cipher_for(config), auto_upgrade=True).open()
         clock = config.lifetime(config.apps[0])
@@ -191,6 +197,8 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
     refreshes = summary["access_tokens_refreshed"] + summary["refresh_tokens_refreshed"]
     ep = stats["endpoints"]["refresh"]
     result = {
+        "apps": apps,
+        "app_quota": None if quota else app_quota,
         "grants_due": grants,
         "grants_stored": grants + not_due,
         "seconds": round(seconds, 2),
@@ -230,6 +238,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--not-due", type=int, default=0,
                    help="extra grants stored beside the due ones (unbound run), none due")
     p.add_argument("--database-url", default=None, help="default: a temporary SQLite file")
+    p.add_argument("--apps", type=int, default=1,
+                   help="N > 1: after the runs above, the unbound grants once more with one app "
+                   f"and then spread over N apps, each app with its own quota ({APP_QUOTA}, "
+                   "never binding), and the CPU per refresh of both (target: N apps <= "
+                   f"{APPS_CPU_RATIO_MAX}x one app's)")
     args = p.parse_args(argv)
     configure("warning")
     threading.current_thread().name = "bench"
@@ -266,6 +279,26 @@ def main(argv: list[str]) -> int:
                   f"{t['refreshes_ratio_min']}x); CPU per 1000 refreshes "
                   f"{r['cpu_s_per_1000_refreshes']} vs {f['cpu_s_per_1000_refreshes']} s = "
                   f"{r['cpu_ratio']}x (target <= {t['cpu_ratio_max']}x)", flush=True)
+    if args.apps > 1 and args.grants > 0:
+        for name, apps in (("one_app", 1), ("many_apps", args.apps)):
+            print(f"{name}: {args.grants} grants due over {apps} app(s), each with its own quota "
+                  f"({APP_QUOTA}), {args.latency_ms:g} ms latency, {args.workers} workers ...",
+                  flush=True)
+            r = runs[name] = run_once(grants=args.grants, latency_ms=args.latency_ms,
+                                      workers=args.workers, quota=None,
+                                      database_url=args.database_url, apps=apps,
+                                      app_quota=APP_QUOTA)
+            print(f"  {r['refreshes']} refreshes in {r['seconds']} s = {r['refreshes_per_s']}/s; "
+                  f"CPU {r['cpu_s_per_1000_refreshes']} s per 1000 refreshes", flush=True)
+        one, many = runs["one_app"], runs["many_apps"]
+        ratio = (many["cpu_s_per_1000_refreshes"] / one["cpu_s_per_1000_refreshes"]
+                 if many["cpu_s_per_1000_refreshes"] and one["cpu_s_per_1000_refreshes"]
+                 else None)
+        many["cpu_ratio_to_one_app"] = round(ratio, 2) if ratio is not None else None
+        many["apps_cpu_ratio_max"] = APPS_CPU_RATIO_MAX
+        print(f"  {args.apps} apps / one app: CPU per 1000 refreshes "
+              f"{many['cpu_s_per_1000_refreshes']} vs {one['cpu_s_per_1000_refreshes']} s = "
+              f"{many['cpu_ratio_to_one_app']}x (target <= {APPS_CPU_RATIO_MAX}x)", flush=True)
     print(json.dumps(runs))
     ok = all(r["quota_rejected"] == 0 for r in runs.values())
     if "bound" in runs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,10 @@ log = structlog.get_logger(__name__)
 
 #: A known plaintext kept encrypted in the database, to tell a wrong key at start.
 CHECK_PLAINTEXT = b"keeper key check v1"
+#: Tokens a Cipher remembers (``decrypt(remember=True)``): a few sweeps' pages, and no token
+#: longer than MAX_REMEMBERED_CHARS (a WeChat token's is about 250).
+REMEMBERED = 4096
+MAX_REMEMBERED_CHARS = 1024
 
 
 class WrongKey(ConfigError):
@@ -88,18 +93,48 @@ class Cipher:
         self._multi = MultiFernet(self._fernets)
         self.ids = [key_id(k) for k in keys]
         self.primary_id = self.ids[0]
+        #: Tokens lately decrypted with ``remember``, plaintext -> what the primary key made
+        #: of it (first in, first out; see :meth:`decrypt`).
+        self._sealed: dict[str, str] = {}
+        self._sealed_lock = threading.Lock()
 
     def encrypt(self, plaintext: str) -> str:
+        """``plaintext`` sealed with the primary key: what :meth:`decrypt` with ``remember``
+        lately read for it, or a new token."""
+        sealed = self._sealed.get(plaintext)
+        if sealed is not None:
+            return sealed
         return self._fernets[0].encrypt(plaintext.encode("utf-8")).decode("ascii")
 
-    def decrypt(self, token: str) -> str:
+    def decrypt(self, token: str, *, remember: bool = False) -> str:
+        """The plaintext of ``token``. ``remember``: if the primary key sealed it, the next
+        :meth:`encrypt` of the same plaintext returns this very token rather than sealing it
+        again (a sweep writes back every refresh token it read, and WeChat mostly answers a
+        refresh with the same one: a Fernet encryption spared per refresh). Holds the last
+        ``REMEMBERED`` tokens."""
+        data = token.encode("ascii", "replace")
         try:
-            return self._multi.decrypt(token.encode("ascii")).decode("utf-8")
+            if remember:
+                try:
+                    plaintext = self._fernets[0].decrypt(data).decode("utf-8")
+                except InvalidToken:
+                    pass
+                else:
+                    if len(token) <= MAX_REMEMBERED_CHARS:
+                        self._remember(plaintext, token)
+                    return plaintext
+            return self._multi.decrypt(data).decode("utf-8")
         except (InvalidToken, UnicodeError, ValueError):
             raise WrongKey(
                 "a stored token cannot be decrypted with the configured keys "
                 "(wrong encryption_key_file, or a key was removed before `keeper rotate-key`)"
             ) from None
+
+    def _remember(self, plaintext: str, token: str) -> None:
+        with self._sealed_lock:
+            self._sealed[plaintext] = token
+            if len(self._sealed) > REMEMBERED:
+                del self._sealed[next(iter(self._sealed))]
 
     def check_value(self) -> str:
         return self.encrypt(CHECK_PLAINTEXT.decode())

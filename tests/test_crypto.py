@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import make_url, text
 
+from keeper import crypto
 from keeper.core.models import Grant
 from keeper.core.policy import Lifetime, schedule
 from keeper.crypto import Cipher, WrongKey, create_key_file, key_id, load_keys
@@ -227,3 +228,26 @@ def test_a_key_file_that_is_not_a_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         create_key_file(good)  # never overwritten
     assert len(load_keys([good])) == 1
+
+
+def test_a_token_read_with_remember_is_written_back_as_it_was() -> None:
+    """A sweep writes back the refresh token it read when WeChat answers with the same one:
+    the stored token is reused rather than sealed again, and still decrypts."""
+    cipher = Cipher([Fernet.generate_key()])
+    stored = cipher.encrypt("rt-1")
+    assert cipher.decrypt(stored, remember=True) == "rt-1"
+    assert cipher.encrypt("rt-1") == stored
+    assert cipher.encrypt("rt-2") != cipher.encrypt("rt-2")  # others are sealed anew
+    assert cipher.decrypt(cipher.encrypt("rt-1")) == "rt-1"
+
+
+def test_only_what_the_primary_key_sealed_is_remembered_and_no_more_than_its_bound() -> None:
+    old, new = Fernet.generate_key(), Fernet.generate_key()
+    sealed_by_old = Cipher([old]).encrypt("rt-1")
+    cipher = Cipher([new, old])
+    assert cipher.decrypt(sealed_by_old, remember=True) == "rt-1"
+    resealed = cipher.encrypt("rt-1")  # a rotation must move it to the new key
+    assert resealed != sealed_by_old and Cipher([new]).decrypt(resealed) == "rt-1"
+    for i in range(crypto.REMEMBERED + 10):
+        cipher.decrypt(cipher.encrypt(f"t-{i}"), remember=True)
+    assert len(cipher._sealed) == crypto.REMEMBERED

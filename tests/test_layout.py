@@ -24,7 +24,7 @@ KEEPER = ROOT / "keeper"
 #: WeChat client can count its calls); avatars sits below sweep because a sweep runs the
 #: avatar pass; observe (the database's metrics, the forecast) reads the store beside it.
 LAYERS: dict[str, int] = {
-    "errors": 0, "clock": 0,
+    "errors": 0, "clock": 0, "loop": 0,
     "core": 1,
     "config": 2, "log": 2, "crypto": 2, "metrics": 2,
     "wechat": 3,

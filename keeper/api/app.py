@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from starlette.routing import Match
 
 from keeper.api import monitoring, protocol, routes
 from keeper.api.context import Api
-from keeper.api.http import AccessLog, Problem
+from keeper.api.http import Edge, Problem
 from keeper.api.keys import KeyRing
 from keeper.config import Config, load_config
 from keeper.log import configure
@@ -49,7 +50,7 @@ def _allowed(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def create_app(config: Config, keys: KeyRing | None = None) -> Starlette:
+def create_app(config: Config, keys: KeyRing | None = None) -> Edge:
     """The application for one server process."""
     keys = keys or KeyRing(config.api.keys_file)
     api = Api(config, keys)
@@ -59,10 +60,12 @@ def create_app(config: Config, keys: KeyRing | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = config.api.threads
         await anyio.to_thread.run_sync(api.start)
+        api.client.attach(asyncio.get_running_loop())
         log.info("api.started", pid=os.getpid(), keys=len(keys))
         try:
             yield
         finally:
+            await api.client.detach()
             await api.reader.close()
             await anyio.to_thread.run_sync(api.close)
             log.info("api.stopped", pid=os.getpid())
@@ -70,11 +73,10 @@ def create_app(config: Config, keys: KeyRing | None = None) -> Starlette:
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     app.state.api = api
-    app.add_middleware(AccessLog)
-    return app
+    return Edge(app, lanes=[*routes.table.lanes, *monitoring.table.lanes])
 
 
-def factory() -> Starlette:
+def factory() -> Edge:
     """For server processes started by uvicorn's supervisor (``api.processes`` > 1): the
     configuration comes from ``$KEEPER_CONFIG``, which ``keeper serve`` sets."""
     config = load_config(os.environ.get("KEEPER_CONFIG"))

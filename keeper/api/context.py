@@ -15,6 +15,7 @@ import threading
 import structlog
 
 from keeper.api.keys import KeyRing
+from keeper.api.loopclient import LoopClient
 from keeper.api.openapi import document
 from keeper.api.tokens import TokenDesk
 from keeper.clock import utcnow
@@ -24,6 +25,7 @@ from keeper.observe.collector import DatabaseCollector
 from keeper.observe.exposition import registry_for
 from keeper.service.runtime import Runtime
 from keeper.store.token_reader import TokenReader
+from keeper.sweep.worker import Worker
 
 log = structlog.get_logger("keeper.api")
 
@@ -44,11 +46,20 @@ class Api:
         # each. Eight stay open (the same most as before); the handler threads take turns.
         self.rt = Runtime.build(config, open_store=False, pool_size=POOL_SIZE, max_overflow=0)
         self.store = self.rt.store
+        self.journal = self.rt.journal()
+        # WeChat's calls are made on the event loop (keeper.api.loopclient), for the token
+        # desk's refreshes and for logins; a worker of the API's own uses it.
+        self.client = LoopClient(api_base=config.api_base,
+                                 connect_timeout_s=config.connect_timeout_s,
+                                 read_timeout_s=config.read_timeout_s)
+        # The token desk's refreshes: a worker of the API's own, on the runtime's event loop
+        # with its async client, as the sweep's (merge of the two issue-24 branches).
+        self.worker = Worker(config=config, client=self.rt.aio_client, gate=self.rt.gate,
+                             stop=self.rt.stop, clock=utcnow, loop=self.rt.loop)
         # A request waits for a quota permit no longer than for a busy grant (a sweep waits
         # longer: it has nobody waiting on it).
-        self.rt.worker.quota_wait_s = min(config.api.token_wait_s, 5.0)
-        self.journal = self.rt.journal()
-        self.desk = TokenDesk(store=self.store, worker=self.rt.worker, lease_s=config.lease_s,
+        self.worker.quota_wait_s = min(config.api.token_wait_s, 5.0)
+        self.desk = TokenDesk(store=self.store, worker=self.worker, lease_s=config.lease_s,
                               wait_s=config.api.token_wait_s, journal=self.journal,
                               clock=utcnow)
         # The token endpoint's fast path (a fresh token read on the event loop).
@@ -68,6 +79,7 @@ class Api:
         self._replayer.start()
 
     def close(self) -> None:
+        self.client.close()
         self.collector.close()
         self.rt.stop.set()
         if self._replayer is not None:

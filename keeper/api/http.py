@@ -1,6 +1,8 @@
 """The HTTP plumbing of the API: the route table (each route declared once, on its handler),
 errors as ``{"error", "detail"}`` (keeper's exceptions answered in one place), API keys and
-scopes, capped JSON bodies, bounded parameters, and one ``api.request`` log line per request.
+scopes, capped JSON bodies, bounded parameters, and :class:`Edge`, the application uvicorn
+runs: one ``api.request`` log line per request, and the busiest route served without
+Starlette's middleware and router.
 
 Handlers are plain functions run in the thread pool (the store and the WeChat client block);
 everything before them (the key, the body) runs on the event loop and never waits on I/O
@@ -13,15 +15,15 @@ import base64
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import structlog
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.routing import Match, Route
+from starlette.types import Message, Receive, Scope, Send
 
 from keeper.api.context import Api
 from keeper.api.logins import AppSecretMissing, CodeRejected, ExchangeFailed
@@ -29,9 +31,11 @@ from keeper.api.tokens import MustReauthorize, NoGrant, Unavailable
 from keeper.core.grant_lines import ID_RE
 from keeper.core.timestamps import timestamp
 from keeper.errors import ConfigError, DatabaseUnavailable, StoreError
+from keeper.log import DirectLogger
 from keeper.metrics import process as metrics
 
-log = structlog.get_logger("keeper.api")
+#: The access log is written for every request: its line takes the direct path (keeper.log).
+log = DirectLogger("keeper.api")
 
 
 class Problem(Exception):
@@ -70,6 +74,8 @@ def path_id(request: Request, name: str) -> str:
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    if not request.scope["query_string"]:  # most requests: no query string to parse
+        return default
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -127,6 +133,8 @@ class RouteTable:
 
     def __init__(self) -> None:
         self._routes: list[Route] = []
+        #: The routes declared with a shortcut: :class:`Edge` matches them first.
+        self.lanes: list[Route] = []
 
     def __iter__(self) -> Iterator[Route]:
         return iter(self._routes)
@@ -145,9 +153,11 @@ class RouteTable:
         """
 
         def register(fn: Handler) -> Handler:
-            self._routes.append(Route(path, _serve(fn, path, scope, body=body,
-                                                   shortcut=shortcut, basic=basic),
-                                      methods=[method]))
+            route = Route(path, _serve(fn, path, scope, body=body, shortcut=shortcut,
+                                       basic=basic), methods=[method])
+            self._routes.append(route)
+            if shortcut is not None:
+                self.lanes.append(route)
             return fn
 
         return register
@@ -250,36 +260,57 @@ def _basic_password(credentials: str) -> str:
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
-class AccessLog:
-    """ASGI middleware: one ``api.request`` line per request (route template, status, time,
-    key name; never a header, a query string or a body), and the request's metrics."""
+class Edge:
+    """The ASGI application uvicorn runs: Starlette's ``app`` behind what every request goes
+    through, one ``api.request`` line (route template, status, time, key name; never a
+    header, a query string or a body) and the request's metrics.
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``lanes``, the routes declared with a shortcut (the token endpoint: most requests), are
+    matched here first, by the route's own pattern and methods, and their endpoint (the same
+    one Starlette's router would call) is run at once: Starlette's middleware, router and
+    exception wrappers cost more than a fresh token's own work. Their endpoints answer every
+    error themselves, so those layers had nothing to do for them; a failure still propagates
+    to uvicorn, which answers 500, as Starlette's error middleware would have. Any other
+    request, a lane's path with another method included, goes to ``app``.
+    """
+
+    def __init__(self, app: Starlette, *, lanes: Iterable[Route]) -> None:
         self.app = app
+        self.lanes = tuple(lanes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = [500]
-
-        async def sending(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
+        status = 500  # unless an answer starts
         try:
+            for lane in self.lanes:
+                match, child = lane.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    scope["app"] = self.app  # as Starlette sets it: the handlers' Api
+                    response = await lane.endpoint(Request(scope, receive, send))
+                    status = response.status_code
+                    await response(scope, receive, send)
+                    return
+
+            async def sending(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
             await self.app(scope, receive, sending)
         finally:
             seconds = time.perf_counter() - started
             method = scope["method"] if scope["method"] in METHODS else "other"
-            metrics.api_request(method, scope.get("keeper.route", "(none)"), status[0], seconds)
+            route = scope.get("keeper.route", "(none)")
+            metrics.api_request(method, route, status, seconds)
             params = scope.get("path_params") or {}
-            log.info("api.request", method=scope["method"],
-                     route=scope.get("keeper.route", "(none)"), status=status[0],
-                     ms=round(seconds * 1000, 2),
-                     key_name=scope.get("keeper.key"), appid=_loggable(params.get("appid")),
+            log.info("api.request", method=scope["method"], route=route, status=status,
+                     ms=round(seconds * 1000, 2), key_name=scope.get("keeper.key"),
+                     appid=_loggable(params.get("appid")),
                      openid=_loggable(params.get("openid")))
 
 

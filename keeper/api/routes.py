@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -86,7 +87,7 @@ def create_grant(api: Api, request: Request, body: dict[str, Any]) -> Response:
                                   "characters")
     app = api.config.app(_app(api, appid))
     login = exchange(config=api.config, app=app, code=code, store=api.store,
-                     client=api.rt.client, gate=api.rt.gate, max_wait_s=5)
+                     client=api.client, gate=api.rt.gate, max_wait_s=5)
     return JSONResponse({"appid": login.appid, "openid": login.openid,
                          "unionid": login.unionid, "scope": login.scope,
                          "is_snapshotuser": login.is_snapshotuser}, 201)
@@ -146,12 +147,27 @@ def _token_args(api: Api, request: Request) -> tuple[str, str, int]:
     return appid, openid, query_int(request, "min_valid", margin, 0, ACCESS_TOKEN_LIFE_S - 600)
 
 
-def _token_answer(openid: str, access_token: str, expires_at: datetime, scope: str) -> Response:
-    return JSONResponse(
-        {"access_token": access_token, "expires_at": timestamp(expires_at), "openid": openid,
-         "scope": scope},
-        headers={"Cache-Control": "no-store"},
-    )
+#: The token answer's encoding, JSONResponse's own, made once rather than per answer.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class _TokenAnswer(Response):
+    """A token: the body and headers JSONResponse would make, with Cache-Control: no-store,
+    built without its per-answer work (an encoder made, the headers looked through)."""
+
+    media_type = "application/json"
+
+    def __init__(self, openid: str, access_token: str, expires_at: datetime,
+                 scope: str) -> None:
+        body = _COMPACT.encode({"access_token": access_token,
+                                "expires_at": timestamp(expires_at), "openid": openid,
+                                "scope": scope}).encode("utf-8")
+        super().__init__(body)
+
+    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
+        self.raw_headers = [(b"cache-control", b"no-store"),
+                            (b"content-length", str(len(self.body)).encode("latin-1")),
+                            (b"content-type", b"application/json")]
 
 
 async def fresh_token(api: Api, request: Request) -> Response | None:
@@ -165,7 +181,7 @@ async def fresh_token(api: Api, request: Request) -> Response | None:
     if row is None or row.state == REAUTH or not api.desk.fresh(row, min_valid):
         request.scope["keeper.token_row"] = row  # the handler starts from it
         return None
-    return _token_answer(openid, row.access_token, row.access_expires_at, row.scope)
+    return _TokenAnswer(openid, row.access_token, row.access_expires_at, row.scope)
 
 
 @table.endpoint("GET", "/v1/apps/{appid}/users/{openid}/token", "tokens", shortcut=fresh_token)
@@ -173,7 +189,7 @@ def token(api: Api, request: Request, body: Any) -> Response:
     appid, openid, min_valid = _token_args(api, request)
     t = api.desk.token(appid, openid, min_valid_s=min_valid,
                        row=request.scope.get("keeper.token_row"))
-    return _token_answer(openid, t.access_token, t.expires_at, t.scope)
+    return _TokenAnswer(openid, t.access_token, t.expires_at, t.scope)
 
 
 @table.endpoint("GET", "/v1/apps/{appid}/users/{openid}", "read")

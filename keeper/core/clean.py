@@ -28,6 +28,8 @@ MAX_TEXT = 1024
 
 def clean_text(value: str, max_chars: int = MAX_TEXT) -> str:
     """``value`` without C0 controls (but tab and newline), lone surrogates as U+FFFD, capped."""
+    if value.isprintable():  # no control character and no surrogate: the common case
+        return value[:max_chars]
     text = value.translate(_DROP)
     if _SURROGATE.search(text):
         text = _SURROGATE.sub("\ufffd", text)

@@ -21,7 +21,9 @@ def timestamp(value: datetime) -> str:
     """``value`` (timezone-aware) as ``YYYY-MM-DDTHH:MM:SSZ``, in UTC, the fraction cut."""
     if value.tzinfo is None:
         raise ValueError("a naive datetime has no place on the wire; keeper uses aware UTC")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # isoformat, not strftime: half the CPU (every token answer shows one), and the year in
+    # four digits always (glibc's %Y drops the zeros of a year before 1000).
+    return value.astimezone(UTC).isoformat(timespec="seconds").removesuffix("+00:00") + "Z"
 
 
 def timestamp_or_none(value: datetime | None) -> str | None:

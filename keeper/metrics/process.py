@@ -165,7 +165,16 @@ def leases_lost(n: int) -> None:
         LEASES_LOST.inc(n)
 
 
+#: The label children of each (method, route, status), as :data:`_calls` (a request each).
+_requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def api_request(method: str, route: str, status: int, seconds: float) -> None:
     if _enabled:
-        API_REQUESTS.labels(method, route, str(status)).inc()
-        API_SECONDS.labels(method, route).observe(seconds)
+        key = (method, route, status)
+        children = _requests.get(key)
+        if children is None:  # a race here makes the same children twice: harmless
+            children = _requests[key] = (API_REQUESTS.labels(method, route, str(status)),
+                                         API_SECONDS.labels(method, route))
+        children[0].inc()
+        children[1].observe(seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -15,13 +16,18 @@ from keeper.errors import ConfigError
 from keeper.events.deliverer import Deliverer
 from keeper.limiter import QuotaGate
 from keeper.log import register_secret
+from keeper.loop import EventLoop
 from keeper.service.statedir import guard_sqlite_file
 from keeper.store.db import is_sqlite, sqlite_path
 from keeper.store.grants import Store
 from keeper.sweep.engine import Sweeper
 from keeper.sweep.journal import Journal
 from keeper.sweep.worker import Worker
+from keeper.wechat.aio import AsyncWeChatClient
 from keeper.wechat.client import WeChatClient
+
+#: How long closing waits for the event loop's connections and thread.
+CLOSE_TIMEOUT_S = 5.0
 
 
 def cipher_for(config: Config) -> Cipher:
@@ -55,8 +61,12 @@ def open_store(config: Config, *, pool_size: int = 1) -> Store:
 @dataclass
 class Runtime:
     """keeper's parts for one process, wired from one :class:`Config`. A context manager:
-    ``with Runtime.build(config) as rt:`` closes the WeChat client and the store on the way
-    out, however the block ends."""
+    ``with Runtime.build(config) as rt:`` closes the WeChat clients, the event loop and the
+    store on the way out, however the block ends.
+
+    ``client`` serves threads (a login's code exchange, ``keeper check``); the worker's calls
+    are ``aio_client``'s, tasks on ``loop``, the process's one event loop (started on first
+    use)."""
 
     config: Config
     store: Store
@@ -65,6 +75,8 @@ class Runtime:
     worker: Worker
     stop: threading.Event
     avatars: AvatarKeeper
+    loop: EventLoop
+    aio_client: AsyncWeChatClient
 
     @classmethod
     def build(
@@ -86,10 +98,16 @@ class Runtime:
             api_base=config.api_base, connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
         )
+        aio_client = AsyncWeChatClient(
+            api_base=config.api_base, connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s, max_connections=max(100, config.workers),
+        )
         gate = QuotaGate(
             store=store, apps={a.appid: a for a in config.apps}, stop=stop, batch=config.workers
         )
-        worker = Worker(config=config, client=client, gate=gate, stop=stop, clock=utcnow)
+        loop = EventLoop()
+        worker = Worker(config=config, client=aio_client, gate=gate, stop=stop, clock=utcnow,
+                        loop=loop)
         fetcher = Fetcher(
             hosts=config.avatar_hosts, avatar_dir=config.avatar_dir,
             connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.avatar_timeout_s,
@@ -98,7 +116,7 @@ class Runtime:
         avatars = AvatarKeeper(store=store, fetcher=fetcher, clock=utcnow,
                                workers=config.avatar_workers,
                                keep_when_removed=config.avatar_keep_when_removed)
-        return cls(config, store, client, gate, worker, stop, avatars)
+        return cls(config, store, client, gate, worker, stop, avatars, loop, aio_client)
 
     def journal(self) -> Journal:
         return Journal(self.config.journal_dir, self.store.cipher)
@@ -122,6 +140,11 @@ class Runtime:
                          retention_s=self.config.events_retention_s)
 
     def close(self) -> None:
+        if self.loop.running:
+            # Calls still in flight (a sweep's grace ended) end with the connection pool.
+            with contextlib.suppress(Exception):
+                self.loop.submit(self.aio_client.close()).result(CLOSE_TIMEOUT_S)
+            self.loop.close(CLOSE_TIMEOUT_S)
         self.client.close()
         self.store.close()
 

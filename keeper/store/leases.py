@@ -160,6 +160,8 @@ class Leases:
         """
         if not writes:
             return 0
+        if len(writes) == 1 and _plain(writes[0]) and self._apply_own(writes[0], lease_id, now):
+            return 1
         with translate("saving results"), self.engine.begin() as conn:
             ids = [w.grant.id for w in writes]
             rows = {r.id: r for r in conn.execute(_HELD, {"b_ids": ids})}
@@ -204,6 +206,23 @@ class Leases:
             conn.execute(_WRITE, params)
             self._record(conn, mine, now)
         return len(mine) + len(held)
+
+    def _apply_own(self, w: GrantWrite, lease_id: str, now: datetime) -> bool:
+        """One plain result (new tokens or a failure counted, nothing recorded) under its
+        own lease, with no answer held on the grant, written by one conditional UPDATE: what
+        the transaction below does in that case, in one round trip instead of four (an
+        on-demand refresh's write, ``keeper serve``). False when the condition does not
+        hold (the lease lost, a held answer, the grant deleted): nothing was written, and the
+        transaction below decides."""
+        params = {"b_id": w.grant.id, "b_lease_id": lease_id, "b_now": now,
+                  **self._tokens(w.grant), **schedule_values(w.schedule)}
+        with translate("saving results"), self.engine.connect() as conn:
+            if not self.sqlite:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            written = conn.execute(_WRITE_OWN, params).rowcount
+            if self.sqlite:
+                conn.commit()
+        return bool(written)
 
     def _hold_params(self, grant_id: int, record: Reauth, hold_s: float,
                      now: datetime) -> dict[str, Any]:
@@ -282,6 +301,13 @@ class Leases:
         return int(result.rowcount or 0)
 
 
+def _plain(w: GrantWrite) -> bool:
+    """A result that records, clears, holds and announces nothing: only the grant's row
+    changes (no profile, no re-authorization record, so no event either)."""
+    return (w.profile is None and w.reauth is None and not w.clear_reauth
+            and w.hold_s is None)
+
+
 def _free(now: Any) -> Any:
     """Not leased, or leased by a process whose lease has lapsed (it crashed) by ``now``, the
     database's clock; and holding no answer for an earlier holder, or that hold is over."""
@@ -337,6 +363,10 @@ _WRITE = (
            "held_errcode": None, "held_since": None, "held_until": None}
     )
 )
+#: apply's write of a plain result while the lease is still this process's and no answer is
+#: held (:meth:`Leases._apply_own`).
+_WRITE_OWN = _WRITE.where(grants.c.lease_id == bindparam("b_lease_id"),
+                          grants.c.held_until.is_(None))
 #: apply's hold of a doubtful answer (executemany): the tokens stay, the lease ends, and
 #: claims skip the grant until ``held_until`` on the database's clock.
 _HOLD = {

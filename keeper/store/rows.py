@@ -78,7 +78,9 @@ def grant_of(row: Row[Any] | Mapping[str, Any], cipher: Cipher) -> Grant:
     return Grant(
         id=m["id"], appid=m["appid"], openid=m["openid"], unionid=m["unionid"],
         scope=m["scope"], access_token=cipher.decrypt(m["access_token"]),
-        refresh_token=cipher.decrypt(m["refresh_token"]),
+        # Remembered: a refresh mostly brings the same refresh token back, and writing it
+        # then reuses what is stored rather than sealing it again.
+        refresh_token=cipher.decrypt(m["refresh_token"], remember=True),
         access_expires_at=m["access_expires_at"], refresh_issued_at=m["refresh_issued_at"],
         state=m["state"], failures=m["failures"], retry_at=m["retry_at"],
         last_error=m["last_error"], profile_at=m["profile_at"], profile_stop=m["profile_stop"],

@@ -1,10 +1,13 @@
 """The sweep engine: claim what is due, work it with ``workers`` calls in flight, write the results.
 
-The sweep's own thread claims grants in small pages (never the whole table), hands them to a
-pool of daemon worker threads, and writes results in batches, so one database writer per
-process does all the writing. It checks the stop flag between pages; workers check it between
-WeChat calls. When WeChat stops answering (a streak of transient failures with no success),
-the sweep stops calling it and ends early; the next sweep probes again.
+A sweep runs on the process's event loop (:mod:`keeper.loop`): it claims grants in small pages
+(never the whole table), works each as a task (:meth:`Worker.work_async`, at most ``workers``
+under way), and writes results in batches. The database work (claims, writes, the journal)
+runs in one thread of the sweeper's, its writer, so one database writer per process does all
+the writing and the loop never waits on the database. The sweep checks the stop flag between
+pages; workers check it between WeChat calls. When WeChat stops answering (a streak of
+transient failures with no success), the sweep stops calling it and ends early; the next sweep
+probes again.
 
 Nothing WeChat answered is lost to the database: a worker hands its result to the
 :class:`Sweeper` (not to one sweep), which holds it until it is committed. When the database
@@ -16,16 +19,18 @@ they go to the local journal (:mod:`keeper.sweep.journal`), which the next start
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
-import queue
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -52,7 +57,7 @@ _SUCCESSES = ("refresh_tokens_refreshed", "access_tokens_refreshed", "profiles_f
 #: Held results are committed this often at least: what a SIGKILL can take is the calls in
 #: flight plus this long of answers.
 FLUSH_EVERY_S = 0.05
-#: The fewest grants a sweep keeps claimed ahead (two pages of ``workers`` above 16 workers).
+#: The fewest grants a sweep keeps claimed ahead (three ``workers``' worth above 10 workers).
 MIN_PAGE = 32
 FLUSH_BATCH = 200
 #: After a stop (or a database failure), how long calls in flight may take to come back.
@@ -64,7 +69,7 @@ UNAVAILABLE_STREAK = 20
 #: Results written per transaction when held results are caught up after an outage.
 CATCH_UP_BATCH = 500
 
-_Task = tuple[Grant, str, "queue.Queue[Result]"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -96,15 +101,18 @@ class Sweeper:
         self.clock = clock
         self.progress = progress
         self.journal = journal
-        self._tasks: queue.Queue[_Task | None] = queue.Queue()
-        self._threads: list[threading.Thread] = []
+        self.loop = worker.loop
+        #: The writer: the sweep's database work, one statement at a time, off the loop.
+        self._db: ThreadPoolExecutor | None = None
+        #: The calls under way (tasks on the loop), a sweep's or one it abandoned.
+        self._calls: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()  # one sweep at a time in this process
         self._held_lock = threading.Lock()
-        #: Results not yet committed, by grant id (written by worker threads).
+        #: Results not yet committed, by grant id (written by the calls' tasks).
         self.held: dict[int, Held] = {}
         #: Leases to give back (grants that were claimed and not worked), by lease id.
         self._releases: dict[str, set[int]] = {}
-        self._working = 0  # worker threads inside Worker.work
+        self._working = 0  # tasks inside Worker.work_async (written on the loop only)
         self._journal_replayed = journal is None
         #: Apps WeChat refuses (appid → errcode), logged once until WeChat accepts them again.
         self.rejected_apps: dict[str, int | None] = {}
@@ -119,29 +127,31 @@ class Sweeper:
         #: wakes its event delivery with it.
         self.on_written: Callable[[], None] | None = None
 
-    def _start_threads(self) -> None:
-        while len(self._threads) < self.config.workers:
-            t = threading.Thread(target=self._loop, name=f"keeper-worker-{len(self._threads)}",
-                                 daemon=True)
-            t.start()
-            self._threads.append(t)
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` in the writer thread; the loop goes on meanwhile."""
+        if self._db is None:
+            self._db = ThreadPoolExecutor(1, thread_name_prefix="keeper-sweep-db")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._db, functools.partial(fn, *args, **kwargs))
 
-    def _loop(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            grant, lease_id, results = task
+    def start_call(self, grant: Grant, run: SweepRun) -> None:
+        """Work ``grant`` as a task (on the loop), for ``run``."""
+        task = asyncio.get_running_loop().create_task(self._call(grant, run))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _call(self, grant: Grant, run: SweepRun) -> None:
+        self._working += 1
+        try:
+            result = await self.worker.work_async(grant)  # never raises: keeps the answers
+        finally:
+            self._working -= 1
+        if result.write is not None:
+            # Held by the process, not by the sweep that asked: a sweep that ended
+            # (database down, shutdown) cannot drop it.
             with self._held_lock:
-                self._working += 1
-            try:
-                result = self.worker.work(grant)  # never raises: keeps what WeChat answered
-            finally:
-                with self._held_lock:
-                    self._working -= 1
-            if result.write is not None:
-                # Held by the process, not by the sweep that asked: a sweep that ended
-                # (database down, shutdown) cannot drop it.
-                with self._held_lock:
-                    self.held[grant.id] = Held(result.write, lease_id)
-            results.put(result)
+                self.held[grant.id] = Held(result.write, run.lease_id)
+        run.returned(result)
 
     def release_later(self, lease_id: str, grant_ids: Any) -> None:
         with self._held_lock:
@@ -266,10 +276,15 @@ class Sweeper:
         self.rejected_apps.update(other.rejected_apps)
 
     def close(self) -> None:
-        """End the worker threads (they are daemons; this is for tidy tests)."""
-        for _ in self._threads:
-            self._tasks.put(None)
-        self._threads.clear()
+        """Cancel the calls still under way (an abandoned sweep's) and end the writer thread.
+        What they would have answered is lost with them: called at shutdown, after
+        :meth:`save_held`, or on a reload, between sweeps."""
+        if self._calls and self.loop.running:
+            calls = list(self._calls)
+            self.loop.loop.call_soon_threadsafe(lambda: [c.cancel() for c in calls])
+        if self._db is not None:
+            self._db.shutdown(wait=False)
+            self._db = None
 
     def run_once(self, now: datetime | None = None) -> dict[str, Any]:
         """One sweep over everything due at ``now``; returns its summary.
@@ -281,7 +296,7 @@ class Sweeper:
             self.idle.clear()
             self.busy_since = self.last_turn = time.monotonic()
             try:
-                return SweepRun(self, now or self.clock()).run()
+                return self.loop.run(SweepRun(self, now or self.clock()).run())
             except StoreError:
                 metrics.sweep_failed()
                 raise
@@ -291,8 +306,8 @@ class Sweeper:
 
 
 class SweepRun:
-    """The state of one sweep: what it claimed, what came back, why it ends. Run by
-    :meth:`Sweeper.run_once`, which holds what outlives a sweep (results, leases, threads)."""
+    """The state of one sweep: what it claimed, what came back, why it ends. Run on the loop
+    by :meth:`Sweeper.run_once`, which holds what outlives a sweep (results, leases, calls)."""
 
     def __init__(self, sweeper: Sweeper, cutoff: datetime) -> None:
         self.s = sweeper
@@ -303,8 +318,11 @@ class SweepRun:
         self.apps = {a.appid for a in self.config.apps}
         self.rejected: set[str] = set()  # WeChat refused the app itself: an operator's problem
         self.deferred: set[str] = set()  # the app's quota is used up for longer than we wait
-        self.results: queue.Queue[Result] = queue.Queue()
-        self.in_flight: dict[int, Grant] = {}
+        self.in_flight: dict[int, Grant] = {}  # claimed and not come back: queued or called
+        self.queue: deque[Grant] = deque()  # claimed, no call started
+        self.calling = 0  # calls under way (at most ``workers``)
+        self.page = max(MIN_PAGE, 3 * self.config.workers)
+        self.claim_at = max(self.page // 4, self.config.workers)
         self.exhausted = False
         self.streak = 0  # transient failures in a row
         self.unavailable = False
@@ -312,26 +330,66 @@ class SweepRun:
         self.db_error: str | None = None  # the database failed: stop claiming, keep results
         self.bugs: set[tuple[str, int | None]] = set()  # (endpoint, errcode) logged
         self.unsettled = 0  # results taken since the last write
+        self.over = False  # the sweep returned: what still comes back is held, not taken
+        self._waiter: asyncio.Future[None] | None = None
 
-    def claim(self) -> None:
-        # Keep up to two workers' worth (at least MIN_PAGE) queued or in flight, so workers
-        # never wait for a claim, and claim when a quarter of that is free: few workers still
-        # claim in pages big enough that a claim's transaction is not paid per grant.
-        page = max(MIN_PAGE, 2 * self.config.workers)
-        if page - len(self.in_flight) < page // 4:
+    def room(self) -> bool:
+        # Keep up to three workers' worth (at least MIN_PAGE) queued or in flight and claim
+        # a workers' worth at a time (a quarter of the page at least): calls never wait for a
+        # claim (a workers' worth is still queued while one runs), and a claim's statements
+        # and transaction are shared by 64 grants at 64 workers (by 32 before, which cost a
+        # third more of the database thread's CPU per grant).
+        return self.page - len(self.in_flight) >= self.claim_at
+
+    async def claim(self) -> None:
+        if not self.room():
             return
         now = self.s.clock()
         with self.s._held_lock:
             exclude = set(self.s.held)
-        batch = self.s.store.claim(
+        batch = await self.s.db(
+            self.s.store.claim,
             appids=sorted(self.apps - self.rejected - self.deferred), cutoff=self.cutoff,
-            limit=page - len(self.in_flight), lease_id=self.lease_id, now=now,
+            limit=self.page - len(self.in_flight), lease_id=self.lease_id, now=now,
             lease_s=self.config.lease_s, exclude=exclude,
         )
         self.exhausted = not batch
         for g in batch:
             self.in_flight[g.id] = g
-            self.s._tasks.put((g, self.lease_id, self.results))
+            self.queue.append(g)
+        self.start_calls()
+
+    def start_calls(self) -> None:
+        while self.queue and self.calling < self.config.workers:
+            self.calling += 1
+            self.s.start_call(self.queue.popleft(), self)
+
+    def returned(self, r: Result) -> None:
+        """A call's task came back with ``r`` (its write is held already)."""
+        self.calling -= 1
+        if self.over:
+            return  # abandoned: its lease lapses (see abandon)
+        self.take(r)
+        self.start_calls()
+        if (not self.in_flight or self.unsettled >= FLUSH_BATCH or self.db_error is not None
+                or self.unavailable or (self.room() and not self.exhausted)):
+            self.poke()
+
+    def poke(self) -> None:
+        """Wake the sweep's loop (:meth:`wait`) to claim, write or end now."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until a returning call pokes, at most ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, self.poke)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     def take(self, r: Result) -> None:
         self.in_flight.pop(r.grant.id, None)
@@ -377,7 +435,7 @@ class SweepRun:
             self.streak += 1
         if self.streak >= UNAVAILABLE_STREAK and not self.unavailable:
             self.unavailable = True
-            self.s.worker.halt.set()  # queued grants go back untouched
+            self.s.worker.halt.set()  # calls not yet made give their grants back untouched
             log.warning("wechat.unavailable", streak=self.streak, last_error=(
                 r.write.grant.last_error if r.write else None))
 
@@ -390,23 +448,19 @@ class SweepRun:
 
     def unqueue(self) -> None:
         """Take back the grants still queued (not started): their leases are given back."""
-        while True:
-            try:
-                task = self.s._tasks.get_nowait()
-            except queue.Empty:
-                return
-            if task is None:  # close() asked a thread to end: leave that to a thread
-                self.s._tasks.put(None)
-                return
-            grant, lease_id, _ = task
-            self.in_flight.pop(grant.id, None)
-            self.s.release_later(lease_id, [grant.id])
+        if not self.queue:
+            return
+        ids = [g.id for g in self.queue]
+        self.queue.clear()
+        for i in ids:
+            self.in_flight.pop(i, None)
+        self.s.release_later(self.lease_id, ids)
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         if self.db_error is not None:
             return
         try:
-            _, superseded = self.s.write_held()
+            _, superseded = await self.s.db(self.s.write_held)
         except StoreError as e:
             self.database_failed(str(e))
             return
@@ -414,70 +468,64 @@ class SweepRun:
         metrics.leases_lost(superseded)
         self.unsettled = 0
 
-    def drain(self, timeout_s: float) -> None:
-        """Take the results that are ready, waiting up to ``timeout_s`` for the first."""
-        try:
-            self.take(self.results.get(timeout=timeout_s))
-            while True:
-                self.take(self.results.get_nowait())
-        except queue.Empty:
-            pass
-
-    def run(self) -> dict[str, Any]:
+    async def run(self) -> dict[str, Any]:
         started = time.monotonic()
         # First what an earlier exit journaled and what an earlier sweep could not write:
         # nothing is claimed before they are committed (a failure here ends the sweep).
-        self.s.replay_journal()
-        caught_up, _ = self.s.write_held()
+        await self.s.db(self.s.replay_journal)
+        caught_up, _ = await self.s.db(self.s.write_held)
         if caught_up:
             log.info("results.caught_up", written=caught_up)
-        sweep_id = self.s.store.start_sweep(self.cutoff, host=socket.gethostname(),
-                                            pid=os.getpid())
+        sweep_id = await self.s.db(self.s.store.start_sweep, self.cutoff,
+                                   host=socket.gethostname(), pid=os.getpid())
         log.info("sweep.started", sweep_id=sweep_id, cutoff=self.cutoff.isoformat())
         self.s.worker.halt.clear()
-        self.s._start_threads()
         last_flush = last_progress = time.monotonic()
-        while True:
-            now_m = self.s.last_turn = time.monotonic()
-            if self.s.stop.is_set() and self.stop_seen is None:
-                self.stop_seen = now_m
-                log.info("sweep.stopping", in_flight=len(self.in_flight))
-            ending = self.stop_seen is not None or self.db_error is not None
-            if not ending and not self.exhausted and not self.unavailable:
-                try:
-                    self.claim()
-                except StoreError as e:
-                    self.database_failed(str(e))
-                    ending = True
-            if ending and self.stop_seen is None:
-                self.stop_seen = now_m  # the grace for calls in flight starts now
-            done = self.exhausted or self.unavailable or ending
-            if not self.in_flight and done:
-                break
-            if self.stop_seen is not None and now_m - self.stop_seen > STOP_GRACE_S:
-                self.abandon()
-                break
-            if self.in_flight:
-                self.drain(0.05)
-            if (self.unsettled >= FLUSH_BATCH or not self.in_flight
-                    or now_m - last_flush >= FLUSH_EVERY_S):
-                self.flush()
-                last_flush = now_m
-            if self.s.progress is not None:
-                self.s.progress(self.counts["grants_worked"], len(self.in_flight))
-            if now_m - last_progress >= PROGRESS_EVERY_S:
-                last_progress = now_m
-                log.info("sweep.progress", sweep_id=sweep_id, in_flight=len(self.in_flight),
-                         **{k: self.counts[k] for k in SUMMARY_KEYS})
-        self.flush()
+        try:
+            while True:
+                now_m = self.s.last_turn = time.monotonic()
+                if self.s.stop.is_set() and self.stop_seen is None:
+                    self.stop_seen = now_m
+                    log.info("sweep.stopping", in_flight=len(self.in_flight))
+                ending = self.stop_seen is not None or self.db_error is not None
+                if not ending and not self.exhausted and not self.unavailable:
+                    try:
+                        await self.claim()
+                    except StoreError as e:
+                        self.database_failed(str(e))
+                        ending = True
+                if ending and self.stop_seen is None:
+                    self.stop_seen = now_m  # the grace for calls in flight starts now
+                done = self.exhausted or self.unavailable or ending
+                if not self.in_flight and done:
+                    break
+                if self.stop_seen is not None and now_m - self.stop_seen > STOP_GRACE_S:
+                    self.abandon()
+                    break
+                if self.in_flight:
+                    await self.wait(FLUSH_EVERY_S)
+                if (self.unsettled >= FLUSH_BATCH or not self.in_flight
+                        or now_m - last_flush >= FLUSH_EVERY_S):
+                    await self.flush()
+                    last_flush = now_m
+                if self.s.progress is not None:
+                    self.s.progress(self.counts["grants_worked"], len(self.in_flight))
+                if now_m - last_progress >= PROGRESS_EVERY_S:
+                    last_progress = now_m
+                    log.info("sweep.progress", sweep_id=sweep_id, in_flight=len(self.in_flight),
+                             **{k: self.counts[k] for k in SUMMARY_KEYS})
+        finally:
+            self.over = True
+        await self.flush()
         if self.db_error is not None:
             raise DatabaseUnavailable(self.db_error)
         if self.s.avatars is not None and self.stop_seen is None:
             # After the grants, holding no lease: avatar hosts cannot stall refreshes.
-            self.counts.update(self.s.avatars.run(
-                self.s.stop, budget_s=max(30.0, self.config.sweep_interval_s)))
+            self.counts.update(await self.s.db(
+                self.s.avatars.run, self.s.stop,
+                budget_s=max(30.0, self.config.sweep_interval_s)))
         summary = self.summary(started)
-        self.s.store.finish_sweep(sweep_id, self.s.clock(), summary)
+        await self.s.db(self.s.store.finish_sweep, sweep_id, self.s.clock(), summary)
         log.info("sweep.finished", sweep_id=sweep_id, **summary)
         metrics.sweep_finished(summary)
         return summary
@@ -489,7 +537,7 @@ class SweepRun:
         new tokens, and a grant released now would be claimed as if nobody held any, so a
         40030 for the tokens it replaced would be recorded at once. Left to lapse, the lease
         makes the next claim a takeover, whose 40030 is held until this process had its
-        chance to write. Should the results still arrive, the worker threads hold them in the
+        chance to write. Should the results still arrive, their tasks hold them in the
         sweeper.
         """
         self.unqueue()  # grants no worker started: no call was made, their leases go back

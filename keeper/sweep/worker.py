@@ -1,7 +1,9 @@
 """The work on one leased grant: refresh it if due, read its profile if due.
 
-Runs in a worker thread. Takes WeChat's answers, applies the policy, and returns the grant's
-new state for the sweep to write; never touches the database except through the quota gate.
+Runs as a task on the process's event loop (:mod:`keeper.loop`); a thread can run one and wait
+for it (:meth:`Worker.work`). Takes WeChat's answers, applies the policy, and returns the
+grant's new state for the sweep to write; never touches the database except through the quota
+gate, which asks it from a thread.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from keeper.errors import (
     TransientApiError,
 )
 from keeper.limiter import QuotaGate, QuotaWait, Stopped
+from keeper.loop import EventLoop
 from keeper.store.rows import GrantWrite
-from keeper.wechat.client import WeChatClient
+from keeper.wechat.aio import AsyncWeChatClient
 
 # Named as before the re-layout: the name is in every log line ("logger"), which stays.
 log = structlog.get_logger("keeper.worker")
@@ -88,14 +91,16 @@ class _Progress:
 
 
 class Worker:
-    """Does the WeChat calls for grants; shared by all worker threads."""
+    """Does the WeChat calls for grants, as tasks on ``loop`` (where ``client`` belongs)."""
 
     def __init__(
-        self, *, config: Config, client: WeChatClient, gate: QuotaGate, stop: threading.Event,
-        clock: Callable[[], datetime], rng: random.Random | None = None,
+        self, *, config: Config, client: AsyncWeChatClient, gate: QuotaGate,
+        stop: threading.Event, clock: Callable[[], datetime], loop: EventLoop,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.client = client
+        self.loop = loop
         self.gate = gate
         self.stop = stop
         self.clock = clock
@@ -106,11 +111,11 @@ class Worker:
         #: The longest a call waits for a quota permit (an API request waits less).
         self.quota_wait_s = QUOTA_MAX_WAIT_S
 
-    def _refresh(self, p: _Progress, counts: Counter[str], reason: str) -> None:
+    async def _refresh(self, p: _Progress, counts: Counter[str], reason: str) -> None:
         g = p.grant
         p.stage = "refresh"
-        self.gate.acquire(g.appid, "refresh", max_wait_s=self.quota_wait_s)
-        answer = self.client.refresh(g.appid, g.refresh_token)
+        await self.gate.acquire_async(g.appid, "refresh", max_wait_s=self.quota_wait_s)
+        answer = await self.client.refresh(g.appid, g.refresh_token)
         if answer.openid != g.openid:
             # Never store (or hand out) another user's token as this one's.
             log.error("wechat.openid_mismatch", appid=g.appid, openid=g.openid,
@@ -130,12 +135,12 @@ class Worker:
             log.info("reauth.recorded", appid=g.appid, openid=g.openid,
                      reason=result.reauth.reason, errcode=None)
 
-    def _userinfo(self, p: _Progress) -> Profile:
+    async def _userinfo(self, p: _Progress) -> Profile:
         g = p.grant
         p.stage = "profile"
-        self.gate.acquire(g.appid, "userinfo", max_wait_s=self.quota_wait_s)
-        data = self.client.userinfo(g.access_token, g.openid, self.config.userinfo_lang,
-                                    appid=g.appid)
+        await self.gate.acquire_async(g.appid, "userinfo", max_wait_s=self.quota_wait_s)
+        data = await self.client.userinfo(g.access_token, g.openid, self.config.userinfo_lang,
+                                          appid=g.appid)
         answered = data.get("openid")
         if answered is not None and answered != g.openid:
             log.error("wechat.openid_mismatch", appid=g.appid, openid=g.openid,
@@ -143,16 +148,16 @@ class Worker:
             raise AnswerMismatch("userinfo", None, "answer is about another openid")
         return Profile.from_answer(data, self.clock())
 
-    def _profile(self, p: _Progress, counts: Counter[str]) -> None:
+    async def _profile(self, p: _Progress, counts: Counter[str]) -> None:
         try:
             try:
-                profile = self._userinfo(p)
+                profile = await self._userinfo(p)
             except StaleAccessToken:
                 # WeChat no longer takes this access token: refresh it, then try once more.
                 counts["stale_access_tokens"] += 1
-                self._refresh(p, counts, ACCESS)
+                await self._refresh(p, counts, ACCESS)
                 try:
-                    profile = self._userinfo(p)
+                    profile = await self._userinfo(p)
                 except StaleAccessToken as e:
                     # Refused again right after a refresh: not the user's fault, not ours to
                     # settle now. The refresh is kept; the profile is read later.
@@ -186,7 +191,14 @@ class Worker:
     def work(
         self, grant: Grant, *, profile_reads: bool = True, force_refresh: bool = False
     ) -> Result:
-        """Bring one leased grant up to date; never raises.
+        """:meth:`work_async` on the process's event loop, from a thread that waits for it."""
+        return self.loop.run(self.work_async(grant, profile_reads=profile_reads,
+                                             force_refresh=force_refresh))
+
+    async def work_async(
+        self, grant: Grant, *, profile_reads: bool = True, force_refresh: bool = False
+    ) -> Result:
+        """Bring one leased grant up to date; never raises (but CancelledError).
 
         Whatever fails part-way (WeChat, the quota gate's database, a bug), what WeChat
         answered before is returned in ``write``, to be stored. A failed profile read delays
@@ -203,6 +215,7 @@ class Worker:
         clock = self.clocks.get(grant.appid)
         if clock is None or self.stop.is_set() or self.halt.is_set():
             return result
+        self.client.ready()  # before any quota permit is taken
         if grant.held_errcode is not None:
             return self._confirm(result, clock)
         now = self.clock()
@@ -214,9 +227,9 @@ class Worker:
                     and access_stale(grant, clock, now)):
                 reason = ACCESS  # on demand: a profile read needs a valid access token
             if reason:
-                self._refresh(p, counts, reason)
+                await self._refresh(p, counts, reason)
             if profile_reads and profile_due(p.grant, clock, self.clock()):
-                self._profile(p, counts)
+                await self._profile(p, counts)
         except ReauthRequired as e:
             about_start = p.grant.refresh_token == grant.refresh_token
             p.grant, p.record = after_reauth(p.grant, e.errcode, self.clock())
@@ -238,7 +251,8 @@ class Worker:
             try:
                 # The pause is placed by the database's clock (the one the quota's
                 # permits are measured by), not this host's.
-                until = self.gate.pause(grant.appid, e.endpoint, e.errcode or 45011)
+                until = await self.gate.pause_async(grant.appid, e.endpoint,
+                                                    e.errcode or 45011)
             except StoreError as db:  # the pause is not shared; this grant still waits
                 result.db_error = str(db)
                 until = self.clock() + timedelta(seconds=60)

@@ -8,10 +8,11 @@ the URL, and the URL holds tokens): failures are raised after the ``except`` blo
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -47,6 +48,9 @@ MAX_BODY_BYTES = 256 * 1024
 _CHUNK = 16 * 1024
 _NO_PROXIES: dict[str, str] = {}
 _SECRET_PARAMS = ("secret", "code", "refresh_token", "access_token")
+#: A value urlencode would leave as it is (its quote_plus keeps these; parameter names are
+#: keeper's own and all of them).
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
 def read_capped(resp: requests.Response, max_bytes: int, chunk: int = _CHUNK) -> bytes | None:
@@ -165,6 +169,45 @@ def token_answer(endpoint: str, data: dict[str, Any]) -> TokenAnswer:
     )
 
 
+def parse_answer(
+    endpoint: str, status: int, content_type: str, body: bytes, params: dict[str, str]
+) -> dict[str, Any]:
+    """:func:`parse_body` for an answer to a request sent with ``params``: WeChat may echo
+    what it was sent, and those values (tokens, code, AppSecret) never reach an error."""
+    echoed = tuple(params[k] for k in _SECRET_PARAMS if params.get(k))
+    return parse_body(endpoint, status, content_type, body, redact=echoed)
+
+
+def request_path(endpoint: str, params: dict[str, str]) -> str:
+    """The path and query of a call: built by hand (``urlencode``'s quoting), never by an
+    HTTP library whose exceptions would then hold a URL it parsed."""
+    return PATHS[endpoint] + "?" + "&".join(
+        f"{k}={v if _URL_SAFE(v) else quote_plus(v)}" for k, v in params.items())
+
+
+def code_params(appid: str, secret: str, code: str) -> dict[str, str]:
+    return {"appid": appid, "secret": secret, "code": code, "grant_type": "authorization_code"}
+
+
+def refresh_params(appid: str, refresh_token: str) -> dict[str, str]:
+    """The AppSecret is not needed and never sent."""
+    return {"appid": appid, "grant_type": "refresh_token", "refresh_token": refresh_token}
+
+
+def auth_params(access_token: str, openid: str) -> dict[str, str]:
+    return {"access_token": access_token, "openid": openid}
+
+
+def userinfo_params(access_token: str, openid: str, lang: str) -> dict[str, str]:
+    return {"access_token": access_token, "openid": openid, "lang": lang}
+
+
+def auth_answer(data: dict[str, Any]) -> None:
+    """``/sns/auth`` says yes only with an explicit ``errcode`` 0: ``{}`` is malformed."""
+    if "errcode" not in data or data["errcode"] != 0:
+        raise MalformedAnswer("auth", None, "answer has no errcode 0")
+
+
 class WeChatClient:
     """Thread-safe: each worker thread gets its own ``requests`` connection pool.
 
@@ -230,7 +273,7 @@ class WeChatClient:
             # to do but costs a tenth of a call.
             request = requests.PreparedRequest()
             request.method = "GET"
-            request.url = f"{self.api_base}{PATHS[endpoint]}?{urlencode(params)}"
+            request.url = f"{self.api_base}{request_path(endpoint, params)}"
             request.headers = CaseInsensitiveDict(self._headers)
             request.body = None
             # No proxies from the environment, no redirects: what a service should do.
@@ -253,30 +296,15 @@ class WeChatClient:
             failure = f"request failed ({type(e).__name__})"
         if failure is not None:
             raise TransientApiError(endpoint, None, failure)
-        return self._parse(endpoint, status, content_type, body, params)
-
-    def _parse(
-        self, endpoint: str, status: int, content_type: str, body: bytes, params: dict[str, str]
-    ) -> dict[str, Any]:
-        # WeChat may echo what it was sent: those values never reach an error message.
-        echoed = tuple(params[k] for k in _SECRET_PARAMS if params.get(k))
-        return parse_body(endpoint, status, content_type, body, redact=echoed)
+        return parse_answer(endpoint, status, content_type, body, params)
 
     def exchange_code(self, appid: str, secret: str, code: str) -> TokenAnswer:
         """``/sns/oauth2/access_token``. Never retried by keeper: a code is single-use."""
-        data = self.call(
-            "code",
-            {"appid": appid, "secret": secret, "code": code, "grant_type": "authorization_code"},
-        )
-        return token_answer("code", data)
+        return token_answer("code", self.call("code", code_params(appid, secret, code)))
 
     def refresh(self, appid: str, refresh_token: str) -> TokenAnswer:
         """``/sns/oauth2/refresh_token``. The AppSecret is not needed and never sent."""
-        data = self.call(
-            "refresh",
-            {"appid": appid, "grant_type": "refresh_token", "refresh_token": refresh_token},
-        )
-        return token_answer("refresh", data)
+        return token_answer("refresh", self.call("refresh", refresh_params(appid, refresh_token)))
 
     def check(self, access_token: str, openid: str, *, appid: str = "") -> None:
         """``/sns/auth``: returns when the access token is valid, raises otherwise.
@@ -284,13 +312,10 @@ class WeChatClient:
         Valid only for an explicit ``errcode`` 0: ``{}`` is a malformed answer, not a yes.
         ``appid``: the grant's app, for the metrics (the call itself does not send it).
         """
-        data = self.call("auth", {"access_token": access_token, "openid": openid}, appid=appid)
-        if "errcode" not in data or data["errcode"] != 0:
-            raise MalformedAnswer("auth", None, "answer has no errcode 0")
+        auth_answer(self.call("auth", auth_params(access_token, openid), appid=appid))
 
     def userinfo(self, access_token: str, openid: str, lang: str, *,
                  appid: str = "") -> dict[str, Any]:
         """``/sns/userinfo``: the profile answer as WeChat gave it (``appid``: as for
         :meth:`check`)."""
-        return self.call("userinfo", {"access_token": access_token, "openid": openid,
-                                      "lang": lang}, appid=appid)
+        return self.call("userinfo", userinfo_params(access_token, openid, lang), appid=appid)

@@ -403,3 +403,40 @@ def test_one_record_shows_one_since_in_the_api_the_event_and_the_command(
     times += [e["created_at"] for e in listed]
     bad = [t for t in times if not (isinstance(t, str) and TIMESTAMP.match(t))]
     assert bad == [], bad
+
+
+def test_the_token_route_answers_as_every_route_does(served: Served, sim: Simulator) -> None:
+    """The token route is matched before Starlette's router (keeper.api.http.Edge): its
+    answers, errors, methods and access log are those of any other route."""
+    login(served, sim, "o-edge")
+    path = served.user(APPID, "o-edge", "/token")
+    r = served.call("GET", path)
+    assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store"
+    assert r.headers["Content-Type"] == "application/json"
+    assert int(r.headers["Content-Length"]) == len(r.content)
+    assert set(r.json()) == {"access_token", "expires_at", "openid", "scope"}
+    head = served.call("HEAD", path)
+    assert (head.status_code, head.content) == (200, b"")
+    for method in ("POST", "PUT", "DELETE"):
+        r = served.call(method, path)
+        assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed"), method
+        assert r.headers["Allow"] == "GET, HEAD"
+    r = served.call("GET", path, key=None)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert served.call("GET", path, key="read").status_code == 403
+    r = served.call("GET", served.user(APPID, "o-nobody", "/token"))
+    assert (r.status_code, r.json()["error"]) == (404, "no_grant")
+    assert served.call("GET", f"{path}?min_valid=x").json()["field"] == "min_valid"
+
+    code, log = stop(served.proc)
+    assert code == 0
+    lines = [json.loads(x) for x in log.splitlines() if '"api.request"' in x]
+    token = "/v1/apps/{appid}/users/{openid}/token"
+    mine = [(x["method"], x["route"] == token, x["status"], x["key_name"], x["openid"])
+            for x in lines if x["appid"] == APPID and x["openid"] in ("o-edge", "o-nobody")]
+    # A 405 is Starlette's router's answer, which names no route, as for every route.
+    assert mine == [("GET", True, 200, "all", "o-edge"), ("HEAD", True, 200, "all", "o-edge"),
+                    ("POST", False, 405, None, "o-edge"), ("PUT", False, 405, None, "o-edge"),
+                    ("DELETE", False, 405, None, "o-edge"), ("GET", True, 401, None, "o-edge"),
+                    ("GET", True, 403, "read", "o-edge"), ("GET", True, 404, "all", "o-nobody"),
+                    ("GET", True, 400, "all", "o-edge")]

@@ -16,6 +16,7 @@ def test_a_time_is_rfc_3339_utc_whole_seconds_with_a_z() -> None:
     at = datetime(2026, 11, 30, 16, 0, 5, 999_999, tzinfo=timezone(timedelta(hours=8)))
     assert timestamp(at) == "2026-11-30T08:00:05Z"  # in UTC, the fraction cut (not rounded)
     assert timestamp(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05Z"
+    assert timestamp(datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC)) == "0999-01-02T03:04:05Z"
     with pytest.raises(ValueError, match="naive"):
         timestamp(datetime(2026, 1, 2))  # keeper never holds a naive time
 

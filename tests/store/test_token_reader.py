@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from keeper.core.models import REAUTH
 from keeper.crypto import Cipher
-from keeper.store import db
+from keeper.store import db, token_reader
 from keeper.store.grants import Store
 from keeper.store.token_reader import TokenReader, Unreadable
 from tests.conftest import require_postgres
@@ -39,6 +39,35 @@ def test_it_reads_the_row_the_store_wrote(store: Store) -> None:
     assert row == store.token_row("wx1", "o1")
     assert row is not None and row.access_token == "AT-o1"  # type: ignore[attr-defined]
     assert row.access_expires_at == NOW + timedelta(minutes=90)  # type: ignore[attr-defined]
+
+
+def test_a_token_read_again_is_decrypted_once_and_a_new_one_is_read_anew(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader keeps decrypted tokens by ciphertext: the row is still read every time, so
+    a token stored since is what is answered; and no more are kept than DECRYPTED."""
+    monkeypatch.setattr(token_reader, "DECRYPTED", 2)
+    decrypted: list[str] = []
+
+    class Counting(Cipher):
+        def decrypt(self, token: str) -> str:
+            decrypted.append(token)
+            return store.cipher.decrypt(token)
+
+    put(store, grant("o1"), grant("o2"), grant("o3"))
+    reader = TokenReader(store.engine, Counting([Fernet.generate_key()]))
+
+    async def go(*openids: str) -> list[str]:
+        rows = [await reader.read("wx1", o) for o in openids]
+        return [r.access_token for r in rows if r is not None]
+
+    assert asyncio.run(go("o1", "o1", "o1")) == ["AT-o1"] * 3
+    assert len(decrypted) == 1
+    put(store, grant("o1", access_token="AT-o1-new"))
+    assert asyncio.run(go("o1", "o1")) == ["AT-o1-new"] * 2
+    assert len(decrypted) == 2
+    asyncio.run(go("o2", "o3", "o1"))  # o1's newest plaintext was the least recently used
+    assert len(decrypted) == 5
+    asyncio.run(reader.close())
 
 
 def test_a_missing_grant_is_none_and_a_dead_one_says_so(store: Store) -> None:

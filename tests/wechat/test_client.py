@@ -8,8 +8,11 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from keeper.core import errcodes
 from keeper.errors import (
@@ -22,7 +25,7 @@ from keeper.errors import (
     StaleAccessToken,
     TransientApiError,
 )
-from keeper.wechat.client import WeChatClient, classify
+from keeper.wechat.client import PATHS, WeChatClient, classify, request_path
 from keeper.wechat.simulator import Simulator
 from tests.conftest import APPID, SECRET
 
@@ -147,7 +150,7 @@ def test_network_errors_carry_no_url_and_no_token() -> None:
     assert e.value.__context__ is None and e.value.__cause__ is None
 
 
-class _Huge(BaseHTTPRequestHandler):
+class HugeBody(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -175,14 +178,14 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
 
 
 def test_bodies_are_read_with_a_size_cap() -> None:
-    with serving(_Huge) as url:
+    with serving(HugeBody) as url:
         c = WeChatClient(api_base=url, connect_timeout_s=1, read_timeout_s=2,
                          max_body_bytes=64 * 1024)
         with pytest.raises(TransientApiError, match="larger than"):
             c.refresh(APPID, RT)
 
 
-class _Echo(BaseHTTPRequestHandler):
+class EchoingWeChat(BaseHTTPRequestHandler):
     """A WeChat that repeats the request's query (tokens included) in its errmsg."""
 
     def do_GET(self) -> None:
@@ -199,8 +202,14 @@ class _Echo(BaseHTTPRequestHandler):
 
 
 def test_an_errmsg_echoing_a_token_is_scrubbed() -> None:
-    with serving(_Echo) as url:
+    with serving(EchoingWeChat) as url:
         c = WeChatClient(api_base=url, connect_timeout_s=1, read_timeout_s=2)
         with pytest.raises(ReauthRequired) as e:
             c.refresh(APPID, RT)
         assert RT not in str(e.value) and "invalid refresh_token" in str(e.value)
+
+
+@given(st.dictionaries(st.sampled_from(["appid", "secret", "code", "grant_type", "refresh_token",
+                                         "access_token", "openid", "lang"]), st.text()))
+def test_a_query_is_what_urlencode_makes_of_it(params: dict[str, str]) -> None:
+    assert request_path("refresh", params) == f"{PATHS['refresh']}?{urlencode(params)}"
