@@ -17,6 +17,7 @@ import structlog
 from keeper.api.keys import KeyRing
 from keeper.api.loopclient import LoopClient
 from keeper.api.openapi import document
+from keeper.api.refresher import Refresher
 from keeper.api.tokens import TokenDesk
 from keeper.clock import utcnow
 from keeper.config import Config
@@ -52,16 +53,23 @@ class Api:
         self.client = LoopClient(api_base=config.api_base,
                                  connect_timeout_s=config.connect_timeout_s,
                                  read_timeout_s=config.read_timeout_s)
-        # The token desk's refreshes: a worker of the API's own, on the runtime's event loop
-        # with its async client, as the sweep's (merge of the two issue-24 branches).
+        # The token desk's refreshes from handler threads: a worker of the API's own, on the
+        # runtime's event loop with its async client, as the sweep's.
         self.worker = Worker(config=config, client=self.rt.aio_client, gate=self.rt.gate,
                              stop=self.rt.stop, clock=utcnow, loop=self.rt.loop)
+        # The refreshes made on the server's own event loop (keeper.api.refresher), with the
+        # async client the loop client keeps there.
+        self.loop_worker = Worker(config=config, client=self.client.aio, gate=self.rt.gate,
+                                  stop=self.rt.stop, clock=utcnow, loop=self.rt.loop)
         # A request waits for a quota permit no longer than for a busy grant (a sweep waits
         # longer: it has nobody waiting on it).
-        self.worker.quota_wait_s = min(config.api.token_wait_s, 5.0)
+        self.worker.quota_wait_s = self.loop_worker.quota_wait_s = min(
+            config.api.token_wait_s, 5.0)
         self.desk = TokenDesk(store=self.store, worker=self.worker, lease_s=config.lease_s,
                               wait_s=config.api.token_wait_s, journal=self.journal,
                               clock=utcnow)
+        self.refresher = Refresher(store=self.store, desk=self.desk, worker=self.loop_worker,
+                                   lease_s=config.lease_s, clock=utcnow)
         # The token endpoint's fast path (a fresh token read on the event loop).
         self.reader = TokenReader(self.store.engine, self.store.cipher,
                                   pooler=self.store.pooler)
@@ -79,6 +87,7 @@ class Api:
         self._replayer.start()
 
     def close(self) -> None:
+        self.refresher.close()
         self.client.close()
         self.collector.close()
         self.rt.stop.set()

@@ -191,39 +191,45 @@ def _answer(fn: Handler, api: Api, request: Request, body: Any) -> Response:
     """Run a handler; keeper's exceptions become the answers the OpenAPI document lists."""
     try:
         return fn(api, request, body)
-    except Problem as p:
-        return p.response()
-    except NoGrant as e:
+    except Exception as e:
+        return error_answer(e, request)
+
+
+def error_answer(e: Exception, request: Request) -> Response:
+    """The answer the OpenAPI document lists for an exception a handler (or a shortcut)
+    raised; called while it is being handled (a bug's traceback is logged)."""
+    if isinstance(e, Problem):
+        return e.response()
+    if isinstance(e, NoGrant):
         return Problem(404, "no_grant", str(e)).response()
-    except MustReauthorize as e:
+    if isinstance(e, MustReauthorize):
         r = e.record
         return Problem(409, "reauth_required", str(e),
                        reason=r.reason if r else "other", errcode=r.errcode if r else None,
                        since=timestamp(r.since) if r else None).response()
-    except Unavailable as e:
+    if isinstance(e, Unavailable):
         return unavailable(e.code, str(e), e.retry_after_s).response()
-    except CodeRejected as e:
+    if isinstance(e, CodeRejected):
         return Problem(400, "code_rejected", str(e), errcode=e.errcode).response()
-    except ExchangeFailed as e:
+    if isinstance(e, ExchangeFailed):
         return unavailable("wechat_unavailable", str(e), e.retry_after_s).response()
-    except AppSecretMissing as e:
+    if isinstance(e, AppSecretMissing):
         # The server's own configuration, not an outage: no Retry-After, as asking again
         # changes nothing until an operator sets the secret and restarts keeper serve. Not
         # logged per request: serve said so once per app at start (app.secret_missing).
         return Problem(500, "app_secret_missing", str(e)).response()
-    except ConfigError as e:  # WeChat refuses the app (its AppSecret, the IP whitelist)
+    if isinstance(e, ConfigError):  # WeChat refuses the app (its AppSecret, the IP whitelist)
         log.error("api.app_rejected", error=str(e))
         return unavailable("app_rejected", str(e), 60).response()
-    except DatabaseUnavailable as e:
+    if isinstance(e, DatabaseUnavailable):
         return unavailable("database_unavailable", str(e), 5).response()
-    except StoreError as e:
+    if isinstance(e, StoreError):
         log.error("api.database_error", error=str(e))
         return unavailable("database_unavailable", str(e), 5).response()
-    except Exception as e:
-        # A bug: the text is left out (it might hold a value being handled).
-        log.exception("api.crashed", route=request.scope.get("keeper.route"),
-                      error=type(e).__name__)
-        return Problem(500, "internal_error", "keeper failed; see its log").response()
+    # A bug: the text is left out (it might hold a value being handled).
+    log.error("api.crashed", route=request.scope.get("keeper.route"),
+              error=type(e).__name__, exc_info=e)
+    return Problem(500, "internal_error", "keeper failed; see its log").response()
 
 
 def authenticate(api: Api, request: Request, scope: str, *, basic: bool = False) -> str:

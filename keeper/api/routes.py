@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from keeper.api.context import Api
 from keeper.api.documents import profile_document, reauth_row
-from keeper.api.http import Problem, RouteTable, bad_request, path_id, query_int
+from keeper.api.http import Problem, RouteTable, bad_request, error_answer, path_id, query_int
 from keeper.api.logins import exchange
 from keeper.clock import utcnow
 from keeper.config import ACCESS_TOKEN_LIFE_S
@@ -172,15 +172,25 @@ class _TokenAnswer(Response):
 
 async def fresh_token(api: Api, request: Request) -> Response | None:
     """Most token requests find the token fresh: answered on the event loop from one read.
-    Anything else (stale, no grant, a dead grant, the read failing) takes the handler."""
+    A stale token of a live grant is refreshed on the event loop too (keeper.api.refresher).
+    Anything else (no grant, a dead grant, the read failing, a grant busy elsewhere) takes
+    the handler."""
     appid, openid, min_valid = _token_args(api, request)
     try:
         row = await api.reader.read(appid, openid)
     except Unreadable:
         return None
-    if row is None or row.state == REAUTH or not api.desk.fresh(row, min_valid):
+    if row is None or row.state == REAUTH:
         request.scope["keeper.token_row"] = row  # the handler starts from it
         return None
+    if not api.desk.fresh(row, min_valid):
+        try:
+            t = await api.refresher.token(row.id, min_valid)
+        except Exception as e:
+            return error_answer(e, request)
+        if t is None:
+            return None  # the handler reads the row again and waits for the grant
+        return _TokenAnswer(openid, t.access_token, t.expires_at, t.scope)
     return _TokenAnswer(openid, row.access_token, row.access_expires_at, row.scope)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -24,7 +24,7 @@ from keeper.store.grants import Store
 from keeper.store.rows import GrantWrite, new_lease_id
 from keeper.store.users import TokenRow
 from keeper.sweep.journal import Journal
-from keeper.sweep.worker import Worker
+from keeper.sweep.worker import Result, Worker
 
 log = structlog.get_logger("keeper.tokens")
 
@@ -119,7 +119,7 @@ class TokenDesk:
         Raises :class:`NoGrant`, :class:`MustReauthorize` or :class:`Unavailable`.
         """
         if row is None or row.state == REAUTH:
-            row = self._read(appid, openid)
+            row = self.read(appid, openid)
         if self.fresh(row, min_valid_s):
             return Token(row.access_token, row.access_expires_at, row.scope, False)
         deadline = time.monotonic() + self.wait_s
@@ -133,7 +133,7 @@ class TokenDesk:
                 token = self._refresh(appid, openid, min_valid_s)
                 if token is not None:
                     return token
-                row = self._read(appid, openid)
+                row = self.read(appid, openid)
                 if self.fresh(row, min_valid_s):
                     return Token(row.access_token, row.access_expires_at, row.scope, False)
                 # Another process holds the grant: its token may do meanwhile.
@@ -148,7 +148,7 @@ class TokenDesk:
         return Unavailable(f"grant {openid} stayed busy in another keeper process; try again",
                            retry_after_s=2, code="grant_busy")
 
-    def _read(self, appid: str, openid: str) -> TokenRow:
+    def read(self, appid: str, openid: str) -> TokenRow:
         try:
             row = self.store.token_row(appid, openid)
         except DatabaseUnavailable as e:
@@ -180,48 +180,78 @@ class TokenDesk:
             # Nothing WeChat said changes the grant (it did not answer, or the quota is used
             # up): the grant goes back as it was; the sweep keeps its own schedule.
             self.store.release([leased.id], lease_id)
-            if result.quota_wait is not None:
-                wait = self.worker.gate.seconds_until(result.quota_wait.until)
-                raise Unavailable(str(result.quota_wait), retry_after_s=wait,
-                                  code="quota_exhausted")
-            if write is not None and write.grant.retry_at is not None and (
-                    write.grant.last_error or "").startswith("450"):
-                # A pause's end, placed by the database's clock.
-                wait = self.worker.gate.seconds_until(write.grant.retry_at)
-                raise Unavailable("WeChat's refresh quota is used up", retry_after_s=wait,
-                                  code="quota_exhausted")
-            detail = (write.grant.last_error if write is not None else None) or (
-                result.db_error and "database unavailable") or "no answer"
-            raise Unavailable(f"WeChat could not refresh the access token now ({detail})",
-                              retry_after_s=RETRY_AFTER_S)
+            raise self.failed(result)
         if not self._store(write, lease_id):
             return None  # superseded (a new login, a delete): read what is stored now
-        if write.grant.state == REAUTH:
-            if write.doubtful:
-                # The store may have held this answer for an earlier holder (a takeover from
-                # a lapsed lease): then nothing is recorded, and the caller must not be told
-                # either. What is stored decides.
-                self._read(appid, openid)  # raises MustReauthorize if it was recorded
-                raise Unavailable(f"grant {openid} waits for another keeper process that may "
-                                  "hold newer tokens; try again", retry_after_s=2,
-                                  code="grant_busy")
-            raise MustReauthorize(openid, write.reauth)
-        g = write.grant
-        return Token(g.access_token, g.access_expires_at, g.scope, True)
+        if write.grant.state == REAUTH and write.doubtful:
+            self.read(appid, openid)  # raises MustReauthorize if it was recorded
+        return stored_token(write, openid)
+
+    def failed(self, result: Result) -> Unavailable:
+        """What a caller is told when WeChat's answer changed nothing (no answer, a transient
+        error, the quota used up): try again, and when."""
+        write = result.write
+        if result.quota_wait is not None:
+            wait = self.worker.gate.seconds_until(result.quota_wait.until)
+            return Unavailable(str(result.quota_wait), retry_after_s=wait,
+                               code="quota_exhausted")
+        if write is not None and write.grant.retry_at is not None and (
+                write.grant.last_error or "").startswith("450"):
+            # A pause's end, placed by the database's clock.
+            wait = self.worker.gate.seconds_until(write.grant.retry_at)
+            return Unavailable("WeChat's refresh quota is used up", retry_after_s=wait,
+                               code="quota_exhausted")
+        detail = (write.grant.last_error if write is not None else None) or (
+            result.db_error and "database unavailable") or "no answer"
+        return Unavailable(f"WeChat could not refresh the access token now ({detail})",
+                           retry_after_s=RETRY_AFTER_S)
 
     def _store(self, write: GrantWrite, lease_id: str) -> bool:
         """Commit what WeChat answered; if the database fails, journal it (it is replayed by
         the next keeper process, and by this one's replay thread). False: superseded."""
-        try:
-            return self.store.apply([write], lease_id, self.clock()) > 0
-        except StoreError as e:
-            if self.journal is None:
-                raise
+        return bool(self.store_all([(write, lease_id)]))
+
+    def store_all(self, results: Sequence[tuple[GrantWrite, str]]) -> set[int]:
+        """Commit results of on-demand refreshes (each with its lease), one transaction per
+        lease; the grant ids written, superseded ones left out. If the database fails, every
+        result not committed is journaled (replayed by the next keeper process, and by this
+        one's replay thread) and counts as written; if the journal fails too, the database's
+        error is raised."""
+        by_lease: dict[str, list[GrantWrite]] = {}
+        for write, lease_id in results:
+            by_lease.setdefault(lease_id, []).append(write)
+        written: set[int] = set()
+        for lease_id, writes in by_lease.items():
             try:
-                path = self.journal.write([(write, lease_id)])
-            except OSError as disk:
-                log.error("journal.failed", lost=1, error=f"{type(disk).__name__}: "
-                          f"{disk.strerror or disk}", directory=str(self.journal.directory))
-                raise e from None
-            log.warning("journal.saved", results=1, file=str(path), error=str(e))
-            return True
+                self.store.apply(writes, lease_id, self.clock(), written)
+            except StoreError as e:
+                if self.journal is None:
+                    raise
+                rest = [(w, lid) for w, lid in results if w.grant.id not in written]
+                try:
+                    path = self.journal.write(rest)
+                except OSError as disk:
+                    log.error("journal.failed", lost=len(rest), error=f"{type(disk).__name__}: "
+                              f"{disk.strerror or disk}", directory=str(self.journal.directory))
+                    raise e from None
+                log.warning("journal.saved", results=len(rest), file=str(path), error=str(e))
+                return written | {w.grant.id for w, _ in rest}
+        return written
+
+
+def stored_token(write: GrantWrite, openid: str) -> Token:
+    """The token a committed on-demand refresh hands out, or the re-authorization it found.
+
+    A doubtful one (40030/42002 about the tokens the work began with) may have been held for
+    an earlier holder rather than recorded: the caller reads the row first (it raises
+    :class:`MustReauthorize` if the record was made), and only then calls this."""
+    if write.grant.state == REAUTH:
+        if write.doubtful:
+            # The store held this answer for an earlier holder (a takeover from a lapsed
+            # lease): nothing is recorded, and the caller must not be told either.
+            raise Unavailable(f"grant {openid} waits for another keeper process that may "
+                              "hold newer tokens; try again", retry_after_s=2,
+                              code="grant_busy")
+        raise MustReauthorize(openid, write.reauth)
+    g = write.grant
+    return Token(g.access_token, g.access_expires_at, g.scope, True)

@@ -50,6 +50,7 @@ class Leases:
     def claim(
         self, *, appids: Iterable[str], cutoff: datetime, limit: int, lease_id: str,
         lease_s: float, now: datetime | None = None, exclude: Collection[int] = (),
+        drained: set[tuple[str, str]] | None = None,
     ) -> list[Grant]:
         """Lease up to ``limit`` grants due at ``cutoff``, most urgent first.
 
@@ -62,6 +63,14 @@ class Leases:
         decides which leases have lapsed (:mod:`keeper.store.clock`: on SQLite that clock is
         ``now``, default ``cutoff``). ``exclude``: grants this process holds a result for that
         is not written yet (their leases may have lapsed during a database outage).
+
+        ``drained``: a sweep's record of the (due column, appid) scans that found fewer grants
+        than they asked for, kept by the caller across its claims at one ``cutoff``: those
+        scans are not made again, and a scan that comes up short is added. Without it, every
+        claim of a sweep over ten apps whose grants are due only by their access tokens
+        would first scan ten empty refresh-token ranges (a third more CPU per refresh than
+        one app). What a scan missed because another process held it (a lease that lapses
+        later in the sweep) is left to the next sweep, as what frees after the last claim is.
         """
         params = clock_params(self.sqlite, now or cutoff, lease_s, now_name="b_now",
                               later_name="b_until")
@@ -73,16 +82,22 @@ class Leases:
                     need = limit - len(claimed)
                     if need <= 0:
                         return claimed
-                    claimed.extend(self._claim_from(
+                    if drained is not None and (col.name, appid) in drained:
+                        continue
+                    found, short = self._claim_from(
                         conn, col, appid, cutoff=cutoff, limit=need, lease_id=lease_id,
                         params=params, exclude=exclude,
-                    ))
+                    )
+                    claimed.extend(found)
+                    if short and drained is not None:
+                        drained.add((col.name, appid))
         return claimed
 
     def _claim_from(
         self, conn: Any, col: Any, appid: str, *, cutoff: datetime, limit: int, lease_id: str,
         params: dict[str, Any], exclude: Collection[int] = (),
-    ) -> list[Grant]:
+    ) -> tuple[list[Grant], bool]:
+        """The grants leased from one scan, and whether the scan found fewer than ``limit``."""
         free = _free(db_now(self.sqlite, "b_now"))
         query = select(grants.c.id).where(grants.c.appid == appid, col <= cutoff, free)
         if exclude:
@@ -95,7 +110,7 @@ class Leases:
             params,
         ).scalars().all()
         if not ids:
-            return []
+            return [], True
         # Checked again: on SQLite another process may have leased a row between the SELECT
         # and this UPDATE (PostgreSQL's SKIP LOCKED rules that out).
         rows = conn.execute(
@@ -107,7 +122,8 @@ class Leases:
             params,
         ).all()
         order = {gid: i for i, gid in enumerate(ids)}
-        return [grant_of(r, self.cipher) for r in sorted(rows, key=lambda r: order[r.id])]
+        return ([grant_of(r, self.cipher) for r in sorted(rows, key=lambda r: order[r.id])],
+                len(ids) < limit)
 
     def claim_one(
         self, appid: str, openid: str, *, lease_id: str, lease_s: float, now: datetime,
@@ -137,7 +153,30 @@ class Leases:
                 conn.commit()
         return grant_of(row, self.cipher) if row else None
 
-    def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> int:
+    def claim_stale(
+        self, grant_ids: Collection[int], *, lease_id: str, lease_s: float, now: datetime,
+        expiring_by: datetime,
+    ) -> list[Grant]:
+        """Lease those of ``grant_ids`` that are free and whose access token expires by
+        ``expiring_by``, in one statement: the on-demand refreshes of ``keeper serve`` that
+        came in together (:mod:`keeper.api.refresher`). What :meth:`claim_one` with
+        ``expiring_by`` does for one grant; a grant another process holds, or refreshed since
+        it was read, is left out."""
+        if not grant_ids:
+            return []
+        params = {"b_ids": list(grant_ids), "b_lease_id": lease_id, "b_expiring_by": expiring_by,
+                  **clock_params(self.sqlite, now, lease_s, now_name="b_now",
+                                 later_name="b_lease_until")}
+        with translate("leasing grants"), self.engine.connect() as conn:
+            if not self.sqlite:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            rows = conn.execute(_CLAIM_STALE[self.sqlite], params).all()
+            if self.sqlite:
+                conn.commit()
+        return [grant_of(r, self.cipher) for r in rows]
+
+    def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime,
+              written: set[int] | None = None) -> int:
         """Write results of leased work in one transaction and end the leases.
 
         A grant still held under ``lease_id`` is written. One whose lease was lost (it lapsed
@@ -156,11 +195,13 @@ class Leases:
         one transaction, :func:`keeper.core.policy.confirm_held`). While an answer is held,
         only a result bringing a new refresh token, or a record needing no hold (42007, the
         hold's own confirmation), is written. Returns the number written (held answers
-        included).
+        included); ``written``, when given, receives their grant ids.
         """
         if not writes:
             return 0
         if len(writes) == 1 and _plain(writes[0]) and self._apply_own(writes[0], lease_id, now):
+            if written is not None:
+                written.add(writes[0].grant.id)
             return 1
         with translate("saving results"), self.engine.begin() as conn:
             ids = [w.grant.id for w in writes]
@@ -192,6 +233,9 @@ class Leases:
                     mine.append(w if keep_record else replace(w, clear_reauth=True))
             if held:
                 conn.execute(_HOLD[self.sqlite], held)
+            if written is not None:
+                written.update(h["b_id"] for h in held)
+                written.update(w.grant.id for w in mine)
             if not mine:
                 return len(held)
             params = [
@@ -341,6 +385,18 @@ _CLAIM_ONE_STALE = {
         <= bindparam("b_expiring_by", type_=grants.c.access_expires_at.type)
     )
     for sqlite, stmt in _CLAIM_ONE.items()
+}
+#: claim_stale: those of the grants named that are free and still stale.
+_CLAIM_STALE = {
+    sqlite: update(grants)
+    .where(grants.c.id.in_(bindparam("b_ids", expanding=True)),
+           _free(db_now(sqlite, "b_now")),
+           grants.c.access_expires_at
+           <= bindparam("b_expiring_by", type_=grants.c.access_expires_at.type))
+    .values(lease_id=bindparam("b_lease_id"), lease_until=db_later(sqlite, "b_lease_until"),
+            taken_over=_TAKEN_OVER)
+    .returning(*grants.c)
+    for sqlite in (True, False)
 }
 #: apply's first step: the rows its results are for, locked, with what decides whether each
 #: result is still wanted.

@@ -316,6 +316,7 @@ class SweepRun:
         self.counts: Counter[str] = Counter()
         self.lease_id = new_lease_id()
         self.apps = {a.appid for a in self.config.apps}
+        self.drained: set[tuple[str, str]] = set()  # scans found short (Leases.claim)
         self.rejected: set[str] = set()  # WeChat refused the app itself: an operator's problem
         self.deferred: set[str] = set()  # the app's quota is used up for longer than we wait
         self.in_flight: dict[int, Grant] = {}  # claimed and not come back: queued or called
@@ -351,7 +352,7 @@ class SweepRun:
             self.s.store.claim,
             appids=sorted(self.apps - self.rejected - self.deferred), cutoff=self.cutoff,
             limit=self.page - len(self.in_flight), lease_id=self.lease_id, now=now,
-            lease_s=self.config.lease_s, exclude=exclude,
+            lease_s=self.config.lease_s, exclude=exclude, drained=self.drained,
         )
         self.exhausted = not batch
         for g in batch:
