@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--stale-concurrency", type=int, default=64)
     p.add_argument("--latency-ms", type=float, default=50.0, help="the simulator's")
-    p.add_argument("--lookups", type=int, default=20, help="keeper token subprocesses")
+    p.add_argument("--lookups", type=int, default=20,
+                   help="keeper token subprocesses (0: none)")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(bench.api_run(processes))
                 say(_report(runs[-1]))
             subs = []
-            for c in sorted({1, args.concurrency}):
+            for c in sorted({1, args.concurrency}) if args.lookups > 0 else ():
                 subs.append(bench.phase(partial(bench.lookups, args.lookups, c))[0])
                 say(f"keeper token subprocess, c={c}: {subs[-1]['requests_per_s']} look-ups/s, "
                     f"{subs[-1]['cpu_ms_per_lookup']} CPU ms each ({subs[-1]['errors']} errors)")

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import itertools
 import json
+import multiprocessing
 import resource
 import tempfile
 import threading
@@ -144,6 +145,17 @@ class _RssSampler:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
+def _store_idle(url: str, config: Any, not_due: int, now: float, at: datetime) -> None:
+    """``not_due`` grants whose access tokens are good for two hours (in a child process)."""
+    store = Store(url, cipher=cipher_for(config)).open()
+    clock = config.lifetime(config.apps[0])
+    for start in range(0, not_due, 50000):
+        idle = [dict(r, openid=f"idle-{start + i:08d}") for i, r in
+                enumerate(grant_rows(min(50000, not_due - start), now))]
+        store_grants(store, idle, clock, access_expires_at=at + timedelta(hours=2))
+    store.close()
+
+
 def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
              database_url: str | None, not_due: int = 0,
              around: Callable[[Runtime], AbstractContextManager[Any]] | None = None,
@@ -179,11 +191,16 @@ def run_once(*, grants: int, latency_ms: float, workers: int, quota: str | None,
         at = datetime.now(UTC)
         store_grants(store, rows, clock, access_expires_at=at - timedelta(seconds=60),
                      spread_s=spread_s)
-        for start in range(0, not_due, 50000):  # a big table, mostly not due
-            idle = [dict(r, openid=f"idle-{start + i:08d}") for i, r in
-                    enumerate(grant_rows(min(50000, not_due - start), now))]
-            store_grants(store, idle, clock, access_expires_at=at + timedelta(hours=2))
         store.close()
+        if not_due:
+            # A big table, mostly not due, written by a child process: the memory its million
+            # rows took while they were made is not this process's, whose RSS is the sweep's.
+            child = multiprocessing.get_context("fork").Process(
+                target=_store_idle, args=(url, config, not_due, now, at))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise RuntimeError(f"seeding {not_due} grants failed ({child.exitcode})")
         floor_rows = rows if floor_threads else []  # else let the sweep run without them
         del rows
         gc.collect()

@@ -61,6 +61,9 @@ def create_app(config: Config, keys: KeyRing | None = None) -> Edge:
         anyio.to_thread.current_default_thread_limiter().total_tokens = config.api.threads
         await anyio.to_thread.run_sync(api.start)
         api.client.attach(asyncio.get_running_loop())
+        # Its connection pool made (and aiohttp imported, a quarter of a second) now, not in
+        # the first stale token's request.
+        api.client.aio.ready()
         log.info("api.started", pid=os.getpid(), keys=len(keys))
         try:
             yield

@@ -199,10 +199,10 @@ class Leases:
         """
         if not writes:
             return 0
-        if len(writes) == 1 and _plain(writes[0]) and self._apply_own(writes[0], lease_id, now):
+        if all(_plain(w) for w in writes) and self._apply_own(writes, lease_id, now):
             if written is not None:
-                written.add(writes[0].grant.id)
-            return 1
+                written.update(w.grant.id for w in writes)
+            return len(writes)
         with translate("saving results"), self.engine.begin() as conn:
             ids = [w.grant.id for w in writes]
             rows = {r.id: r for r in conn.execute(_HELD, {"b_ids": ids})}
@@ -251,22 +251,26 @@ class Leases:
             self._record(conn, mine, now)
         return len(mine) + len(held)
 
-    def _apply_own(self, w: GrantWrite, lease_id: str, now: datetime) -> bool:
-        """One plain result (new tokens or a failure counted, nothing recorded) under its
-        own lease, with no answer held on the grant, written by one conditional UPDATE: what
-        the transaction below does in that case, in one round trip instead of four (an
-        on-demand refresh's write, ``keeper serve``). False when the condition does not
-        hold (the lease lost, a held answer, the grant deleted): nothing was written, and the
-        transaction below decides."""
-        params = {"b_id": w.grant.id, "b_lease_id": lease_id, "b_now": now,
-                  **self._tokens(w.grant), **schedule_values(w.schedule)}
+    def _apply_own(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime) -> bool:
+        """Plain results (new tokens or a failure counted, nothing recorded) under their own
+        lease, with no answer held on the grants, written by one conditional UPDATE each (one
+        executemany): what the transaction below does in that case, in one round trip
+        instead of four (on-demand refreshes, ``keeper serve``). False when the condition
+        does not hold for every one (a lease lost, a held answer, a grant deleted): then
+        nothing was written (rolled back), and the transaction below decides each."""
+        params = [{"b_id": w.grant.id, "b_lease_id": lease_id, "b_now": now,
+                   **self._tokens(w.grant), **schedule_values(w.schedule)} for w in writes]
         with translate("saving results"), self.engine.connect() as conn:
-            if not self.sqlite:
+            if len(params) == 1 and not self.sqlite:
+                # One statement is atomic by itself: autocommit spares BEGIN and COMMIT.
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            written = conn.execute(_WRITE_OWN, params).rowcount
-            if self.sqlite:
-                conn.commit()
-        return bool(written)
+                return bool(conn.execute(_WRITE_OWN, params[0]).rowcount)
+            # Both drivers count the rows of every execution of an executemany.
+            if conn.execute(_WRITE_OWN, params).rowcount != len(params):
+                conn.rollback()
+                return False
+            conn.commit()
+        return True
 
     def _hold_params(self, grant_id: int, record: Reauth, hold_s: float,
                      now: datetime) -> dict[str, Any]:
