@@ -74,18 +74,26 @@ def test_feed_numbers_are_taken_in_commit_order_on_postgresql() -> None:
     engine = db.make_engine(url)
     db.upgrade(engine)
     first = engine.connect()
-    tx = first.begin()
-    assert list(take_seqs(first, "reauth", 2)) == [1, 2]
-    taken: list[int] = []
-    second = threading.Thread(target=lambda: taken.extend(_take(engine, 1)))
-    second.start()
-    with engine.connect() as watcher:
-        wait_for(lambda: watcher.execute(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND datname = current_database()")).scalar_one() == 1)
-    assert taken == []  # still waiting for the first to commit
-    tx.commit()
-    first.close()
+    try:
+        tx = first.begin()
+        assert list(take_seqs(first, "reauth", 2)) == [1, 2]
+        holder = first.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        taken: list[int] = []
+        second = threading.Thread(target=lambda: taken.extend(_take(engine, 1)))
+        second.start()
+        with engine.connect() as watcher:
+            # The second writer waits for the first: a session blocked by the first's backend
+            # (any other session of this run's database, blocked or not, is not counted).
+            wait_for(lambda: watcher.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND :holder = ANY(pg_blocking_pids(pid))"),
+                {"holder": holder}).scalar_one() == 1)
+        assert taken == []  # still waiting for the first to commit
+        tx.commit()
+    finally:
+        # Closed whatever happened: a connection left in its transaction would be collected
+        # in some later test, which would then see its rollback fail.
+        first.close()
     second.join(10)
     assert taken == [3]
     engine.dispose()
