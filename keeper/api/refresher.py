@@ -33,16 +33,12 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-import structlog
-
-from keeper.api.tokens import Token, TokenDesk, stored_token
+from keeper.api.tokens import Token, TokenDesk, kept, stored_token
 from keeper.core.models import REAUTH, Grant
 from keeper.errors import StoreError
 from keeper.store.grants import Store
-from keeper.store.rows import new_lease_id
+from keeper.store.rows import GrantWrite, new_lease_id
 from keeper.sweep.worker import Result, Worker
-
-log = structlog.get_logger("keeper.tokens")
 
 T = TypeVar("T")
 
@@ -163,11 +159,13 @@ class Refresher:
             self._writing = False
 
     async def _write_some(self, batch: list[tuple[Key, Grant, str, Result]]) -> None:
-        keep = [(r.write, lease_id) for _, _, lease_id, r in batch
-                if r.write is not None and not r.counts["transient_failures"]]
+        keep: list[tuple[GrantWrite, str]] = []
         back: dict[str, list[int]] = {}
         for _, grant, lease_id, r in batch:
-            if r.write is None or r.counts["transient_failures"]:
+            write = kept(r)
+            if write is not None:
+                keep.append((write, lease_id))
+            else:
                 # Nothing WeChat said changes the grant: it goes back as it was.
                 back.setdefault(lease_id, []).append(grant.id)
 
@@ -175,21 +173,19 @@ class Refresher:
             for lease_id, ids in back.items():
                 with contextlib.suppress(StoreError):  # else the leases lapse
                     self.store.release(ids, lease_id)
-            return self.desk.store_all([(w, lid) for w, lid in keep if w is not None])
+            return self.desk.store_all(keep)
 
+        failure: StoreError | None = None
         try:
             written = await self._run(commit)
         except StoreError as e:
-            for key, _, _, r in batch:
-                if r.write is not None and not r.counts["transient_failures"]:
-                    self._settle(key, error=e)  # neither committed nor journaled
-                else:
-                    self._settle(key, error=self.desk.failed(r))
-            return
+            written, failure = set(), e
         for key, grant, _, r in batch:
-            write = r.write
-            if write is None or r.counts["transient_failures"]:
+            write = kept(r)
+            if write is None:
                 self._settle(key, error=self.desk.failed(r))
+            elif failure is not None:
+                self._settle(key, error=failure)  # neither committed nor journaled
             elif grant.id not in written:
                 self._settle(key)  # superseded: read what is stored now
             elif write.grant.state == REAUTH and write.doubtful:
@@ -200,7 +196,7 @@ class Refresher:
                 except Exception as e:
                     self._settle(key, error=e)
 
-    async def _doubtful(self, key: Key, grant: Grant, write: Any) -> None:
+    async def _doubtful(self, key: Key, grant: Grant, write: GrantWrite) -> None:
         """A 40030/42002 about the tokens the work began with: recorded, or held for an
         earlier holder? The stored row says (see :func:`~keeper.api.tokens.stored_token`)."""
         try:

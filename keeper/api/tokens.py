@@ -175,8 +175,8 @@ class TokenDesk:
         if leased is None:
             return None
         result = self.worker.work(leased, profile_reads=False, force_refresh=True)
-        write = result.write
-        if write is None or result.counts["transient_failures"]:
+        write = kept(result)
+        if write is None:
             # Nothing WeChat said changes the grant (it did not answer, or the quota is used
             # up): the grant goes back as it was; the sweep keeps its own schedule.
             self.store.release([leased.id], lease_id)
@@ -237,6 +237,15 @@ class TokenDesk:
                 log.warning("journal.saved", results=len(rest), file=str(path), error=str(e))
                 return written | {w.grant.id for w, _ in rest}
         return written
+
+
+def kept(result: Result) -> GrantWrite | None:
+    """What an on-demand refresh commits: WeChat's answer when it changes the grant, or
+    ``None`` when it does not (no answer, a transient error, the quota used up), and the
+    grant goes back as it was (the sweep keeps its own schedule)."""
+    if result.write is None or result.counts["transient_failures"]:
+        return None
+    return result.write
 
 
 def stored_token(write: GrantWrite, openid: str) -> Token:

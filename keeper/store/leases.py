@@ -8,7 +8,8 @@ A mixin of :class:`keeper.store.grants.Store`, which provides ``engine``, ``ciph
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import contextlib
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -143,14 +144,8 @@ class Leases:
         query = _CLAIM_ONE[self.sqlite]
         if expiring_by is not None:
             query, params["b_expiring_by"] = _CLAIM_ONE_STALE[self.sqlite], expiring_by
-        with translate("leasing a grant"), self.engine.connect() as conn:
-            if not self.sqlite:
-                # One statement is atomic by itself: autocommit spares the BEGIN and COMMIT
-                # round trips (a third of an on-demand refresh's database time).
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        with self._alone("leasing a grant") as conn:
             row = conn.execute(query, params).first()
-            if self.sqlite:
-                conn.commit()
         return grant_of(row, self.cipher) if row else None
 
     def claim_stale(
@@ -167,13 +162,21 @@ class Leases:
         params = {"b_ids": list(grant_ids), "b_lease_id": lease_id, "b_expiring_by": expiring_by,
                   **clock_params(self.sqlite, now, lease_s, now_name="b_now",
                                  later_name="b_lease_until")}
-        with translate("leasing grants"), self.engine.connect() as conn:
+        with self._alone("leasing grants") as conn:
+            rows = conn.execute(_CLAIM_STALE[self.sqlite], params).all()
+        return [grant_of(r, self.cipher) for r in rows]
+
+    @contextlib.contextmanager
+    def _alone(self, what: str) -> Iterator[Any]:
+        """A connection for one statement, atomic by itself: in autocommit on PostgreSQL (no
+        BEGIN and COMMIT round trips: a third of an on-demand refresh's database time),
+        committed after it on SQLite; rolled back if it fails."""
+        with translate(what), self.engine.connect() as conn:
             if not self.sqlite:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            rows = conn.execute(_CLAIM_STALE[self.sqlite], params).all()
+            yield conn
             if self.sqlite:
                 conn.commit()
-        return [grant_of(r, self.cipher) for r in rows]
 
     def apply(self, writes: Sequence[GrantWrite], lease_id: str, now: datetime,
               written: set[int] | None = None) -> int:
@@ -260,11 +263,10 @@ class Leases:
         nothing was written (rolled back), and the transaction below decides each."""
         params = [{"b_id": w.grant.id, "b_lease_id": lease_id, "b_now": now,
                    **self._tokens(w.grant), **schedule_values(w.schedule)} for w in writes]
-        with translate("saving results"), self.engine.connect() as conn:
-            if len(params) == 1 and not self.sqlite:
-                # One statement is atomic by itself: autocommit spares BEGIN and COMMIT.
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        if len(params) == 1:
+            with self._alone("saving results") as conn:
                 return bool(conn.execute(_WRITE_OWN, params[0]).rowcount)
+        with translate("saving results"), self.engine.connect() as conn:
             # Both drivers count the rows of every execution of an executemany.
             if conn.execute(_WRITE_OWN, params).rowcount != len(params):
                 conn.rollback()
